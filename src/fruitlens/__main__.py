@@ -1,0 +1,3 @@
+from fruitlens.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""``fruitlens check`` and ``fruitlens split``."""
+from __future__ import annotations
+
+import argparse
+from collections import Counter, defaultdict
+
+from fruitlens.cli.output import clean_nan, print_json, table
+from fruitlens.data.check import CheckReport, check
+from fruitlens.data.scan import scan
+from fruitlens.data.split import split
+
+CHECK_EXAMPLES = """examples:
+  fruitlens check photos/                     # class folders, or train/ val/ test/ folders
+  fruitlens check ../shared/data/fruits360 --json > check.json
+  fruitlens check manifest.csv --min-size 64
+"""
+
+SPLIT_EXAMPLES = """examples:
+  fruitlens split photos/ --val 0.15 --test 0.15 --seed 0 --out manifest.csv
+  fruitlens split photos/ --group none                      # plain stratified split
+  fruitlens split photos/ --group-pattern '^(.*)_\\d+\\.jpg$' # frames named kiwi12_003.jpg grouped by 'kiwi12'
+"""
+
+
+def add_check(sub) -> None:
+    p = sub.add_parser("check", help="is this data set usable? bad files, imbalance, duplicates, leaks",
+                       epilog=CHECK_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="folder of class folders, folder of split folders, or manifest CSV")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.add_argument("--min-size", type=int, default=32, help="smallest usable image side in px (default 32)")
+    p.add_argument("--near-dup-distance", type=int, default=4, help="perceptual-hash bits that may differ (default 4)")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per CPU)")
+    p.add_argument("--show", type=int, default=5, help="files listed per finding (default 5; --json lists all)")
+    p.set_defaults(func=run_check)
+
+
+def add_split(sub) -> None:
+    p = sub.add_parser("split", help="leak-free stratified split into a manifest CSV",
+                       epilog=SPLIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="folder of class folders, folder of split folders, or manifest CSV")
+    p.add_argument("--val", type=float, default=0.15, help="validation fraction (default 0.15)")
+    p.add_argument("--test", type=float, default=0.15, help="test fraction (default 0.15)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group", choices=["near-duplicates", "none"], default="near-duplicates",
+                   help="keep near-duplicate images together (default) or split image by image")
+    p.add_argument("--group-pattern", default="", help="regular expression over the file name; its first group "
+                   "(or whole match) names the group")
+    p.add_argument("--near-dup-distance", type=int, default=4)
+    p.add_argument("--out", default="manifest.csv", help="manifest CSV to write (default manifest.csv)")
+    p.add_argument("--json", action="store_true", help="print what the split achieved as JSON")
+    p.set_defaults(func=run_split)
+
+
+def print_check(report: CheckReport, show: int = 5) -> None:
+    s = report.summary
+    print(f"{s['images']} images in {s['classes']} classes ({s['layout']} layout); {s['usable']} usable, {s['bad']} bad")
+    if s["skipped_hidden"] or s["skipped_non_image"]:
+        print(f"skipped {s['skipped_hidden']} hidden and {s['skipped_non_image']} non-image files")
+    splits = list(s["counts"])
+    rows = [[label] + [s["counts"][sp].get(label, 0) for sp in splits] + [n] for label, n in s["class_totals"].items()]
+    print()
+    table(["class"] + splits + ["total"], rows)
+    print(f"\nimbalance ratio (largest/smallest class): {s['imbalance_ratio']:.2f}")
+    by_code: dict[tuple[str, str], list] = defaultdict(list)
+    for issue in report.issues:
+        by_code[(issue.severity, issue.code)].append(issue)
+    order = {"error": 0, "warning": 1, "info": 2}
+    print()
+    if not by_code:
+        print("no findings")
+    for (sev, code), issues in sorted(by_code.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+        print(f"{sev.upper()} {code}: {len(issues)}")
+        for issue in issues[:show]:
+            print(f"  {issue.path + ': ' if issue.path else ''}{issue.message}")
+        if len(issues) > show:
+            print(f"  ... and {len(issues) - show} more (--json lists all)")
+    print(f"\n{s['errors']} error(s), {s['warnings']} warning(s). Nothing was changed.")
+
+
+def run_check(args) -> int:
+    report = check(scan(args.data), min_size=args.min_size, near_dup_distance=args.near_dup_distance,
+                   workers=args.workers)
+    if args.json:
+        print_json(clean_nan(report.to_dict()))
+    else:
+        print_check(report, args.show)
+    return 1 if report.errors else 0
+
+
+def run_split(args) -> int:
+    report = check(scan(args.data), near_dup_distance=args.near_dup_distance)
+    group = "pattern" if args.group_pattern else args.group
+    result = split(report, val=args.val, test=args.test, seed=args.seed, group=group, group_pattern=args.group_pattern)
+    result.manifest.to_csv(args.out)
+    if args.json:
+        print_json(clean_nan(result.to_dict()))
+        return 0
+    for note in result.notes:
+        print(note)
+    totals = Counter(r.split for r in result.manifest)
+    n = sum(totals.values())
+    rows = [[c] + [t.get(s, 0) for s in ("train", "val", "test")] for c, t in sorted(result.table.items())]
+    rows.append(["TOTAL"] + [totals.get(s, 0) for s in ("train", "val", "test")])
+    table(["class", "train", "val", "test"], rows)
+    print("achieved: " + ", ".join(f"{s} {totals.get(s, 0) / n:.1%}" for s in ("train", "val", "test")) +
+          f" (asked: val {args.val:.0%}, test {args.test:.0%}; groups are kept whole so shares are approximate)")
+    groups = len({r.group for r in result.manifest})
+    print(f"{groups} groups ({group})")
+    for w in result.warnings:
+        print(f"warning: {w}")
+    if result.excluded:
+        print(f"left out {len(result.excluded)} unusable image(s):")
+        for path, why in result.excluded:
+            print(f"  {path}: {why}")
+    leaked = sum(v["images"] for v in result.leaks.values())
+    print(f"leaks across splits: {leaked} image(s)" + ("" if leaked else " (leak-free)"))
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,91 @@
+"""``fruitlens`` entry point: builds the parser, runs one command, maps errors to ``error:``/``hint:`` and exit codes."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from enum import IntEnum
+
+from fruitlens import __version__
+from fruitlens.errors import FruitlensError
+
+EXAMPLES = """examples:
+  fruitlens check photos/                              # bad files, imbalance, duplicates, leaks
+  fruitlens split photos/ --out manifest.csv           # leak-free stratified split
+  fruitlens train photos/ --model mobilenet_v2 --out runs/mnv2
+  fruitlens evaluate runs/mnv2                         # report.html + report.json
+  fruitlens predict runs/mnv2 apple.jpg --top-k 3
+  fruitlens export runs/mnv2 --format onnx --int8
+  fruitlens serve runs/mnv2 --port 8000
+  fruitlens demo                                       # the whole job on Fruits-360
+
+'fruitlens COMMAND --help' shows each command's options and examples.
+"""
+
+
+class ExitStatus(IntEnum):
+    OK = 0
+    ERROR = 1  # the command ran and found problems (check errors, failed predictions)
+    USAGE = 2
+    INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fruitlens.cli import data_cmds, model_cmds
+
+    parser = argparse.ArgumentParser(prog="fruitlens", description="Train, evaluate, export and serve fruit image "
+                                     "classifiers by transfer learning.", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fruitlens {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full stack on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    data_cmds.add_check(sub)
+    data_cmds.add_split(sub)
+    for mod_name in ("train_cmds", "eval_cmds", "infer_cmds", "demo_cmds"):
+        try:
+            mod = __import__(f"fruitlens.cli.{mod_name}", fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"fruitlens.cli.{mod_name}":
+                raise
+            continue
+        mod.register(sub)
+    model_cmds.add_models(sub)
+    model_cmds.add_weights(sub)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "PIL", "matplotlib", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status instead of exiting (tests call it in-process)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return ExitStatus.USAGE
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except FruitlensError as exc:
+        if args.traceback:
+            traceback.print_exc()
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return ExitStatus.INTERRUPTED
+    except Exception as exc:  # a bug: say so plainly, the stack is one flag away
+        if args.traceback or os.environ.get("FRUITLENS_TRACEBACK"):
+            traceback.print_exc()
+        print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        print("hint: rerun with --traceback and report the stack", file=sys.stderr)
+        return 70

@@ -1,0 +1,204 @@
+"""The one config path: frozen dataclasses, YAML in and out, ``key=value`` overrides with did-you-mean.
+
+A ``TrainConfig`` is built once (defaults <- YAML file <- CLI options <- ``key=value`` overrides), validated once,
+and written to the run's ``config.yaml``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fruitlens.errors import ConfigError, did_you_mean
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split."""
+
+    path: str = ""
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 0
+    group: str = "near-duplicates"  # near-duplicates | none | pattern
+    group_pattern: str = ""
+    near_dup_distance: int = 4
+    min_size: int = 32
+    cache_images: bool = False
+    num_workers: int = -1  # -1: pick from the CPU count
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The original's ImageDataGenerator options, each switchable off (0 / false)."""
+
+    enabled: bool = True
+    rotation: float = 20.0  # degrees
+    zoom: float = 0.15  # fraction
+    shift: float = 0.1  # fraction of the image side
+    hflip: bool = True
+    color_jitter: float = 0.2  # brightness/contrast/saturation strength; photos need it, studio shots don't mind
+    random_crop: bool = True  # random resized crop around the zoom range: the lever for real photos
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network, which weights, which input size."""
+
+    name: str = "mobilenet_v2"
+    weights: str = "imagenet"  # imagenet | none | PATH to a state dict
+    img_size: int = 0  # 0: pick from the data
+    dropout: float = 0.2
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How training runs (the original's Adam + callbacks)."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    balance: str = "none"  # none | weights | sampler
+    feature_cache: bool = True
+    feature_views: int = 2
+    fine_tune_blocks: int = 0
+    fine_tune_epochs: int = 2
+    fine_tune_lr: float = 1e-4
+    early_stopping_patience: int = 5
+    plateau_patience: int = 2
+    plateau_factor: float = 0.2
+    target_acc: float = 0.98  # 0 switches the TargetAccuracy stop off
+    target_monitor: str = "val"  # val | train
+    deterministic: bool = False
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: str = "1"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    limit_batches: float = 1.0  # for smoke tests: a fraction or a count of batches per epoch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``fruitlens train`` needs; written to the run's ``config.yaml``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        cfg = cls()
+        flat = {f"{section}.{key}": value for section, values in (data or {}).items()
+                for key, value in _section_items(section, values, source)}
+        return apply_overrides(cfg, flat, source)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        return cls.from_dict(data, source=str(path)).validated()
+
+    def validated(self) -> "TrainConfig":
+        """Checks value ranges once; raises ConfigError naming the key."""
+        d, f, m, a = self.data, self.fit, self.model, self.augment
+        checks = [
+            (0 <= d.val < 1, "data.val", "a fraction in [0, 1)"),
+            (0 <= d.test < 1, "data.test", "a fraction in [0, 1)"),
+            (d.val + d.test < 1, "data.val + data.test", "below 1 so that training keeps images"),
+            (d.group in ("near-duplicates", "none", "pattern"), "data.group", "near-duplicates, none or pattern"),
+            (d.group != "pattern" or bool(d.group_pattern), "data.group_pattern", "a regular expression when data.group=pattern"),
+            (f.epochs >= 0, "fit.epochs", ">= 0"),
+            (f.batch_size >= 1, "fit.batch_size", ">= 1"),
+            (f.lr > 0, "fit.lr", "> 0"),
+            (0 <= f.target_acc <= 1, "fit.target_acc", "a fraction in [0, 1]"),
+            (f.target_monitor in ("val", "train"), "fit.target_monitor", "val or train"),
+            (f.balance in ("none", "weights", "sampler"), "fit.balance", "none, weights or sampler"),
+            (f.feature_views >= 0, "fit.feature_views", ">= 0"),
+            (f.fine_tune_blocks >= 0, "fit.fine_tune_blocks", ">= 0"),
+            (0 <= f.label_smoothing < 1, "fit.label_smoothing", "in [0, 1)"),
+            (m.img_size == 0 or m.img_size >= 16, "model.img_size", "0 (auto) or >= 16"),
+            (0 <= m.dropout < 1, "model.dropout", "in [0, 1)"),
+            (0 <= a.zoom < 1, "augment.zoom", "in [0, 1)"),
+            (0 <= a.shift < 1, "augment.shift", "in [0, 1)"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                raise ConfigError(f"config value {key} is out of range: expected {expected}",
+                                  "fix the option or the key=value override")
+        return self
+
+
+def _section_items(section: str, values: Any, source: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section '{section}' must be a mapping of key: value")
+    return values.items()
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if typ is bool or typ == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false but received '{value}'")
+    try:
+        if typ in (int, "int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if typ in (float, "float"):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a number ({getattr(typ, '__name__', typ)}) but received '{value}'") from None
+    return "" if value is None else str(value)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "override") -> TrainConfig:
+    """Returns ``cfg`` with dotted ``section.key`` values replaced; unknown keys get did-you-mean."""
+    sections = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    all_keys = [f"{s}.{f.name}" for s, obj in sections.items() for f in fields(obj)]
+    for dotted, value in overrides.items():
+        if dotted not in all_keys:
+            # accept a bare key when it is unique (epochs=5 means fit.epochs=5)
+            matches = [k for k in all_keys if k.split(".", 1)[1] == dotted]
+            if len(matches) != 1:
+                raise ConfigError(f"{source}: " + did_you_mean(dotted, all_keys, "config key"))
+            dotted = matches[0]
+        section, key = dotted.split(".", 1)
+        obj = sections[section]
+        hints = typing.get_type_hints(type(obj))
+        sections[section] = replace(obj, **{key: _coerce(value, hints[key], dotted)})
+    return replace(cfg, **sections)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["fit.epochs=5", "augment.hflip=false"]`` -> dict; a missing ``=`` is a ConfigError."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value", "e.g. fit.epochs=5 or augment.rotation=0")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out

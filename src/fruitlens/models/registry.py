@@ -1,0 +1,142 @@
+"""Model registry: a name -> builder entry; every built model is a ``FruitNet`` with backbone, head, preprocessing.
+
+Adding a torchvision classification model takes one entry in ``MODELS``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models import WeightsEnum
+
+from fruitlens.errors import ModelError, WeightsError, did_you_mean
+from fruitlens.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from fruitlens.models.small_cnn import SmallCNN
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one backbone: the torchvision builder, its weights enum, where its classifier and blocks are."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    weights_enum: type[WeightsEnum] | None
+    head_attr: str  # attribute holding the classifier that the backbone drops
+    block_attrs: tuple[str, ...]  # ordered bottom -> top; a Sequential attribute expands into its children
+    min_size: int = 32
+    description: str = ""
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mobilenet_v2": ModelSpec("mobilenet_v2", tvm.mobilenet_v2, tvm.MobileNet_V2_Weights, "classifier", ("features",),
+                              32, "MobileNetV2 (3.5M params), ImageNet weights; the fast default"),
+    "densenet121": ModelSpec("densenet121", tvm.densenet121, tvm.DenseNet121_Weights, "classifier", ("features",),
+                             32, "DenseNet121 (8.0M params), ImageNet weights; slower on a CPU"),
+    "resnet18": ModelSpec("resnet18", tvm.resnet18, tvm.ResNet18_Weights, "fc",
+                          ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"), 32, "ResNet-18 (11.7M params)"),
+    "small_cnn": ModelSpec("small_cnn", SmallCNN, None, "classifier", ("features",), 16,
+                           "the original's Sequential Conv2D + pooling CNN; trains from scratch"),
+}
+
+
+class FruitNet(nn.Module):
+    """``head(backbone(x))``: backbone -> pooled features, head -> Dropout + Linear(num_classes)."""
+
+    def __init__(self, name: str, backbone: nn.Module, feature_dim: int, num_classes: int, dropout: float,
+                 preprocessing: Preprocessing, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.name = name
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+        self.preprocessing = preprocessing
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self._blocks = blocks  # not registered twice: plain list of sub-modules of backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def blocks(self) -> list[nn.Module]:
+        """Backbone blocks ordered bottom -> top, for freezing and fine-tuning the top N."""
+        return list(self._blocks)
+
+
+def list_models() -> list[ModelSpec]:
+    return [MODELS[k] for k in sorted(MODELS)]
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ModelError(did_you_mean(name, MODELS, "model"), "'fruitlens models' lists them")
+    return MODELS[name]
+
+
+def _preprocessing(spec: ModelSpec, img_size: int) -> Preprocessing:
+    if spec.weights_enum is not None:
+        from fruitlens.models.weights import pick
+
+        t = pick(spec.weights_enum).transforms()
+        pre = Preprocessing(int(t.crop_size[0]), int(t.resize_size[0]), tuple(t.mean), tuple(t.std))
+    else:
+        pre = Preprocessing(96, 96, IMAGENET_MEAN, IMAGENET_STD)
+    if img_size:
+        if img_size < spec.min_size:
+            raise ModelError(f"image size {img_size} px is too small for {spec.name}: expected at least {spec.min_size} px",
+                             f"use --img-size {max(spec.min_size, 64)} or larger")
+        pre = pre.with_image_size(img_size)
+    return pre
+
+
+def build_model(name: str, num_classes: int, *, weights: str = "imagenet", img_size: int = 0,
+                dropout: float = 0.2) -> FruitNet:
+    """Builds ``name`` with ``num_classes`` outputs. ``weights``: imagenet | none | PATH to a state dict."""
+    spec = get_spec(name)
+    if num_classes < 2:
+        raise ModelError(f"a classifier needs at least 2 classes but received {num_classes}",
+                         "add a second class folder to the data")
+    pre = _preprocessing(spec, img_size)
+    net = spec.builder(weights=None) if spec.weights_enum is not None else spec.builder()
+    if weights == "imagenet":
+        if spec.weights_enum is None:
+            log.info("%s has no pretrained weights: it trains from scratch", name)
+        else:
+            from fruitlens.models.weights import load_state_dict
+
+            from fruitlens.models.weights import pick
+
+            net.load_state_dict(load_state_dict(pick(spec.weights_enum)))
+    elif weights not in ("none", "", None):
+        _load_file(net, Path(weights), spec)
+    head = getattr(net, spec.head_attr)
+    feature_dim = head.in_features if isinstance(head, nn.Linear) else next(
+        m.in_features for m in head.modules() if isinstance(m, nn.Linear))
+    setattr(net, spec.head_attr, nn.Identity())
+    blocks: list[nn.Module] = []
+    for attr in spec.block_attrs:
+        mod = getattr(net, attr)
+        blocks.extend(mod.children() if isinstance(mod, nn.Sequential) else [mod])
+    return FruitNet(name, net, feature_dim, num_classes, dropout, pre, blocks)
+
+
+def _load_file(net: nn.Module, path: Path, spec: ModelSpec) -> None:
+    if not path.is_file():
+        raise WeightsError(f"--weights {path}: no such file", "use imagenet, none, or the path of a .pth state dict")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot read a state dict ({exc})") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    own = net.state_dict()
+    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and not k.startswith(spec.head_attr)}
+    if not usable:
+        raise WeightsError(f"{path}: none of its tensors fit {spec.name} (expected keys like {next(iter(own))})",
+                           f"pass a torchvision {spec.name} state dict")
+    net.load_state_dict(usable, strict=False)
+    log.info("loaded %d of %d tensors from %s", len(usable), len(own), path)
