@@ -58,9 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
+    import warnings
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "PIL", "matplotlib", "urllib3", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                  "lightning.fabric.utilities.rank_zero", "PIL", "matplotlib", "urllib3", "httpx"):
+        logger = logging.getLogger(noisy)
+        logger.setLevel(logging.INFO if verbose else logging.WARNING)
+        logger.propagate = False if noisy.startswith("lightning") else logger.propagate
+    if not verbose:  # library chatter that says nothing to a fruitlens user
+        for pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*litlogger.*", ".*does not have many workers.*",
+                        ".*TracerWarning.*", ".*Checkpoint directory.*exists and is not empty.*"):
+            warnings.filterwarnings("ignore", message=pattern)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 class ImageDataset(Dataset):
     """Images of ``manifest`` with integer targets from ``classes``; optional in-memory cache of decoded images."""
 
-    def __init__(self, manifest: Manifest, classes: list[str], transform: Callable, cache: bool = False) -> None:
+    def __init__(self, manifest: Manifest, classes: list[str], transform: Callable, cache: bool = False,
+                 min_side: int = 0) -> None:
         self.paths = [str(p) for p in manifest.paths()]
         index = {c: i for i, c in enumerate(classes)}
         unknown = sorted({r.label for r in manifest} - set(index))
@@ -28,6 +29,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.cache: dict[int, object] | None = {} if cache else None
         self.skipped: set[str] = set()
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -35,7 +37,7 @@ class ImageDataset(Dataset):
     def _image(self, i: int):
         if self.cache is not None and i in self.cache:
             return self.cache[i]
-        img = load_image(self.paths[i])
+        img = load_image(self.paths[i], self.min_side)
         if self.cache is not None:
             self.cache[i] = img
         return img

@@ -25,12 +25,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Opens, fully decodes, turns upright and converts to RGB; raises DataError naming the file."""
+def load_image(path: str | Path, min_side: int = 0) -> Image.Image:
+    """Opens, fully decodes, turns upright and converts to RGB; raises DataError naming the file.
+
+    ``min_side`` > 0 shrinks big images so that their shorter side is about ``min_side`` (JPEGs decode at a reduced
+    scale, which makes large phone photos several times faster to load).
+    """
     try:
         with Image.open(path) as img:
+            if min_side:
+                img.draft("RGB", (min_side, min_side))
             img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+            img = to_rgb(ImageOps.exif_transpose(img))
+        if min_side and min(img.size) > min_side:
+            scale = min_side / min(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                             Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return img
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

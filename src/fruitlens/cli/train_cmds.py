@@ -1,0 +1,119 @@
+"""``fruitlens train``: options map onto TrainConfig keys; anything else is a ``key=value`` override."""
+from __future__ import annotations
+
+import argparse
+
+from fruitlens.config import TrainConfig, apply_overrides, parse_overrides
+
+EXAMPLES = """examples:
+  fruitlens train photos/ --out runs/mnv2                       # MobileNetV2, ImageNet weights, fast CPU path
+  fruitlens train photos/ --model small_cnn --epochs 30 --out runs/cnn
+  fruitlens train photos/ --fine-tune-blocks 3 --img-size 160 --out runs/ft   # real photos: fine-tune the top
+  fruitlens train ../shared/data/fruits360 --target-acc 0.98 --out runs/f360  # keeps the data's own Test split
+  fruitlens train photos/ --out runs/x fit.label_smoothing=0.1 augment.rotation=0
+  fruitlens train --resume runs/mnv2                            # continue an interrupted run
+  fruitlens train photos/ --devices 2 --strategy ddp --accelerator cpu --no-feature-cache --out runs/ddp
+"""
+
+# option -> config key
+_OPTIONS = {
+    "model": "model.name", "weights": "model.weights", "img_size": "model.img_size",
+    "epochs": "fit.epochs", "batch_size": "fit.batch_size", "lr": "fit.lr", "balance": "fit.balance",
+    "label_smoothing": "fit.label_smoothing", "target_acc": "fit.target_acc", "target_monitor": "fit.target_monitor",
+    "feature_views": "fit.feature_views", "fine_tune_blocks": "fit.fine_tune_blocks",
+    "fine_tune_epochs": "fit.fine_tune_epochs", "deterministic": "fit.deterministic", "devices": "fit.devices",
+    "num_nodes": "fit.num_nodes", "strategy": "fit.strategy", "accelerator": "fit.accelerator",
+    "precision": "fit.precision", "val": "data.val", "test": "data.test", "seed": "data.seed",
+    "workers": "data.num_workers", "cache_images": "data.cache_images", "group": "data.group",
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a classifier and write a run folder with its report",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", nargs="?", help="folder of class folders, folder of split folders, or manifest CSV")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. fit.epochs=5")
+    p.add_argument("--out", help="run folder to create (default runs/<model>)")
+    p.add_argument("--config", help="YAML config to start from (e.g. a run's config.yaml)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="mobilenet_v2 (default), densenet121, resnet18, small_cnn ('fruitlens models')")
+    g.add_argument("--weights", help="imagenet (default) | none | PATH to a state dict")
+    g.add_argument("--img-size", type=int, help="input size in px (default: picked from the data)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="max epochs of the head phase (default 30; early stopping ends sooner)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--balance", choices=["none", "weights", "sampler"], help="for imbalanced classes")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--target-acc", type=float, help="stop once accuracy reaches this (default 0.98; 0 = off)")
+    g.add_argument("--target-monitor", choices=["val", "train"], help="accuracy the target watches (default val)")
+    g.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
+                   help="train the head on images every epoch instead of on cached backbone features")
+    g.add_argument("--feature-views", type=int, help="augmented views per image in the feature cache (default 2)")
+    g.add_argument("--fine-tune-blocks", type=int, help="then fine-tune the top N backbone blocks (default 0)")
+    g.add_argument("--fine-tune-epochs", type=int)
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="switch augmentation off")
+    g.add_argument("--deterministic", action="store_true", default=None)
+    g = p.add_argument_group("data")
+    g.add_argument("--val", type=float, help="validation fraction when the data has no val split (default 0.15)")
+    g.add_argument("--test", type=float, help="test fraction when the data has no test split (default 0.15)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--group", choices=["near-duplicates", "none"])
+    g.add_argument("--workers", type=int, help="data loading processes (default: up to 4)")
+    g.add_argument("--cache-images", action="store_true", default=None, help="keep decoded images in memory")
+    g = p.add_argument_group("hardware (Lightning)")
+    g.add_argument("--accelerator", help="auto (default), cpu, gpu")
+    g.add_argument("--devices", help="number of devices, e.g. 2 (default 1)")
+    g.add_argument("--num-nodes", type=int)
+    g.add_argument("--strategy", help="auto (default), ddp, ddp_spawn, ...")
+    g.add_argument("--precision", help="auto (16-mixed on GPU, 32 on CPU), 32-true, bf16-mixed, ...")
+    p.set_defaults(func=run_train)
+
+
+def build_config(args) -> TrainConfig:
+    """defaults <- --config YAML <- options <- key=value overrides; validated once."""
+    from fruitlens.errors import ConfigError
+
+    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    values = {key: getattr(args, opt) for opt, key in _OPTIONS.items() if getattr(args, opt, None) is not None}
+    if args.feature_cache is not None:
+        values["fit.feature_cache"] = args.feature_cache
+    if args.augment is not None:
+        values["augment.enabled"] = args.augment
+    if args.data:
+        values["data.path"] = args.data
+    cfg = apply_overrides(cfg, values, "option")
+    cfg = apply_overrides(cfg, parse_overrides(args.overrides), "override")
+    if not cfg.data.path:
+        raise ConfigError("no DATA given", "fruitlens train DATA --out RUN_DIR (or --resume RUN_DIR)")
+    return cfg.validated()
+
+
+def run_train(args) -> int:
+    from fruitlens.training.fit import train
+
+    if args.data and "=" in args.data and not args.resume:
+        args.overrides.insert(0, args.data)
+        args.data = None
+    if args.resume:
+        run = train(TrainConfig(), args.resume, resume=True)
+    else:
+        cfg = build_config(args)
+        run = train(cfg, args.out or f"runs/{cfg.model.name}")
+    _print_summary(run)
+    return 0
+
+
+def _print_summary(run) -> None:
+    report = run.read_json("report.json")
+    m = report["metrics"]
+    print(f"\nrun folder: {run.path}")
+    print(f"test accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  "
+          f"({m['n']} images, {report['evaluated_on']})")
+    if report["leak"].get("test_images_with_train_duplicate"):
+        print(f"warning: {report['leak']['test_images_with_train_duplicate']} test images have a near duplicate in "
+              "train (the data's own split): this accuracy overstates accuracy on new photos")
+    print(f"report: {run.report_html}")
+    print(f"next: fruitlens predict {run.path} IMAGE | fruitlens export {run.path} --format onnx | "
+          f"fruitlens serve {run.path}")

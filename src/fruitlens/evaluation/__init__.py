@@ -1,0 +1,1 @@
+"""Evaluation: metrics people know (scikit-learn), plots (matplotlib), one self-contained HTML report."""

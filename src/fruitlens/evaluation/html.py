@@ -1,0 +1,117 @@
+"""The self-contained report page: one HTML file, images embedded, no scripts, opens without a server."""
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
+main{max-width:1200px;margin:0 auto;padding:24px}
+h1{margin:0 0 4px}h2{margin-top:32px;border-bottom:2px solid #dde2e8;padding-bottom:4px}
+.sub{color:#5b6573}.cards{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0}
+.card{background:#fff;border-radius:8px;padding:12px 16px;box-shadow:0 1px 3px #0002;min-width:140px}
+.card b{display:block;font-size:1.6em}.card span{color:#5b6573;font-size:.85em}
+.warn{background:#fff4d6;border-left:5px solid #e0a100;padding:10px 14px;border-radius:4px;margin:12px 0}
+.ok{background:#e4f6e8;border-left:5px solid #2e9d4b;padding:10px 14px;border-radius:4px;margin:12px 0}
+table{border-collapse:collapse;background:#fff;font-size:.9em}td,th{padding:4px 10px;border-bottom:1px solid #e5e8ec;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#eef1f5;position:sticky;top:0}
+img.plot{max-width:100%;background:#fff;border-radius:6px;box-shadow:0 1px 3px #0002;margin:8px 0}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}.gallery figure{background:#fff;margin:0;padding:6px;border-radius:6px;
+box-shadow:0 1px 3px #0002;width:120px;font-size:.75em}.gallery img{width:108px;height:108px;object-fit:contain}
+pre{background:#fff;padding:12px;border-radius:6px;overflow:auto;font-size:.8em}
+details{margin:8px 0}.bad{color:#b3261e}.scroll{max-height:520px;overflow:auto;display:inline-block}
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<div class="scroll {cls}"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _gallery(items: list[dict]) -> str:
+    if not items:
+        return "<p>none</p>"
+    figs = "".join(f'<figure><img src="{i["thumbnail"]}" alt="{_e(i["path"])}" title="{_e(i["path"])}">'
+                   f'<figcaption>true <b>{_e(i["true"])}</b><br>predicted <b class="{"bad" if i["true"] != i["predicted"] else ""}">'
+                   f'{_e(i["predicted"])}</b><br>{_pct(i["confidence"])}</figcaption></figure>' for i in items)
+    return f'<div class="gallery">{figs}</div>'
+
+
+def render_html(report: dict, images: dict[str, str]) -> str:
+    """The report page; every value is escaped (class names come from folder names)."""
+    m = report["metrics"]
+    model = report["model"]
+    cards = [("accuracy", _pct(m["accuracy"])), ("balanced accuracy", _pct(m["balanced_accuracy"])),
+             ("macro F1", _pct(m["macro_f1"])), ("weighted F1", _pct(m["weighted_f1"]))]
+    cards += [(f"top-{k} accuracy", _pct(v)) for k, v in m["top_k_accuracy"].items()]
+    cards += [("log loss", f"{m['log_loss']:.4f}" if m["log_loss"] is not None else "-"), ("ECE", f"{m['ece']:.4f}"),
+              ("images", m["n"])]
+    card_html = "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in cards)
+    leak = report["leak"]
+    if leak.get("applies") and leak.get("test_images_with_train_duplicate"):
+        leak_html = (f"<div class='warn'><b>Leak:</b> {leak['test_images_with_train_duplicate']} test images "
+                     f"({_pct(leak['share'])}) have a near duplicate in the training images (the data's own split). "
+                     "The test accuracy above overstates accuracy on new photos. "
+                     "Use <code>fruitlens split</code> (the default for data without a split) for a leak-free figure.</div>")
+    elif leak.get("applies") and leak.get("leak_free"):
+        leak_html = "<div class='ok'>The split is leak-free: no test image has a near duplicate in train or validation.</div>"
+    else:
+        leak_html = ""
+    per_class = [[c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", v["support"]]
+                 for c, v in m["per_class"].items()]
+    confused = [[p["true"], p["predicted"], p["count"]] for p in m["most_confused"]]
+    ds = report["dataset"]
+    count_rows = [[c, v.get("train", 0), v.get("val", 0), v.get("test", 0)] for c, v in sorted(ds["counts"].items())]
+    notes = "".join(f"<li>{_e(n)}</li>" for n in ds["split_notes"] + ds["split_warnings"])
+    findings = "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in ds["check_findings"].items())
+    img = lambda key, alt: f'<img class="plot" src="{images[key]}" alt="{alt}">' if key in images else "<p>not available</p>"
+    pre = model["preprocessing"]
+    t = report["timing"]
+    extra = ""
+    if report.get("unmapped_images"):
+        extra += f"<div class='warn'>Images of classes the model does not know, counted apart: {_e(report['unmapped_images'])}</div>"
+    if report.get("bad_images"):
+        extra += f"<div class='warn'>{len(report['bad_images'])} image(s) could not be decoded and were skipped.</div>"
+    if m.get("classes_absent_from_data"):
+        extra += (f"<p class='sub'>Classes without images in this evaluation (no recall for them): "
+                  f"{_e(', '.join(m['classes_absent_from_data']))}</p>")
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>fruitlens report: {_e(report['run'])}</title>
+<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_CSS}</style></head><body><main>
+<h1>fruitlens report</h1>
+<p class="sub">run <code>{_e(report['run'])}</code> · model <b>{_e(model['name'])}</b> · evaluated on <b>{_e(report['evaluated_on'])}</b>
+({m['n']} images) · data <code>{_e(report.get('data'))}</code></p>
+{leak_html}{extra}
+<div class="cards" id="headline">{card_html}</div>
+<h2>Confusion matrix</h2>
+<div id="confusion">{img('confusion_normalised', 'row-normalised confusion matrix')}
+<details><summary>counts</summary>{img('confusion_counts', 'confusion matrix counts')}</details></div>
+<h3>Most confused pairs</h3>{_table(['true', 'predicted as', 'images'], confused) if confused else '<p>none: no mistakes</p>'}
+<h2>Classification report</h2>
+<div id="classification-report">{_table(['class', 'precision', 'recall', 'F1', 'support'], per_class)}</div>
+<p class="sub">macro precision {_pct(m['macro_precision'])}, recall {_pct(m['macro_recall'])}, F1 {_pct(m['macro_f1'])};
+weighted precision {_pct(m['weighted_precision'])}, recall {_pct(m['weighted_recall'])}, F1 {_pct(m['weighted_f1'])}</p>
+<h2>Training curves</h2>{img('curves', 'training curves')}
+<h2>Calibration</h2>{img('reliability', 'reliability diagram')}
+<h2>Worst mistakes</h2><p class="sub">wrong answers given with the highest confidence</p>{_gallery(report['gallery']['worst_mistakes'])}
+<h2>Least confident correct answers</h2>{_gallery(report['gallery']['least_confident_correct'])}
+<h2>Data</h2>{_table(['class', 'train', 'val', 'test'], count_rows) if count_rows else ''}
+<ul>{notes}</ul><p>check findings:</p><ul>{findings or '<li>none</li>'}</ul>
+<h2>Model and run</h2>
+<ul><li>model {_e(model['name'])}, {model['parameters']:,} parameters, checkpoint {model['checkpoint_mb']} MB, engine {_e(model['engine'])}</li>
+<li>preprocessing: resize {pre['resize_size']} px, centre crop {pre['image_size']} px, mean {_e(pre['mean'])}, std {_e(pre['std'])}</li>
+<li>training time {_e(t.get('train_seconds'))} s (fitting {_e(t.get('fit_seconds'))} s); evaluation {_e(t.get('eval_seconds'))} s</li>
+<li>seed {_e(report.get('seed'))}; Python {_e(report['environment']['python'])}, torch {_e(report['environment']['torch'])};
+{_e(report['environment'].get('machine'))}; GPU {_e(report['environment'].get('gpu') or 'none')}</li></ul>
+<details><summary>config.yaml</summary><pre>{_e(json.dumps(report['config'], indent=2))}</pre></details>
+<details><summary>classification report (text)</summary><pre>{_e(m['classification_report'])}</pre></details>
+</main></body></html>"""

@@ -1,0 +1,63 @@
+"""Every figure of the report from true labels and predicted probabilities; figures agree with each other."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
+                             log_loss, precision_recall_fscore_support)
+
+
+def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error over equal-width confidence bins, with the bins for a reliability diagram."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    rows, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mask = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        n = int(mask.sum())
+        if n:
+            acc, mean_conf = float(correct[mask].mean()), float(conf[mask].mean())
+            ece += n / len(y_true) * abs(acc - mean_conf)
+            rows.append({"lo": float(lo), "hi": float(hi), "count": n, "accuracy": acc, "confidence": mean_conf})
+    return {"ece": float(ece), "bins": rows}
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, balanced/top-k accuracy, P/R/F1 (macro, weighted, per class), log loss, ECE, confusion matrix."""
+    n_cls = len(classes)
+    labels = list(range(n_cls))
+    y_true = np.asarray(y_true, dtype=int)
+    y_pred = probs.argmax(axis=1)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    present = s > 0
+    out: dict[str, Any] = {
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
+        "top_k_accuracy": {},
+        "confusion_matrix": cm.tolist(),
+        "classes_absent_from_data": [c for c, ok in zip(classes, present) if not ok],
+    }
+    order = np.argsort(-probs, axis=1)
+    for k in (3, 5):
+        if k < n_cls:
+            out["top_k_accuracy"][str(k)] = float((order[:, :k] == y_true[:, None]).any(axis=1).mean())
+    for avg in ("macro", "weighted"):
+        # macro over classes present in the data, so that an absent class does not count as a zero
+        pp, rr, ff, _ = precision_recall_fscore_support(y_true, y_pred, labels=[i for i in labels if present[i]],
+                                                        average=avg, zero_division=0)
+        out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = float(pp), float(rr), float(ff)
+    out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                        for i, c in enumerate(classes)}
+    out["classification_report"] = classification_report(y_true, y_pred, labels=labels, target_names=classes,
+                                                          zero_division=0, digits=4)
+    clipped = np.clip(probs, 1e-12, 1)
+    out["log_loss"] = float(log_loss(y_true, clipped / clipped.sum(1, keepdims=True), labels=labels)) if len(y_true) else float("nan")
+    out["calibration"] = calibration(y_true, probs)
+    out["ece"] = out["calibration"]["ece"]
+    pairs = [(int(cm[i, j]), classes[i], classes[j]) for i in range(n_cls) for j in range(n_cls) if i != j and cm[i, j]]
+    out["most_confused"] = [{"true": t, "predicted": pr, "count": n} for n, t, pr in sorted(pairs, reverse=True)[:15]]
+    return out

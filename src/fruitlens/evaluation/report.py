@@ -1,0 +1,240 @@
+"""``evaluate_run``: predictions on a split or another folder -> report.json, report.html, plots/*.png."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fruitlens.data.manifest import Manifest
+from fruitlens.data.scan import scan
+from fruitlens.errors import DataError
+from fruitlens.evaluation import plots
+from fruitlens.evaluation.html import render_html
+from fruitlens.evaluation.metrics import compute_metrics
+from fruitlens.inference.predictor import Predictor, softmax
+from fruitlens.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def load_class_map(path: str | Path, model_classes: list[str]) -> dict[str, list[str]]:
+    """JSON ``{"Apple": ["Apple Braeburn", "Apple Red 1"], "Kiwi": "Kiwi"}`` -> data class -> model classes."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: class map not found") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: class map is not valid JSON ({exc})",
+                        'write it as {"data class": ["model class", ...]}') from None
+    out = {}
+    for k, v in raw.items():
+        targets = [v] if isinstance(v, str) else list(v)
+        unknown = [t for t in targets if t not in model_classes]
+        if unknown:
+            raise DataError(f"{path}: '{k}' maps to {', '.join(unknown)}, which the model does not know",
+                            f"model classes: {', '.join(model_classes)}")
+        out[k] = targets
+    return out
+
+
+def _eval_manifest(run: RunDir, data: str | None, split: str) -> tuple[Manifest, str]:
+    if data is None:
+        m = Manifest.from_csv(run.manifest)
+        part = m.split(split)
+        if not len(part):
+            if split == "test" and len(m.split("val")):
+                log.warning("the run has no test images: evaluating on the validation split (an optimistic figure)")
+                return m.split("val"), "val"
+            raise DataError(f"{run.path}: the run's manifest has no '{split}' images", "pass --split val or a DATA folder")
+        return part, split
+    m = scan(data).manifest
+    if m.splits and split in m.splits:
+        return m.split(split), f"{Path(data).name}/{split}"
+    return m, Path(data).name
+
+
+def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: str = "test",
+                 class_map: str | None = None, train_seconds: float | None = None, batch_size: int = 64,
+                 gallery: int = 12) -> dict[str, Any]:
+    """Evaluates the run's best model and writes report.json, report.html and plots/. Returns the report dict."""
+    run = run if isinstance(run, RunDir) else RunDir(Path(run))
+    run.require("checkpoints/best.ckpt", "labels.json", "manifest.csv")
+    t0 = time.perf_counter()
+    predictor = Predictor.from_run(run.path)
+    model_classes = predictor.classes
+    manifest, split_name = _eval_manifest(run, data, split)
+    mapping = load_class_map(class_map, model_classes) if class_map else {c: [c] for c in model_classes}
+    data_classes = sorted(mapping) if class_map else model_classes
+    keep = [r for r in manifest if r.label in mapping]
+    unmapped: dict[str, int] = {}
+    for r in manifest:
+        if r.label not in mapping:
+            unmapped[r.label] = unmapped.get(r.label, 0) + 1
+    if unmapped:
+        log.warning("%d images of classes the model does not know are counted apart: %s", sum(unmapped.values()),
+                    ", ".join(sorted(unmapped)))
+    if not keep:
+        raise DataError(f"no images of the model's classes in {data or run.path}",
+                        "pass --class-map FILE to map the data's class names onto the model's")
+    paths, labels, bad = [], [], []
+    logits = []
+    for (path, label), pred in zip(((str(manifest.resolve(r)), r.label) for r in keep),
+                                   _logits_many(predictor, [str(manifest.resolve(r)) for r in keep], batch_size)):
+        if isinstance(pred, DataError):
+            bad.append({"path": path, "error": pred.message})
+            continue
+        paths.append(path)
+        labels.append(label)
+        logits.append(pred)
+    probs_model = softmax(np.stack(logits))
+    # collapse model classes onto data classes (identity without a class map); the rest is "(other)"
+    classes = list(data_classes)
+    col = {mc: classes.index(dc) for dc, mcs in mapping.items() for mc in mcs}
+    extra = len(classes)
+    if class_map and len(col) < len(model_classes):
+        classes = classes + ["(other)"]
+    probs = np.zeros((len(paths), len(classes)))
+    for j, mc in enumerate(model_classes):
+        probs[:, col.get(mc, extra if class_map else j)] += probs_model[:, j]
+    y = np.array([classes.index(lab) for lab in labels])
+    metrics = compute_metrics(y, probs, classes)
+    eval_seconds = time.perf_counter() - t0
+    report = _assemble(run, metrics, split_name, data, class_map, unmapped, bad, eval_seconds, train_seconds,
+                       predictor, classes)
+    report["gallery"] = _gallery(paths, y, probs, classes, gallery)
+    _write(run, report, metrics, classes)
+    log.info("evaluated %d images (%s) in %.1fs: accuracy %.4f, macro F1 %.4f -> %s", len(y), split_name,
+             eval_seconds, metrics["accuracy"], metrics["macro_f1"], run.report_html)
+    return report
+
+
+def _logits_many(predictor: Predictor, paths: list[str], batch_size: int):
+    """Per image: a logits row, or the DataError that stopped its decoding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prep(p):
+        try:
+            return predictor.tensor(p)
+        except DataError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # decoding overlaps with inference (PIL releases the GIL)
+        for i in range(0, len(paths), batch_size):
+            items = list(pool.map(prep, paths[i:i + batch_size]))
+            ok = [t for t in items if not isinstance(t, DataError)]
+            rows = iter(predictor.logits_batch(np.stack(ok))) if ok else iter(())
+            for t in items:
+                yield t if isinstance(t, DataError) else next(rows)
+
+
+def _assemble(run, metrics, split_name, data, class_map, unmapped, bad, eval_seconds, train_seconds, predictor,
+              classes) -> dict[str, Any]:
+    import torch
+
+    facts = run.read_json("facts.json") if run.facts.exists() else {}
+    info = run.read_json("train_info.json") if (run.path / "train_info.json").exists() else {}
+    config = {}
+    if run.config.exists():
+        import yaml
+
+        config = yaml.safe_load(run.config.read_text())
+    ckpt_size = run.best_ckpt.stat().st_size
+    split_facts = facts.get("split", {})
+    leak = split_facts.get("leaks", {}).get("test<-train", {})
+    return {
+        "run": str(run.path),
+        "evaluated_on": split_name,
+        "data": data or facts.get("data"),
+        "class_map": class_map,
+        "classes": classes,
+        "metrics": metrics,
+        "unmapped_images": unmapped,
+        "bad_images": bad,
+        "leak": {"leak_free": facts.get("leak_free"), "test_images_with_train_duplicate": leak.get("images", 0),
+                 "share": leak.get("share", 0.0), "applies": data is None},
+        "dataset": {"counts": split_facts.get("per_class", {}), "totals": split_facts.get("totals", {}),
+                    "split_notes": split_facts.get("notes", []), "split_warnings": split_facts.get("warnings", []),
+                    "excluded": split_facts.get("excluded", []), "check_findings": facts.get("check_findings", {}),
+                    "check_summary": {k: v for k, v in facts.get("check", {}).items() if k not in ("counts", "class_totals")}},
+        "model": {"name": config.get("model", {}).get("name"), "engine": predictor.engine,
+                  "preprocessing": predictor.preprocessing.to_dict(),
+                  "parameters": _param_count(run), "checkpoint_mb": round(ckpt_size / 2**20, 2)},
+        "config": config,
+        "history": run.read_history(),
+        "timing": {"eval_seconds": round(eval_seconds, 2), "train_seconds": round(train_seconds, 2) if train_seconds
+                   else info.get("total_seconds"), "fit_seconds": info.get("fit_seconds")},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+                        "machine": info.get("machine"), "gpu": info.get("gpu")},
+        "seed": config.get("data", {}).get("seed"),
+    }
+
+
+def _param_count(run: RunDir) -> int:
+    import torch
+
+    sd = torch.load(run.best_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return int(sum(v.numel() for k, v in sd.items() if v.is_floating_point() and "running" not in k))
+
+
+def _thumb(path: str, size: int = 96) -> str:
+    from fruitlens.data.images import load_image
+
+    img = load_image(path, min_side=size * 2)
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _gallery(paths, y, probs, classes, n) -> dict[str, list[dict]]:
+    pred = probs.argmax(1)
+    conf = probs.max(1)
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-conf[wrong])][:n]
+    right = np.flatnonzero(pred == y)
+    right = right[np.argsort(conf[right])][:n]
+    item = lambda i: {"path": paths[i], "true": classes[y[i]], "predicted": classes[pred[i]],
+                      "confidence": float(conf[i]), "thumbnail": _thumb(paths[i])}
+    return {"worst_mistakes": [item(i) for i in wrong], "least_confident_correct": [item(i) for i in right]}
+
+
+def _write(run: RunDir, report: dict, metrics: dict, classes: list[str]) -> None:
+    run.plots.mkdir(parents=True, exist_ok=True)
+    cm = np.array(metrics["confusion_matrix"])
+    files = {
+        "confusion_counts": plots.confusion_heatmap(cm, classes, run.plots / "confusion_matrix.png", False,
+                                                    "confusion matrix (counts)"),
+        "confusion_normalised": plots.confusion_heatmap(cm, classes, run.plots / "confusion_matrix_normalised.png",
+                                                        True, "confusion matrix (row-normalised = recall)"),
+        "reliability": plots.reliability_diagram(metrics["calibration"], run.plots / "reliability.png"),
+        "curves": plots.training_curves(report["history"], run.plots / "training_curves.png"),
+    }
+    report["plots"] = {k: str(v.relative_to(run.path)) for k, v in files.items() if v}
+    (run.path / "classification_report.txt").write_text(metrics["classification_report"])
+    slim = {**report, "gallery": {k: [{kk: vv for kk, vv in g.items() if kk != "thumbnail"} for g in v]
+                                  for k, v in report["gallery"].items()}}
+    run.report_json.write_text(json.dumps(_clean(slim), indent=2, default=str))
+    images = {k: _b64(run.path / v) for k, v in report["plots"].items()}
+    run.report_html.write_text(render_html(_clean(report), images))
+
+
+def _b64(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _clean(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj

@@ -1,0 +1,1 @@
+"""Inference: the Predictor (PyTorch or ONNX Runtime) and ONNX export with a parity check."""

@@ -1,0 +1,154 @@
+"""``Predictor``: one object for predict, evaluate and serve; PyTorch or ONNX Runtime behind it.
+
+The preprocessing is read from the run (or the ONNX metadata), so serving matches training exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fruitlens.data.images import load_image, to_rgb
+from fruitlens.data.transforms import eval_transforms
+from fruitlens.errors import DataError, RunDirError
+from fruitlens.models.preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-1 label and probability, plus the top-k list of (label, probability). Also the API's answer."""
+
+    label: str
+    score: float
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "score": round(self.score, 6),
+                "top_k": [{"label": lab, "score": round(s, 6)} for lab, s in self.top_k]}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Predictor:
+    """Turns images (paths, PIL images or HxWx3 uint8 arrays) into Predictions."""
+
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], classes: list[str], preprocessing: Preprocessing,
+                 engine: str, source: str = "") -> None:
+        self._forward = forward
+        self.classes = list(classes)
+        self.preprocessing = preprocessing
+        self.engine = engine
+        self.source = source
+        self._transform = eval_transforms(preprocessing)
+
+    @classmethod
+    def from_run(cls, path: str | Path, engine: str = "torch") -> "Predictor":
+        """From a run folder (its best checkpoint), or from its exported ONNX model with ``engine='onnx'``."""
+        from fruitlens.rundir import RunDir, load_model
+
+        run = RunDir(Path(path)).require("checkpoints/best.ckpt")
+        if engine == "onnx":
+            return cls.from_onnx(run.export / "model.onnx")
+        model, classes, _ = load_model(run.best_ckpt)
+        model = model.to(memory_format=torch.channels_last)
+
+        @torch.inference_mode()
+        def forward(x: np.ndarray) -> np.ndarray:
+            t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+            return model(t).float().numpy()
+
+        return cls(forward, classes, model.preprocessing, "pytorch", str(run.path))
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, threads: int = 0) -> "Predictor":
+        """From an exported ``model.onnx``; classes and preprocessing come from its metadata."""
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise RunDirError(f"{path}: ONNX model not found",
+                              f"export it with: fruitlens export {path.parent.parent} --format onnx")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        try:
+            classes = json.loads(meta["fruitlens_classes"])
+            pre = Preprocessing.from_dict(json.loads(meta["fruitlens_preprocessing"]))
+        except KeyError:
+            raise RunDirError(f"{path}: ONNX model lacks fruitlens metadata (classes, preprocessing)",
+                              "export it with 'fruitlens export RUN --format onnx'") from None
+        name = session.get_inputs()[0].name
+        return cls(lambda x: session.run(None, {name: x})[0], classes, pre, "onnxruntime", str(path))
+
+    def tensor(self, image) -> np.ndarray:
+        """One image (path, PIL image or HxWx3 uint8 array) -> preprocessed CHW float32 array."""
+        if isinstance(image, (str, Path)):
+            img = load_image(image, min_side=int(self.preprocessing.resize_size * 1.25))
+        elif isinstance(image, Image.Image):
+            img = to_rgb(image)
+        elif isinstance(image, np.ndarray):
+            if image.ndim == 2:
+                image = np.stack([image] * 3, axis=-1)
+            if image.ndim != 3 or image.shape[2] not in (3, 4):
+                raise DataError(f"expected an HxWx3 image array but received shape {image.shape}")
+            img = to_rgb(Image.fromarray(image.astype(np.uint8)))
+        else:
+            raise DataError(f"expected a path, PIL image or array but received {type(image).__name__}")
+        return self._transform(img).numpy()
+
+    def logits(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
+        """Raw scores, (n, classes); all images must decode (see ``predict_many`` for per-image errors)."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = np.stack([self.tensor(im) for im in images[i:i + batch_size]])
+            out.append(self._forward(batch))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def logits_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Raw scores for an already preprocessed (n, 3, H, W) float32 batch."""
+        return self._forward(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def to_predictions(self, probs: np.ndarray, top_k: int = 3) -> list[Prediction]:
+        k = max(1, min(top_k, len(self.classes)))
+        order = np.argsort(-probs, axis=1)[:, :k]
+        return [Prediction(self.classes[o[0]], float(p[o[0]]), [(self.classes[j], float(p[j])) for j in o])
+                for p, o in zip(probs, order)]
+
+    def predict(self, images: Sequence, top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
+        """Predictions for images that all decode; raises DataError naming a bad file."""
+        return self.to_predictions(softmax(self.logits(list(images), batch_size)), top_k)
+
+    def predict_many(self, images: Iterable, top_k: int = 3, batch_size: int = 32):
+        """Yields ``(image, Prediction | DataError)`` so that one bad file does not stop the rest."""
+        pending: list[tuple[object, np.ndarray]] = []
+
+        def flush():
+            probs = softmax(self._forward(np.stack([t for _, t in pending])))
+            for (src, _), pred in zip(pending, self.to_predictions(probs, top_k)):
+                yield src, pred
+            pending.clear()
+
+        for image in images:
+            try:
+                pending.append((image, self.tensor(image)))
+            except DataError as exc:
+                yield image, exc
+                continue
+            if len(pending) >= batch_size:
+                yield from flush()
+        if pending:
+            yield from flush()

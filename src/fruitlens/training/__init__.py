@@ -1,0 +1,1 @@
+"""Training: a generic LightningModule, callbacks, the feature cache, and the ``train`` orchestrator."""

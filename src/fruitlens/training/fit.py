@@ -1,0 +1,228 @@
+"""``train(cfg, out)``: data -> model -> phase 1 (head, on cached features) -> phase 2 (fine-tune) -> report."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from fruitlens.config import TrainConfig
+from fruitlens.data.dataset import class_weights
+from fruitlens.data.manifest import Manifest
+from fruitlens.errors import FruitlensError, RunDirError
+from fruitlens.models.registry import FruitNet, build_model
+from fruitlens.rundir import RunDir, save_model
+from fruitlens.training import data as tdata
+from fruitlens.training.callbacks import EpochSummary, FreezeBackbone, TargetAccuracy
+from fruitlens.training.features import cached_features
+from fruitlens.training.module import ClassifierModule
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(FruitlensError):
+    """Ctrl-C during training: the run folder keeps the best model so far."""
+
+    exit_code = 130
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False) -> RunDir:
+    """Trains ``cfg`` into the run folder ``out`` and evaluates it on the test split."""
+    run = RunDir(Path(out))
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.data.seed, workers=True, verbose=False)
+    if resume:
+        run.require("config.yaml", "manifest.csv", "facts.json")
+        cfg = TrainConfig.from_yaml(run.config)
+        manifest, facts = Manifest.from_csv(run.manifest), run.read_json("facts.json")
+        log.info("resuming %s", run.path)
+    else:
+        if run.best_ckpt.exists():
+            raise RunDirError(f"{run.path} already holds a trained run", f"pick another --out, or continue it "
+                              f"with 'fruitlens train --resume {run.path}'")
+        cfg = replace(cfg, data=replace(cfg.data, path=tdata.resolve_data_path(cfg.data.path))).validated()
+        prepared = tdata.prepare(cfg)
+        manifest, facts = prepared.manifest, prepared.facts
+        if not cfg.model.img_size:
+            size = tdata.auto_image_size(prepared.median_side)
+            log.info("input size %d px, picked from the data (median shorter side %d px)", size, prepared.median_side)
+            cfg = replace(cfg, model=replace(cfg.model, img_size=size))
+        run.path.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(run.config)
+        manifest.to_csv(run.manifest)
+        run.write_json("facts.json", facts)
+    classes = manifest.classes
+    run.labels.write_text(json.dumps(classes, indent=2))
+    model = build_model(cfg.model.name, len(classes), weights=cfg.model.weights, img_size=cfg.model.img_size,
+                        dropout=cfg.model.dropout)
+    pretrained = cfg.model.weights != "none" and model.name != "small_cnn"
+    if cfg.model.weights == "none" and model.name in ("mobilenet_v2", "densenet121", "resnet18"):
+        log.warning("%s trains from scratch (--weights none): expect far lower accuracy than with ImageNet weights",
+                    model.name)
+    history: list[dict] = run.read_history() if resume else []
+    splits = manifest.by_split()
+    fit_t0 = time.perf_counter()
+    try:
+        if pretrained and cfg.fit.feature_cache:
+            _fit_head_on_features(model, splits, classes, cfg, run, history)
+        else:
+            _fit_images(model, splits, classes, cfg, run, history, "head" if pretrained else "full",
+                        train_blocks=0 if pretrained else -1, lr=cfg.fit.lr, epochs=cfg.fit.epochs)
+        if pretrained and cfg.fit.fine_tune_blocks and not _target_reached(history, cfg):
+            _fit_images(model, splits, classes, cfg, run, history, "fine-tune", train_blocks=cfg.fit.fine_tune_blocks,
+                        lr=cfg.fit.fine_tune_lr, epochs=cfg.fit.fine_tune_epochs)
+    except KeyboardInterrupt:
+        _finish(run, model, classes, cfg, history, time.perf_counter() - fit_t0)
+        raise TrainingInterrupted(f"training interrupted: {run.path} keeps the best model so far",
+                                  f"continue with 'fruitlens train --resume {run.path}'") from None
+    if not _is_rank_zero():
+        return run
+    _finish(run, model, classes, cfg, history, time.perf_counter() - fit_t0)
+    from fruitlens.evaluation.report import evaluate_run
+
+    evaluate_run(run, train_seconds=time.perf_counter() - t0)
+    return run
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _target_reached(history: list[dict], cfg: TrainConfig) -> bool:
+    key = "val_acc" if cfg.fit.target_monitor == "val" else "train_acc"
+    return cfg.fit.target_acc > 0 and any((r.get(key) or 0) >= cfg.fit.target_acc for r in history)
+
+
+def _finish(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, history: list[dict],
+            seconds: float) -> None:
+    save_model(run.best_ckpt, model, classes, {"config": cfg.to_dict(), "fit_seconds": seconds})
+    run.write_history(history)
+    done = {"fit_seconds": round(seconds, 2), "torch": torch.__version__, "lightning": L.__version__,
+            "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    run.write_json("train_info.json", done)
+
+
+def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: list[dict], monitor_train: bool,
+             progress: bool) -> tuple[L.Trainer, ModelCheckpoint]:
+    f = cfg.fit
+    ckpt = ModelCheckpoint(dirpath=run.checkpoints / phase, filename="best", monitor="val/loss", mode="min",
+                           save_last=True, enable_version_counter=False)
+    callbacks = [ckpt, EarlyStopping("val/loss", patience=f.early_stopping_patience, mode="min"),
+                 LearningRateMonitor("epoch"), EpochSummary(phase, history)]
+    if f.target_acc > 0:
+        callbacks.append(TargetAccuracy(f.target_acc, "train/acc" if monitor_train else "val/acc"))
+    gpu = torch.cuda.is_available() and f.accelerator in ("auto", "gpu", "cuda")
+    precision = f.precision if f.precision != "auto" else ("16-mixed" if gpu else "32-true")
+    devices: int | str = int(f.devices) if f.devices.isdigit() else f.devices
+    limit = f.limit_batches if f.limit_batches <= 1 else int(f.limit_batches)
+    trainer = L.Trainer(max_epochs=epochs, accelerator=f.accelerator, devices=devices, num_nodes=f.num_nodes,
+                        strategy=f.strategy, precision=precision, deterministic=f.deterministic, callbacks=callbacks,
+                        logger=CSVLogger(run.path, name="logs", version=phase), enable_model_summary=False,
+                        enable_progress_bar=progress, limit_train_batches=limit, limit_val_batches=limit,
+                        num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=run.path)
+    return trainer, ckpt
+
+
+def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModule, train_dl, val_dl,
+               run: RunDir, phase: str) -> None:
+    """Fits (resuming from the phase's last.ckpt if present) and loads the best weights back into the module."""
+    done = run.checkpoints / phase / "done"
+    last = run.checkpoints / phase / "last.ckpt"
+    if done.exists():
+        best = run.checkpoints / phase / "best.ckpt"
+        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        log.info("[%s] already done; loaded its best weights", phase)
+        return
+    try:
+        trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.exists() else None)
+    except SystemExit:  # Lightning turns Ctrl-C into exit(1) after its graceful shutdown
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    if ckpt.best_model_path:
+        module.load_state_dict(torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
+    if trainer.is_global_zero:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(f"best {ckpt.best_model_score}\n")
+
+
+def _module(net, cfg: TrainConfig, targets: list[int], n_classes: int, lr: float, channels_last: bool):
+    f = cfg.fit
+    weights = class_weights(targets, n_classes) if f.balance == "weights" else None
+    return ClassifierModule(net, lr=lr, weight_decay=f.weight_decay, label_smoothing=f.label_smoothing,
+                            class_weights=weights, plateau_patience=f.plateau_patience,
+                            plateau_factor=f.plateau_factor, channels_last=channels_last)
+
+
+def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig,
+                          run: RunDir, history: list[dict]) -> None:
+    """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone."""
+    pre, f = model.preprocessing, cfg.fit
+    clean = tdata.dataset(splits["train"], classes, pre, cfg, train=False)
+    loaders = {"train": (tdata.loader(clean, cfg, shuffle=False), 1)}
+    if f.feature_views and cfg.augment.enabled:
+        aug = tdata.dataset(splits["train"], classes, pre, cfg, train=True, cache=True)
+        loaders["train_aug"] = (tdata.loader(aug, cfg, shuffle=False), f.feature_views)
+    loaders["val"] = (tdata.loader(tdata.dataset(splits["val"], classes, pre, cfg, train=False), cfg, shuffle=False), 1)
+    feats = cached_features(model.backbone, pre.image_size, loaders, run.path / "cache" / "features.pt")
+    xs = [feats["train"][0]] + ([feats["train_aug"][0]] if "train_aug" in feats else [])
+    ys = [feats["train"][1]] + ([feats["train_aug"][1]] if "train_aug" in feats else [])
+    train_ds = TensorDataset(torch.cat(xs), torch.cat(ys))
+    val_ds = TensorDataset(*feats["val"])
+    gen = torch.Generator().manual_seed(cfg.data.seed)
+    if f.balance == "sampler":
+        from torch.utils.data import WeightedRandomSampler
+
+        w = class_weights(train_ds.tensors[1].tolist(), len(classes))[train_ds.tensors[1]]
+        train_dl = DataLoader(train_ds, batch_size=max(f.batch_size, 256),
+                              sampler=WeightedRandomSampler(w.double(), len(train_ds), generator=gen))
+    else:
+        train_dl = DataLoader(train_ds, batch_size=max(f.batch_size, 256), shuffle=True, generator=gen)
+    val_dl = DataLoader(val_ds, batch_size=1024)
+    module = _module(model.head, cfg, train_ds.tensors[1].tolist(), len(classes), f.lr, channels_last=False)
+    trainer, ckpt = _trainer(cfg, run, "head", f.epochs, history, f.target_monitor == "train", progress=False)
+    log.info("[head] training the classifier head on %d cached feature vectors (%d classes)", len(train_ds), len(classes))
+    _run_phase(trainer, ckpt, module, train_dl, val_dl, run, "head")
+
+
+def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
+                history: list[dict], phase: str, *, train_blocks: int, lr: float, epochs: int) -> None:
+    """A phase on images with augmentation: the head alone, the top blocks (fine-tune), or everything (-1)."""
+    pre, f = model.preprocessing, cfg.fit
+    train_ds = tdata.dataset(splits["train"], classes, pre, cfg, train=True)
+    val_ds = tdata.dataset(splits["val"], classes, pre, cfg, train=False)
+    train_dl = tdata.loader(train_ds, cfg, shuffle=True, balance=f.balance == "sampler")
+    val_dl = tdata.loader(val_ds, cfg, shuffle=False)
+    model.to(memory_format=torch.channels_last)
+    module = _module(model, cfg, train_ds.targets, len(classes), lr, channels_last=True)
+    trainer, ckpt = _trainer(cfg, run, phase, epochs, history, f.target_monitor == "train", progress=True)
+    if train_blocks >= 0:
+        trainer.callbacks.append(FreezeBackbone(train_blocks))
+    before = _val_loss(history)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    what = {0: "the head", -1: "all layers"}.get(train_blocks, f"the head and the top {train_blocks} blocks")
+    log.info("[%s] training %s on %d images (%d px, augmentation %s)", phase, what, len(train_ds), pre.image_size,
+             "on" if cfg.augment.enabled else "off")
+    _run_phase(trainer, ckpt, module, train_dl, val_dl, run, phase)
+    after = ckpt.best_model_score
+    if before is not None and after is not None and float(after) > before:
+        log.info("[%s] did not improve the validation loss (%.4f vs %.4f): keeping the earlier weights",
+                 phase, float(after), before)
+        model.load_state_dict(state)
+
+
+def _val_loss(history: list[dict]) -> float | None:
+    losses = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+    return min(losses) if losses else None
