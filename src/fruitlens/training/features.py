@@ -1,7 +1,9 @@
 """The CPU fast path: run the frozen backbone once per image (and per augmented view) and cache the features.
 
-The head then trains on the cached tensors in seconds per epoch. The backbone pass itself runs through ONNX Runtime
-when it is installed (about 3-4x faster than PyTorch eager on a CPU), else through PyTorch with channels_last.
+Each image is decoded once (in DataLoader workers) into a uint8 tensor at the model's input size; the clean view
+and ``views`` augmented views (batched warps, see ``augment.py``) then go through the backbone. The backbone runs
+through ONNX Runtime when available (several times faster than PyTorch eager on a CPU), else PyTorch channels_last.
+The head then trains on the cached tensors in about a second per epoch.
 """
 from __future__ import annotations
 
@@ -11,16 +13,25 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from fruitlens.config import AugmentConfig
+from fruitlens.models.preprocessing import Preprocessing
+from fruitlens.training.augment import augment_batch, normalise
 
 log = logging.getLogger(__name__)
 
 
-class _Engine:
-    """Runs a frozen backbone on batches: ONNX Runtime where possible, else PyTorch."""
+def uint8_transforms(pre: Preprocessing) -> v2.Compose:
+    """The eval geometry (resize shorter side, centre crop) without normalisation, as uint8 CHW."""
+    return v2.Compose([v2.Resize(pre.resize_size, antialias=True), v2.CenterCrop(pre.image_size), v2.PILToTensor()])
+
+
+class Engine:
+    """Runs a frozen backbone on float batches: ONNX Runtime where possible, else PyTorch."""
 
     def __init__(self, backbone: nn.Module, image_size: int, prefer_onnx: bool = True) -> None:
         self.backbone = backbone.eval()
@@ -37,8 +48,7 @@ class _Engine:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.session is not None:
-            out = self.session.run(None, {"input": x.numpy()})[0]
-            return torch.from_numpy(out)
+            return torch.from_numpy(self.session.run(None, {"input": x.contiguous().numpy()})[0])
         return self.backbone(x.contiguous(memory_format=torch.channels_last)).float()
 
 
@@ -54,38 +64,44 @@ def _onnx_session(backbone: nn.Module, image_size: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def extract(engine: _Engine, loader: DataLoader, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and targets for every batch of ``loader``."""
-    feats, targets = [], []
+def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, views: int = 0,
+            aug: AugmentConfig | None = None, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (features, targets)}`` of the clean view, plus ``{name}_aug`` with ``views`` augmented views."""
+    g = torch.Generator().manual_seed(seed)
+    clean, aug_feats, ys = [], [], []
     t0, n = time.perf_counter(), 0
     for x, y in loader:
-        feats.append(engine(x))
-        targets.append(torch.as_tensor(y))
+        clean.append(engine(normalise(x.float() / 255.0, pre)))
+        for _ in range(views):
+            aug_feats.append(engine(normalise(augment_batch(x, aug, g), pre)))
+        ys.append(torch.as_tensor(y))
         n += len(y)
     dt = time.perf_counter() - t0
-    log.info("features: %s, %d images in %.1fs (%.0f img/s, %s)", what, n, dt, n / max(dt, 1e-9), engine.name)
-    return torch.cat(feats), torch.cat(targets)
+    log.info("features: %s, %d images x %d view(s) in %.1fs (%.0f img/s, %s)", name, n, 1 + views, dt,
+             n * (1 + views) / max(dt, 1e-9), engine.name)
+    y_all = torch.cat(ys)
+    out = {name: (torch.cat(clean), y_all)}
+    if views:
+        # views of one batch were appended batch by batch: targets repeat per view within each batch
+        out[f"{name}_aug"] = (torch.cat(aug_feats), torch.cat([t for t in ys for _ in range(views)]))
+    return out
 
 
-def cached_features(backbone: nn.Module, image_size: int, loaders: dict[str, tuple[DataLoader, int]],
-                    cache_file: Path | None = None, prefer_onnx: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{name: (features, targets)}`` for ``loaders = {name: (loader, repeats)}``; repeats > 1 = augmented views.
+def cached_features(backbone: nn.Module, pre: Preprocessing, loaders: dict[str, DataLoader], *, views: int,
+                    aug: AugmentConfig, seed: int = 0, cache_file: Path | None = None,
+                    prefer_onnx: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Features for ``loaders`` (uint8 batches); the ``train`` loader also gets ``views`` augmented views.
 
     With ``cache_file`` the result is saved, and reused when present (so ``--resume`` skips the pass).
     """
     if cache_file is not None and cache_file.is_file():
         log.info("features: reusing %s", cache_file)
         return torch.load(cache_file, weights_only=True)
-    engine = _Engine(backbone, image_size, prefer_onnx)
-    out = {}
-    for name, (loader, repeats) in loaders.items():
-        parts = [extract(engine, loader, f"{name} view {r + 1}/{repeats}" if repeats > 1 else name) for r in range(repeats)]
-        out[name] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    engine = Engine(backbone, pre.image_size, prefer_onnx)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, loader in loaders.items():
+        out.update(extract(engine, loader, pre, name, views if name == "train" else 0, aug, seed))
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, cache_file)
     return out
-
-
-def feature_dtype_ok(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and bool(np.isfinite(t.numpy()).all())

@@ -170,13 +170,11 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
                           run: RunDir, history: list[dict]) -> None:
     """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone."""
     pre, f = model.preprocessing, cfg.fit
-    clean = tdata.dataset(splits["train"], classes, pre, cfg, train=False)
-    loaders = {"train": (tdata.loader(clean, cfg, shuffle=False), 1)}
-    if f.feature_views and cfg.augment.enabled:
-        aug = tdata.dataset(splits["train"], classes, pre, cfg, train=True, cache=True)
-        loaders["train_aug"] = (tdata.loader(aug, cfg, shuffle=False), f.feature_views)
-    loaders["val"] = (tdata.loader(tdata.dataset(splits["val"], classes, pre, cfg, train=False), cfg, shuffle=False), 1)
-    feats = cached_features(model.backbone, pre.image_size, loaders, run.path / "cache" / "features.pt")
+    views = f.feature_views if cfg.augment.enabled else 0
+    loaders = {split: tdata.loader(tdata.dataset(splits[split], classes, pre, cfg, train=False, uint8=True), cfg,
+                                   shuffle=False) for split in ("train", "val")}
+    feats = cached_features(model.backbone, pre, loaders, views=views, aug=cfg.augment, seed=cfg.data.seed,
+                            cache_file=run.path / "cache" / "features.pt")
     xs = [feats["train"][0]] + ([feats["train_aug"][0]] if "train_aug" in feats else [])
     ys = [feats["train"][1]] + ([feats["train_aug"][1]] if "train_aug" in feats else [])
     train_ds = TensorDataset(torch.cat(xs), torch.cat(ys))

@@ -1,0 +1,1 @@
+"""Web service: FastAPI app factory, routes, a request batcher and the upload page."""
