@@ -1,0 +1,77 @@
+"""``fruitlens evaluate`` and ``fruitlens compare``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fruitlens.cli.output import print_json, table
+
+EVAL_EXAMPLES = """examples:
+  fruitlens evaluate runs/mnv2                        # the run's own test split
+  fruitlens evaluate runs/mnv2 --split val
+  fruitlens evaluate runs/mnv2 other_photos/          # any folder with the model's class names
+  fruitlens evaluate runs/mnv2 supermarket/ --class-map map.json   # {"Apple": ["Apple Braeburn", "Apple Red 1"]}
+"""
+COMPARE_EXAMPLES = """examples:
+  fruitlens compare runs/mnv2 runs/cnn runs/densenet
+  fruitlens compare runs/* --markdown --chart compare.png
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="report on the test split or on another folder",
+                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run")
+    p.add_argument("data", nargs="?", help="another folder (or manifest CSV) to evaluate on")
+    p.add_argument("--split", default="test", help="split of the run (or of DATA's split folders); default test")
+    p.add_argument("--class-map", help="JSON mapping DATA's class names onto the model's")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=run_evaluate)
+
+    p = sub.add_parser("compare", help="one table across runs", epilog=COMPARE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--chart", default="compare.png", help="bar chart PNG to write (default compare.png; '' = none)")
+    p.set_defaults(func=run_compare)
+
+
+def run_evaluate(args) -> int:
+    from fruitlens.evaluation.report import evaluate_run
+
+    rep = evaluate_run(args.run, args.data, split=args.split, class_map=args.class_map, batch_size=args.batch_size)
+    m = rep["metrics"]
+    print(f"evaluated on {rep['evaluated_on']}: {m['n']} images")
+    print(f"accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  "
+          f"log loss {m['log_loss']:.4f}  ECE {m['ece']:.4f}")
+    print()
+    print(m["classification_report"])
+    if m["most_confused"]:
+        print("most confused: " + "; ".join(f"{c['true']} -> {c['predicted']} ({c['count']})" for c in m["most_confused"][:5]))
+    if rep["unmapped_images"]:
+        print(f"counted apart (classes the model does not know): {rep['unmapped_images']}")
+    if rep["bad_images"]:
+        print(f"skipped {len(rep['bad_images'])} undecodable image(s), e.g. {rep['bad_images'][0]['path']}")
+    if rep["leak"].get("applies") and rep["leak"].get("test_images_with_train_duplicate"):
+        print(f"warning: {rep['leak']['test_images_with_train_duplicate']} test images have a near duplicate in train")
+    print(f"report: {Path(rep['run']) / 'report.html'}")
+    return 0
+
+
+def run_compare(args) -> int:
+    from fruitlens.evaluation.compare import compare_runs, markdown
+
+    rows = compare_runs(args.runs, Path(args.chart) if args.chart else None)
+    if args.json:
+        print_json(rows)
+    elif args.markdown:
+        print(markdown(rows))
+    else:
+        table(["run", "model", "params", "MB", "px", "accuracy", "macro F1", "ECE", "train s", "CPU ms/img"],
+              [[r["run"], r["model"], f"{r['parameters']:,}", r["size_mb"], r["image_size"], f"{r['accuracy']:.4f}",
+                f"{r['macro_f1']:.4f}", f"{r['ece']:.4f}", r["train_seconds"] if r["train_seconds"] is not None else "-",
+                r["latency_ms"]] for r in rows])
+    if args.chart:
+        print(f"chart: {args.chart}")
+    return 0

@@ -1,0 +1,61 @@
+import numpy as np
+import torch
+from PIL import Image
+
+from fruitlens.config import AugmentConfig
+from fruitlens.data.dataset import ImageDataset
+from fruitlens.data.images import load_image, to_rgb
+from fruitlens.data.scan import scan
+from fruitlens.data.transforms import eval_transforms, train_transforms
+from fruitlens.models.preprocessing import Preprocessing
+from fruitlens.training.augment import augment_batch
+
+
+def test_alpha_is_composited_on_white():
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert to_rgb(img).getpixel((0, 0)) == (255, 255, 255)
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    assert to_rgb(img).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_16_bit_and_palette_and_cmyk():
+    arr = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000)
+    assert to_rgb(Image.fromarray(arr)).mode == "RGB"
+    assert to_rgb(Image.new("P", (4, 4))).mode == "RGB"
+    assert to_rgb(Image.new("CMYK", (4, 4))).mode == "RGB"
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(tmp_path / "r.jpg").size == (20, 40)
+
+
+def test_transforms_follow_preprocessing_and_switches():
+    pre = Preprocessing(32, 36, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    img = Image.new("RGB", (80, 60), (255, 255, 255))
+    x = eval_transforms(pre)(img)
+    assert x.shape == (3, 32, 32) and torch.allclose(x, torch.full_like(x, 2.0))
+    off = AugmentConfig(enabled=False)
+    assert torch.equal(train_transforms(pre, off)(img), x)
+    assert train_transforms(pre, AugmentConfig())(img).shape == (3, 32, 32)
+
+
+def test_batched_augmentation_differs_per_image_and_fills_white():
+    x = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+    out = augment_batch(x, AugmentConfig(rotation=30, zoom=0.2, shift=0.2, color_jitter=0), torch.Generator().manual_seed(0))
+    assert out.shape == (8, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+    assert out.max() > 0.9  # white came in at the borders
+    assert not torch.equal(out[0], out[1])
+
+
+def test_dataset_skips_a_file_that_broke_after_the_check(fruit_tree, caplog):
+    m = scan(fruit_tree).manifest
+    victim = m.resolve(m.records[0])
+    victim.write_bytes(b"broken")
+    ds = ImageDataset(m, m.classes, eval_transforms(Preprocessing(32, 32)))
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32)
+    assert str(victim) in ds.skipped and "skipping" in caplog.text

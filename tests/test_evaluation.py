@@ -1,0 +1,110 @@
+import json
+import re
+
+import numpy as np
+import pytest
+
+from fruitlens.cli.main import main
+from fruitlens.evaluation import plots
+from fruitlens.evaluation.html import render_html
+from fruitlens.evaluation.metrics import compute_metrics
+from fruitlens.evaluation.report import evaluate_run
+from conftest import make_tree
+
+Y = np.array([0, 0, 1, 1, 2])
+P = np.array([[.78, .11, .11], [.28, .62, .10], [.11, .78, .11], [.2, .7, .1], [.52, .3, .18]])
+
+
+def test_metrics_on_a_case_computed_by_hand():
+    m = compute_metrics(Y, P, ["a", "b", "c"])
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert np.sum(m["confusion_matrix"]) == m["n"] == 5
+    assert m["accuracy"] == pytest.approx(0.6)
+    cm = np.array(m["confusion_matrix"])
+    assert m["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    recalls = [m["per_class"][c]["recall"] for c in "abc"]
+    assert recalls == pytest.approx([0.5, 1.0, 0.0])
+    assert recalls == pytest.approx(list(np.diag(cm) / cm.sum(1)))
+    assert [m["per_class"][c]["precision"] for c in "abc"] == pytest.approx([0.5, 2 / 3, 0.0])
+    assert m["balanced_accuracy"] == pytest.approx(0.5)
+    assert m["ece"] == pytest.approx((0.52 + 0.62 + 0.30 + 2 * 0.22) / 5)
+    assert m["log_loss"] == pytest.approx(-np.mean(np.log([.78, .28, .78, .7, .18])))
+    assert m["top_k_accuracy"] == {}  # 3 classes: top-3 would be trivially 1
+    assert m["most_confused"][0]["count"] == 1
+
+
+def test_class_absent_from_test_split():
+    m = compute_metrics(np.array([0, 1, 0]), np.array([[.9, .05, .05], [.1, .8, .1], [.6, .3, .1]]), ["a", "b", "c"])
+    assert m["classes_absent_from_data"] == ["c"] and m["per_class"]["c"]["support"] == 0
+    assert m["macro_recall"] == pytest.approx(1.0)  # over the classes present
+
+
+@pytest.mark.parametrize("n", [2, 100])
+def test_heatmap_and_html_for_2_and_100_classes(tmp_path, n):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, n, 500)
+    probs = rng.dirichlet(np.ones(n), 500)
+    probs[np.arange(500), y] += 1
+    probs /= probs.sum(1, keepdims=True)
+    classes = [f"class <{i}>" for i in range(n)]
+    m = compute_metrics(y, probs, classes)
+    png = plots.confusion_heatmap(np.array(m["confusion_matrix"]), classes, tmp_path / "cm.png", True, "cm")
+    assert png.stat().st_size > 1000
+    report = {"run": "r", "evaluated_on": "test", "data": "d", "metrics": m, "leak": {"applies": True, "leak_free": True},
+              "dataset": {"counts": {}, "split_notes": [], "split_warnings": [], "check_findings": {}},
+              "model": {"name": "x", "parameters": 1, "checkpoint_mb": 1, "engine": "pytorch",
+                        "preprocessing": {"image_size": 32, "resize_size": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}},
+              "timing": {}, "environment": {"python": "3", "torch": "2"}, "config": {},
+              "gallery": {"worst_mistakes": [], "least_confident_correct": []}}
+    page = render_html(report, {"confusion_normalised": "data:image/png;base64,AAAA"})
+    assert "class &lt;1&gt;" in page and "<1>" not in page  # labels are escaped
+    assert page.count("<tr>") >= n
+
+
+def test_evaluate_run_numbers_agree_and_report_is_self_contained(trained_run):
+    rep = evaluate_run(trained_run)
+    m = rep["metrics"]
+    cm = np.array(m["confusion_matrix"])
+    assert cm.sum() == m["n"] == rep["dataset"]["totals"]["test"]
+    assert m["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    html = (trained_run / "report.html").read_text()
+    assert not re.search(r'src="(?!data:)', html)  # every image embedded
+    assert "Confusion matrix" in html and "Classification report" in html
+    saved = json.loads((trained_run / "report.json").read_text())
+    assert saved["metrics"]["accuracy"] == m["accuracy"]
+    assert (trained_run / "classification_report.txt").read_text().strip().startswith("precision")
+
+
+def test_evaluate_other_folder_with_class_map(trained_run, tmp_path, capsys):
+    data = make_tree(tmp_path / "other", per_class=4, classes=("apple", "plum", "kiwi", "lemon"), size=48)
+    for f in (data / "plum").iterdir():
+        f.rename(data / "apple" / f.name)
+    (data / "plum").rmdir()
+    (data / "apple").rename(data / "red")
+    (data / "lemon").rename(data / "citrus")
+    (data / "melon").mkdir()
+    (data / "kiwi" / "kiwi_000.jpg").rename(data / "melon" / "m.jpg")
+    cmap = tmp_path / "map.json"
+    cmap.write_text(json.dumps({"red": ["apple", "plum"], "kiwi": "kiwi", "citrus": ["lemon"]}))
+    assert main(["evaluate", str(trained_run), str(data), "--class-map", str(cmap)]) == 0
+    rep = json.loads((trained_run / "report.json").read_text())
+    assert rep["classes"] == ["citrus", "kiwi", "red"]
+    assert rep["metrics"]["n"] == 15 and rep["unmapped_images"] == {"melon": 1}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"red": ["cherry"]}))
+    assert main(["evaluate", str(trained_run), str(data), "--class-map", str(bad)]) != 0
+    assert "which the model does not know" in capsys.readouterr().err
+
+
+def test_compare_table_markdown_and_chart(trained_run, tmp_path, capsys):
+    chart = tmp_path / "c.png"
+    assert main(["compare", str(trained_run), str(trained_run), "--markdown", "--chart", str(chart)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| small_cnn |") == 2 and chart.stat().st_size > 1000
+
+
+def test_missing_run_file_names_the_command(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["evaluate", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err
+    assert "lacks checkpoints/best.ckpt" in err and "fruitlens train" in err

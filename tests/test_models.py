@@ -1,0 +1,120 @@
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fruitlens.errors import ModelError, WeightsError
+from fruitlens.models import MODELS, build_model
+from fruitlens.models import weights as W
+from conftest import mobilenet_cached
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_builds_and_runs(name):
+    model = build_model(name, num_classes=5, weights="none", img_size=64)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 5)
+    assert model.backbone(torch.randn(1, 3, 64, 64)).shape == (1, model.feature_dim)
+    assert model.preprocessing.image_size == 64 and len(model.blocks()) >= 4
+
+
+def test_unknown_model_did_you_mean():
+    with pytest.raises(ModelError, match="unknown model 'mobilnet_v2'. Did you mean 'mobilenet_v2'\\? Available: "):
+        build_model("mobilnet_v2", 5)
+
+
+def test_image_size_too_small_and_one_class():
+    with pytest.raises(ModelError, match="too small for mobilenet_v2"):
+        build_model("mobilenet_v2", 5, weights="none", img_size=16)
+    with pytest.raises(ModelError, match="at least 2 classes"):
+        build_model("small_cnn", 1, weights="none")
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    before = torch.hub.get_dir()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.hub.set_dir(str(tmp_path / "torch" / "hub"))
+    yield tmp_path / "torch"
+    torch.hub.set_dir(before)
+
+
+def test_import_rejects_unknown_file(tmp_path, torch_home):
+    f = tmp_path / "x.pth"
+    f.write_bytes(b"not weights")
+    with pytest.raises(WeightsError, match="matches none of the known weights files"):
+        W.import_weights(f)
+
+
+def test_import_real_mobilenet_file_into_empty_cache(tmp_path, torch_home, monkeypatch):
+    from conftest import need
+
+    real = Path.home() / ".cache" / "torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    need(real.is_file(), "MobileNetV2 weights not imported (run 'make weights')")
+    renamed = tmp_path / "downloaded.bin"
+    renamed.write_bytes(real.read_bytes())
+    dest = W.import_weights(renamed)
+    assert dest == W.cache_dir() / "mobilenet_v2-b0353104.pth" and dest.parent.parent.parent == torch_home
+    model = build_model("mobilenet_v2", 3, weights="imagenet", img_size=64)
+    assert model.preprocessing.mean == (0.485, 0.456, 0.406)
+
+
+class _Server:
+    def __init__(self, root: Path):
+        handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def _fake_weights(url: str):
+    from enum import Enum
+
+    from torchvision.models._api import Weights, WeightsEnum
+
+    class FakeWeights(WeightsEnum):
+        V1 = Weights(url=url, transforms=None, meta={})
+
+    return FakeWeights.V1
+
+
+def test_download_through_torchvision_loader_from_local_server(tmp_path, torch_home):
+    served = tmp_path / "served"
+    served.mkdir()
+    sd = {"w": torch.arange(4.0)}
+    torch.save(sd, served / "tmp.pth")
+    digest = hashlib.sha256((served / "tmp.pth").read_bytes()).hexdigest()
+    name = f"fake-{digest[:8]}.pth"
+    (served / "tmp.pth").rename(served / name)
+    server = _Server(served)
+    try:
+        got = W.load_state_dict(_fake_weights(f"{server.url}/{name}"))
+        assert torch.equal(got["w"], sd["w"]) and (W.cache_dir() / name).is_file()
+        with pytest.raises(WeightsError) as err:
+            W.load_state_dict(_fake_weights(f"{server.url}/missing-0123abcd.pth"))
+        assert "missing-0123abcd.pth is not in the cache" in err.value.message
+        assert "fruitlens weights import missing-0123abcd.pth" in err.value.hint
+    finally:
+        server.close()
+
+
+def test_load_state_dict_file_for_weights_path(tmp_path):
+    src = build_model("small_cnn", 3, weights="none")
+    sd_path = tmp_path / "sd.pth"
+    torch.save(src.backbone.state_dict(), sd_path)
+    model = build_model("small_cnn", 3, weights=str(sd_path))
+    assert torch.equal(model.backbone.features[0][0].weight, src.backbone.features[0][0].weight)
+    with pytest.raises(WeightsError, match="no such file"):
+        build_model("small_cnn", 3, weights=str(tmp_path / "nope.pth"))
+
+
+def test_mobilenet_real_weights_are_cached_for_tests():
+    from conftest import need
+
+    need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not in torchvision's cache (run 'make weights')")

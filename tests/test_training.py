@@ -1,0 +1,98 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fruitlens.cli.main import main
+from fruitlens.config import TrainConfig, apply_overrides
+from fruitlens.rundir import RunDir, load_model
+from fruitlens.training.fit import train
+from conftest import make_tree, mobilenet_cached, need, ROOT
+
+
+def _cfg(data, **kw):
+    base = {"data.path": str(data), "data.num_workers": 0, "fit.batch_size": 16, "data.group": "none"}
+    return apply_overrides(TrainConfig(), {**base, **kw}).validated()
+
+
+def test_run_folder_is_complete(trained_run):
+    run = RunDir(trained_run)
+    for name in ("config.yaml", "manifest.csv", "labels.json", "checkpoints/best.ckpt", "history.csv", "report.json",
+                 "report.html", "plots/confusion_matrix.png"):
+        assert (run.path / name).exists(), name
+    assert json.loads(run.labels.read_text()) == ["apple", "kiwi", "lemon", "plum"]
+    rows = list(csv.DictReader(run.history.open()))
+    assert len(rows) == 3 and rows[0]["phase"] == "full"
+    model, classes, ckpt = load_model(run.best_ckpt)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4) and ckpt["model_name"] == "small_cnn"
+    report = run.read_json("report.json")
+    assert report["metrics"]["accuracy"] > 0.5  # four colours are easy
+
+
+def test_mobilenet_feature_cache_then_fine_tune(tmp_path):
+    need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
+    data = make_tree(tmp_path / "d", per_class=12, size=64)
+    cfg = _cfg(data, **{"model.img_size": 64, "fit.epochs": 4, "fit.feature_views": 1, "fit.target_acc": 0,
+                        "fit.fine_tune_blocks": 1, "fit.fine_tune_epochs": 1})
+    run = train(cfg, tmp_path / "run")
+    rows = list(csv.DictReader(run.history.open()))
+    assert {r["phase"] for r in rows} == {"head", "fine-tune"}
+    assert (run.path / "cache" / "features.pt").is_file()
+    feats = torch.load(run.path / "cache" / "features.pt")
+    n_train = sum(1 for r in csv.DictReader(run.manifest.open()) if r["split"] == "train")
+    assert feats["train"][0].shape == (n_train, 1280) and feats["train_aug"][0].shape == (n_train, 1280)
+    assert run.read_json("report.json")["metrics"]["accuracy"] >= 0.8
+
+
+def test_target_accuracy_stops_training(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=10, size=40)
+    run = train(_cfg(data, **{"model.name": "small_cnn", "model.img_size": 32, "fit.epochs": 20,
+                              "fit.target_acc": 0.01}), tmp_path / "run")
+    assert len(list(csv.DictReader(run.history.open()))) == 1
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=8, size=40)
+    cfg = _cfg(data, **{"model.name": "small_cnn", "model.img_size": 32, "fit.epochs": 2, "fit.target_acc": 0})
+    run = train(cfg, tmp_path / "run")
+    # as if interrupted after the checkpoint of epoch 2: the phase is not marked done, no final files yet
+    (run.checkpoints / "full" / "done").unlink()
+    run.best_ckpt.unlink()
+    run.report_json.unlink()
+    assert main(["train", "--resume", str(run.path)]) == 0
+    assert run.best_ckpt.exists() and run.report_json.exists()
+    with pytest.raises(Exception, match="already holds a trained run"):
+        train(cfg, run.path)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, capsys):
+    one = make_tree(tmp_path / "one", per_class=6, classes=("apple",))
+    assert main(["train", str(one), "--out", str(tmp_path / "r1")]) != 0
+    assert "only the class 'apple'" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", str(tmp_path / "empty"), "--out", str(tmp_path / "r2")]) != 0
+    assert "no images found" in capsys.readouterr().err
+    two = make_tree(tmp_path / "two", per_class=6, classes=("apple", "kiwi"))
+    assert main(["train", str(two), "--model", "mobilnet_v2", "--out", str(tmp_path / "r3")]) != 0
+    err = capsys.readouterr().err
+    assert "Did you mean 'mobilenet_v2'" in err and "Traceback" not in err
+    assert main(["train", str(two), "--img-size", "16", "--weights", "none", "--out", str(tmp_path / "r4")]) != 0
+    assert "too small for mobilenet_v2" in capsys.readouterr().err
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    data = make_tree(tmp_path / "d", per_class=8, size=40)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fruitlens", "train", str(data), "--out", str(out), "--model", "small_cnn",
+           "--img-size", "32", "--epochs", "2", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
+           "--workers", "0", "--target-acc", "0", "--group", "none"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "report.json").is_file()
+    assert "world_size" in proc.stderr or "distributed" in proc.stderr.lower() or (out / "report.json").is_file()
