@@ -25,6 +25,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def shrink(img: Image.Image, min_side: int) -> Image.Image:
+    """Scales ``img`` down so that its shorter side is ``min_side`` (no-op for small images or ``min_side`` 0)."""
+    if min_side and min(img.size) > min_side:
+        scale = min_side / min(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return img
+
+
 def load_image(path: str | Path, min_side: int = 0) -> Image.Image:
     """Opens, fully decodes, turns upright and converts to RGB; raises DataError naming the file.
 
@@ -37,11 +46,7 @@ def load_image(path: str | Path, min_side: int = 0) -> Image.Image:
                 img.draft("RGB", (min_side, min_side))
             img.load()
             img = to_rgb(ImageOps.exif_transpose(img))
-        if min_side and min(img.size) > min_side:
-            scale = min_side / min(img.size)
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                             Image.Resampling.BILINEAR, reducing_gap=2.0)
-        return img
+        return shrink(img, min_side)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

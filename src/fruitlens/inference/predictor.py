@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fruitlens.data.images import load_image, to_rgb
+from fruitlens.data.images import load_image, shrink, to_rgb
 from fruitlens.data.transforms import eval_transforms
 from fruitlens.errors import DataError, RunDirError
 from fruitlens.models.preprocessing import Preprocessing
@@ -96,9 +96,10 @@ class Predictor:
 
     def tensor(self, image) -> np.ndarray:
         """One image (path, PIL image or HxWx3 uint8 array) -> preprocessed CHW float32 array."""
+        min_side = int(self.preprocessing.resize_size * 1.25)  # as the training loader does
         if isinstance(image, (str, Path)):
-            img = load_image(image, min_side=int(self.preprocessing.resize_size * 1.25))
-        elif isinstance(image, Image.Image):
+            return self._transform(load_image(image, min_side)).numpy()
+        if isinstance(image, Image.Image):
             img = to_rgb(image)
         elif isinstance(image, np.ndarray):
             if image.ndim == 2:
@@ -108,7 +109,7 @@ class Predictor:
             img = to_rgb(Image.fromarray(image.astype(np.uint8)))
         else:
             raise DataError(f"expected a path, PIL image or array but received {type(image).__name__}")
-        return self._transform(img).numpy()
+        return self._transform(shrink(img, min_side)).numpy()
 
     def logits(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
         """Raw scores, (n, classes); all images must decode (see ``predict_many`` for per-image errors)."""

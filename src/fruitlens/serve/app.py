@@ -104,7 +104,7 @@ def create_app(model: str | Path | None = None, *, predictor: Predictor | None =
                     if img.width * img.height > MAX_PIXELS:
                         raise HTTPException(413, f"{name}: {img.width}x{img.height} pixels exceeds the limit of "
                                                  f"{MAX_PIXELS:,} pixels")
-                    img.draft("RGB", (pred.preprocessing.resize_size * 2,) * 2)
+                    img.draft("RGB", (int(pred.preprocessing.resize_size * 1.25),) * 2)  # as load_image
                     img.load()
                     from PIL import ImageOps
 

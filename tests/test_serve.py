@@ -1,0 +1,167 @@
+import base64
+import io
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from fruitlens.inference.predictor import Predictor
+from fruitlens.serve.app import create_app
+from conftest import ROOT, fruit_image, jpeg_bytes, need
+
+
+@pytest.fixture(scope="module")
+def client(trained_run):
+    app = create_app(trained_run, max_upload_mb=1)
+    with TestClient(app) as c:
+        yield c
+
+
+def test_health_labels_page_and_docs(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["model_loaded"] and h["classes"] == 4
+    assert client.get("/labels").json() == {"labels": ["apple", "kiwi", "lemon", "plum"]}
+    page = client.get("/")
+    assert page.status_code == 200 and 'type="file"' in page.text and "textContent" in page.text
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_predict_multipart_matches_predictor(client, trained_run):
+    img = fruit_image("lemon", 5, 48)
+    data = jpeg_bytes(img, quality=95)
+    r = client.post("/predict?top_k=2", files={"file": ("l.jpg", data, "image/jpeg")})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["filename"] == "l.jpg" and len(body["top_k"]) == 2
+    expected = Predictor.from_run(trained_run).predict([Image.open(io.BytesIO(data))])[0]
+    assert body["label"] == expected.label and abs(body["score"] - expected.score) < 1e-3
+
+
+def test_predict_several_files_and_base64_json(client):
+    a, b = jpeg_bytes(fruit_image("apple", 1, 48)), jpeg_bytes(fruit_image("kiwi", 2, 48))
+    r = client.post("/predict", files=[("files", ("a.jpg", a, "image/jpeg")), ("files", ("b.jpg", b, "image/jpeg"))])
+    assert [p["filename"] for p in r.json()["predictions"]] == ["a.jpg", "b.jpg"]
+    r = client.post("/predict", json={"image": base64.b64encode(a).decode()})
+    assert r.status_code == 200 and "label" in r.json()
+    r = client.post("/predict", json={"images": [base64.b64encode(a).decode(), "data:image/jpeg;base64," +
+                                                 base64.b64encode(b).decode()]})
+    assert len(r.json()["predictions"]) == 2
+
+
+def test_errors_and_limits(client):
+    r = client.post("/predict", files={"file": ("x.txt", b"hello", "text/plain")})
+    assert r.status_code == 415 and "not an image" in r.json()["detail"]
+    good = jpeg_bytes(fruit_image("apple", 1, 64))
+    r = client.post("/predict", files={"file": ("t.jpg", good[: len(good) // 2], "image/jpeg")})
+    assert r.status_code == 422 and "cannot decode" in r.json()["detail"]
+    big = b"\xff" * (2 * 2**20)
+    r = client.post("/predict", files={"file": ("big.jpg", big, "image/jpeg")})
+    assert r.status_code == 413
+    r = client.post("/predict", json={"image": "!!!not base64"})
+    assert r.status_code == 422
+    r = client.post("/predict", content=b"raw", headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 415
+    r = client.post("/predict", files={"other": ("", b"", "text/plain")}, data={"x": "1"})
+    assert r.status_code == 422
+
+
+def test_decompression_bomb_is_refused(client):
+    buf = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buf, "PNG")  # 81 Mpx in a few kB
+    r = client.post("/predict", files={"file": ("bomb.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 413 and "pixels" in r.json()["detail"]
+
+
+def test_concurrent_requests_are_batched(trained_run):
+    import concurrent.futures
+
+    app = create_app(trained_run)
+    data = jpeg_bytes(fruit_image("plum", 3, 48))
+    with TestClient(app) as c:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: c.post("/predict", files={"file": ("p.jpg", data, "image/jpeg")}).status_code,
+                                  range(32)))
+        assert codes == [200] * 32
+        batcher = app.state.batcher
+        assert batcher.items == 32 and batcher.batches <= 32
+
+
+def test_dependency_override_in_tests(trained_run):
+    app = create_app(trained_run)
+    with TestClient(app) as c:
+        fake = Predictor(lambda x: __import__("numpy").zeros((len(x), 2), "float32"), ["x<script>", "y"],
+                         app.state.predictor.preprocessing, "fake")
+        app.state.predictor = fake
+        assert c.get("/labels").json() == {"labels": ["x<script>", "y"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(trained_run):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fruitlens", "serve", str(trained_run), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={"PYTHONPATH": str(ROOT / "src"),
+                                                                                  "PATH": "/usr/bin:/bin"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read().decode())
+            time.sleep(0.25)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.browser
+def test_upload_page_in_headless_chromium(live_server, tmp_path):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    need(bool(chromium and driver), "Debian chromium and chromium-driver are not installed (apt-get install chromium "
+                                    "chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=900,800"):
+        opts.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(driver), options=opts)
+    try:
+        browser.get(live_server + "/")
+        WebDriverWait(browser, 20).until(EC.text_to_be_present_in_element((By.ID, "model"), "4 classes"))
+        img = tmp_path / "lemon.jpg"
+        fruit_image("lemon", 11, 48).save(img)
+        browser.find_element(By.ID, "file").send_keys(str(img))
+        WebDriverWait(browser, 30).until(EC.presence_of_element_located((By.CSS_SELECTOR, "#bars .row.top")))
+        rows = browser.find_elements(By.CSS_SELECTOR, "#bars .row")
+        labels = [r.get_attribute("data-label") for r in rows]
+        assert len(rows) == 3 and set(labels) <= {"apple", "kiwi", "lemon", "plum"}
+        assert "lemon.jpg:" in browser.find_element(By.ID, "status").text
+        assert browser.find_element(By.ID, "preview").is_displayed()
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        # an upload that is not an image shows the server's message, not a crash
+        bad = tmp_path / "notes.txt"
+        bad.write_text("not an image")
+        browser.find_element(By.ID, "file").send_keys(str(bad))
+        WebDriverWait(browser, 20).until(EC.text_to_be_present_in_element((By.ID, "error"), "not an image"))
+    finally:
+        browser.quit()
