@@ -66,7 +66,7 @@ class FitConfig:
     label_smoothing: float = 0.0
     balance: str = "none"  # none | weights | sampler
     feature_cache: bool = True
-    feature_views: int = 2
+    feature_views: int = 1
     fine_tune_blocks: int = 0
     fine_tune_epochs: int = 2
     fine_tune_lr: float = 1e-4

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: bool) -> None:
     import warnings
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    fmt = "%(relativeCreated)7.0fms %(message)s" if os.environ.get("FRUITLENS_LOG_TIME") else "%(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
                   "lightning.fabric.utilities.rank_zero", "PIL", "matplotlib", "urllib3", "httpx"):
         logger = logging.getLogger(noisy)

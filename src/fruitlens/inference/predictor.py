@@ -83,6 +83,7 @@ class Predictor:
                               f"export it with: fruitlens export {path.parent.parent} --format onnx")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave the cores to the decoders
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         meta = session.get_modelmeta().custom_metadata_map
         try:

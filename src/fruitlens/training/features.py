@@ -61,6 +61,7 @@ def _onnx_session(backbone: nn.Module, image_size: int):
     export_onnx_module(backbone, path, image_size)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, os.cpu_count() or 1)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave the cores to the decoders
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

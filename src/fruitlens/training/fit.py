@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from fruitlens.config import TrainConfig
-from fruitlens.data.dataset import class_weights
+from fruitlens.data.dataset import class_weights, make_loader
 from fruitlens.data.manifest import Manifest
 from fruitlens.errors import FruitlensError, RunDirError
 from fruitlens.models.registry import FruitNet, build_model
@@ -87,10 +87,24 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False) -> RunDir:
     if not _is_rank_zero():
         return run
     _finish(run, model, classes, cfg, history, time.perf_counter() - fit_t0)
+    _export_for_serving(run)
     from fruitlens.evaluation.report import evaluate_run
 
     evaluate_run(run, train_seconds=time.perf_counter() - t0)
     return run
+
+
+def _export_for_serving(run: RunDir) -> None:
+    """Every run ships an ONNX model (parity-checked against PyTorch); evaluation then runs on ONNX Runtime."""
+    from fruitlens.errors import ExportError
+    from fruitlens.inference.export import export_run
+
+    try:
+        figures = export_run(run.path, bench=False)
+        log.info("exported %s (top-1 agreement with PyTorch %.2f%%)", figures["onnx"],
+                 100 * figures["parity"]["fp32"]["top1_agreement"])
+    except ExportError as exc:
+        log.warning("no ONNX export (%s); evaluation runs on PyTorch", exc.message)
 
 
 def _is_rank_zero() -> bool:
@@ -171,8 +185,10 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone."""
     pre, f = model.preprocessing, cfg.fit
     views = f.feature_views if cfg.augment.enabled else 0
-    loaders = {split: tdata.loader(tdata.dataset(splits[split], classes, pre, cfg, train=False, uint8=True), cfg,
-                                   shuffle=False) for split in ("train", "val")}
+    # one decoding process keeps up with the backbone here; more would only compete with it for the cores
+    loaders = {split: make_loader(tdata.dataset(splits[split], classes, pre, cfg, train=False, uint8=True),
+                                  batch_size=32, shuffle=False, workers=min(1, tdata.workers(cfg)))
+               for split in ("train", "val")}
     feats = cached_features(model.backbone, pre, loaders, views=views, aug=cfg.augment, seed=cfg.data.seed,
                             cache_file=run.path / "cache" / "features.pt")
     xs = [feats["train"][0]] + ([feats["train_aug"][0]] if "train_aug" in feats else [])
