@@ -21,9 +21,10 @@ def _tree_rss_kb(pid: int) -> int:
     while stack:
         p = stack.pop()
         try:
-            with open(f"/proc/{p}/status") as fh:
+            # PSS shares pages between forked workers fairly; a plain RSS sum would count torch once per worker
+            with open(f"/proc/{p}/smaps_rollup") as fh:
                 for line in fh:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("Pss:"):
                         total += int(line.split()[1])
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as fh:
@@ -34,7 +35,7 @@ def _tree_rss_kb(pid: int) -> int:
 
 
 def run(cmd: list[str], log: Path | None = None, timeout: float = 3600) -> dict:
-    """Runs ``cmd``; returns wall seconds, peak RSS of the process tree (MiB, sampled every 0.1 s) and output."""
+    """Runs ``cmd``; returns wall seconds, peak PSS of the process tree (MiB, sampled every 0.1 s) and output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

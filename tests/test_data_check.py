@@ -7,7 +7,7 @@ from fruitlens.cli.main import main
 from fruitlens.data.check import check
 from fruitlens.data.hashing import near_duplicate_pairs, popcount64
 from fruitlens.data.scan import scan
-from conftest import fruit_image, jpeg_bytes, make_tree, tree_state
+from conftest import fruit_image, make_tree, tree_state
 
 
 def _bad_tree(tmp_path):

@@ -1,6 +1,5 @@
 import hashlib
 import http.server
-import shutil
 import threading
 import zipfile
 from dataclasses import replace

@@ -3,7 +3,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-from PIL import Image
 
 from fruitlens.cli.main import main
 from fruitlens.errors import DataError

@@ -74,8 +74,6 @@ class _Server:
 
 
 def _fake_weights(url: str):
-    from enum import Enum
-
     from torchvision.models._api import Weights, WeightsEnum
 
     class FakeWeights(WeightsEnum):

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +95,28 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "report.json").is_file()
     assert "world_size" in proc.stderr or "distributed" in proc.stderr.lower() or (out / "report.json").is_file()
+
+
+def test_ctrl_c_leaves_a_usable_run_that_resumes(tmp_path):
+    import signal
+
+    data = make_tree(tmp_path / "d", per_class=10, size=40)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fruitlens", "train", str(data), "--out", str(out), "--model", "small_cnn",
+           "--img-size", "32", "--epochs", "500", "--workers", "0", "--target-acc", "0", "--group", "none",
+           "fit.early_stopping_patience=500"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "[full] epoch 2:" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)[::-1]
+    assert proc.returncode == 130, "".join(seen[-20:]) + rest[-2000:]
+    assert "continue with 'fruitlens train --resume" in rest
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "history.csv").is_file()
+    from fruitlens.inference.predictor import Predictor
+
+    assert Predictor.from_run(out).classes == ["apple", "kiwi", "lemon"]

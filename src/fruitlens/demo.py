@@ -8,8 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fruitlens.config import TrainConfig, apply_overrides
-from fruitlens.data.download import FRUITS360, DatasetSource, Progress, fetch_dataset
-from fruitlens.data.manifest import Manifest
+from fruitlens.data.download import FRUITS360, Progress, fetch_dataset
 from fruitlens.data.scan import scan
 from fruitlens.errors import ConfigError, DataError, did_you_mean
 from fruitlens.rundir import RunDir
@@ -97,6 +96,3 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, data_url
     log.info("step 5/5: done")
     return DemoResult(run, root, chosen, report, exported, time.perf_counter() - t0)
 
-
-def check_subset(manifest: Manifest, classes: list[str]) -> Manifest:
-    return manifest.with_records(r for r in manifest if r.label in set(classes))

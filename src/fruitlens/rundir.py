@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,17 @@ class RunDir:
             return []
         with self.history.open(newline="") as fh:
             return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf -> None, tuples -> lists, so that JSON stays standard."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _num(v: str):

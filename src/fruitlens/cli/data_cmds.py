@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from collections import Counter, defaultdict
 
-from fruitlens.cli.output import clean_nan, print_json, table
+from fruitlens.cli.output import print_json, table
+from fruitlens.rundir import json_safe
 from fruitlens.data.check import CheckReport, check
 from fruitlens.data.scan import scan
 from fruitlens.data.split import split
@@ -81,7 +82,7 @@ def run_check(args) -> int:
     report = check(scan(args.data), min_size=args.min_size, near_dup_distance=args.near_dup_distance,
                    workers=args.workers)
     if args.json:
-        print_json(clean_nan(report.to_dict()))
+        print_json(json_safe(report.to_dict()))
     else:
         print_check(report, args.show)
     return 1 if report.errors else 0
@@ -93,7 +94,7 @@ def run_split(args) -> int:
     result = split(report, val=args.val, test=args.test, seed=args.seed, group=group, group_pattern=args.group_pattern)
     result.manifest.to_csv(args.out)
     if args.json:
-        print_json(clean_nan(result.to_dict()))
+        print_json(json_safe(result.to_dict()))
         return 0
     for note in result.notes:
         print(note)

@@ -76,7 +76,13 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status instead of exiting (tests call it in-process)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # key=value overrides may come after the options: "train DATA --out r fit.epochs=3"
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.command:
         parser.print_help()
         return ExitStatus.USAGE

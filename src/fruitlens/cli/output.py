@@ -44,14 +44,3 @@ def _default(o: Any) -> Any:
     if isinstance(o, (set, tuple)):
         return list(o)
     return str(o)
-
-
-def clean_nan(obj: Any) -> Any:
-    """NaN/inf -> None so that JSON stays standard."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: clean_nan(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean_nan(v) for v in obj]
-    return obj

@@ -13,10 +13,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from fruitlens.data.check import CheckReport, duplicate_groups, find_leaks
-from fruitlens.data.manifest import SPLITS, Manifest, Record
+from fruitlens.data.manifest import SPLITS, Manifest
 from fruitlens.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

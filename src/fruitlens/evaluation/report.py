@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import logging
-import math
 import platform
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from fruitlens.evaluation import plots
 from fruitlens.evaluation.html import render_html
 from fruitlens.evaluation.metrics import compute_metrics
 from fruitlens.inference.predictor import Predictor, softmax
-from fruitlens.rundir import RunDir
+from fruitlens.rundir import RunDir, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -224,20 +223,10 @@ def _write(run: RunDir, report: dict, metrics: dict, classes: list[str]) -> None
     (run.path / "classification_report.txt").write_text(metrics["classification_report"])
     slim = {**report, "gallery": {k: [{kk: vv for kk, vv in g.items() if kk != "thumbnail"} for g in v]
                                   for k, v in report["gallery"].items()}}
-    run.report_json.write_text(json.dumps(_clean(slim), indent=2, default=str))
+    run.report_json.write_text(json.dumps(json_safe(slim), indent=2, default=str))
     images = {k: _b64(run.path / v) for k, v in report["plots"].items()}
-    run.report_html.write_text(render_html(_clean(report), images))
+    run.report_html.write_text(render_html(json_safe(report), images))
 
 
 def _b64(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def _clean(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj

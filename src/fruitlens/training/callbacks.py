@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import time
 
-import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from torch import nn
 

@@ -157,16 +157,22 @@ def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModu
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
         log.info("[%s] already done; loaded its best weights", phase)
         return
+    def load_best() -> None:
+        if ckpt.best_model_path and Path(ckpt.best_model_path).is_file():
+            state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+            module.load_state_dict(state)
+
     try:
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.exists() else None)
     except SystemExit:  # Lightning turns Ctrl-C into exit(1) after its graceful shutdown
         if trainer.interrupted:
+            load_best()  # so that the run folder keeps the best model so far
             raise KeyboardInterrupt from None
         raise
     if trainer.interrupted:
+        load_best()
         raise KeyboardInterrupt
-    if ckpt.best_model_path:
-        module.load_state_dict(torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
+    load_best()
     if trainer.is_global_zero:
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(f"best {ckpt.best_model_score}\n")

@@ -1,0 +1,65 @@
+"""check/split: speed and memory on Fruits-360, leak share of its own split vs fruitlens's grouped split,
+and check's scaling from 10k to 100k synthetic images."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from _measure import FRUITLENS, OUT, SHARED, machine, run, save
+
+
+def synthetic_tree(root: Path, n: int) -> Path:
+    """``n`` small distinct JPEGs in 20 classes (random blobs), written once and reused."""
+    done = root / f".done-{n}"
+    if done.exists():
+        return root
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / f"class{i % 20:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(arr).resize((48, 48), Image.Resampling.BILINEAR).save(folder / f"{i:06d}.jpg", quality=80)
+    done.write_text("ok")
+    return root
+
+
+def main() -> None:
+    fruits = SHARED / "fruits360"
+    res: dict = {"machine": machine()}
+    r = run(FRUITLENS + ["check", str(fruits), "--json"], OUT / "check_fruits360.log")
+    summary = json.loads(r["output"][r["output"].index("{"):])["summary"]
+    res["check_fruits360"] = {k: r[k] for k in ("cmd", "seconds", "peak_mib", "rc")} | {"images": summary["images"]}
+    res["own_split_leak"] = summary["leaks"].get("test<-train", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        pooled = Path(tmp) / "pooled.csv"
+        with pooled.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "label"])
+            for split in ("Training", "Test"):
+                for f in sorted((fruits / split).rglob("*.jpg")):
+                    w.writerow([str(f), f.parent.name])
+        out_csv = Path(tmp) / "manifest.csv"
+        r = run(FRUITLENS + ["split", str(pooled), "--val", "0.15", "--test", "0.15", "--seed", "0", "--out",
+                             str(out_csv), "--json"], OUT / "split_fruits360.log")
+        split = json.loads(r["output"][r["output"].index("{"):])
+        res["grouped_split"] = {"cmd": r["cmd"].replace(str(pooled), "pooled.csv").replace(str(out_csv), "manifest.csv"),
+                                "seconds": r["seconds"], "totals": split["totals"], "leaks": split["leaks"],
+                                "classes_without_test": sum(1 for v in split["per_class"].values() if not v["test"])}
+    synth = Path(tempfile.gettempdir()) / "fruitlens-bench-synthetic"
+    for n in (10_000, 100_000):
+        root = synthetic_tree(synth / str(n), n)
+        r = run(FRUITLENS + ["check", str(root), "--json"], OUT / f"check_synthetic_{n}.log")
+        res[f"check_synthetic_{n}"] = {"cmd": r["cmd"].replace(str(root), f"<{n} synthetic 48px JPEGs>"),
+                                       "seconds": r["seconds"], "peak_mib": r["peak_mib"], "rc": r["rc"]}
+    save("data", res)
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Evaluate, export (parity, speed), the predict path on decoded images, and the web service under load."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from _measure import FRUITLENS, OUT, ROOT, SHARED, machine, run, save
+
+RUN = Path(tempfile.gettempdir()) / "fruitlens-bench-runs" / "f360_default"
+
+
+def _rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def predict_path(run_dir: Path) -> dict:
+    """Images/s at batch 32 on already decoded PIL images: PyTorch eager vs ONNX Runtime fp32/int8."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from PIL import Image
+
+    from fruitlens.inference.predictor import Predictor
+
+    files = sorted((SHARED / "fruits360" / "Test").rglob("*.jpg"))[:512]
+    images = [Image.open(f).convert("RGB") for f in files]
+    out = {}
+    for name, pred in (("pytorch eager", Predictor.from_run(run_dir)),
+                       ("onnxruntime fp32", Predictor.from_onnx(run_dir / "export" / "model.onnx")),
+                       ("onnxruntime int8", Predictor.from_onnx(run_dir / "export" / "model.int8.onnx"))):
+        pred.predict(images[:32])
+        t = time.perf_counter()
+        labels = [p.label for p in pred.predict(images, batch_size=32)]
+        dt = time.perf_counter() - t
+        out[name] = {"img_per_s": round(len(images) / dt, 1), "labels": labels}
+    ref = out["pytorch eager"].pop("labels")
+    for k in ("onnxruntime fp32", "onnxruntime int8"):
+        got = out[k].pop("labels")
+        out[k]["top1_agreement_with_pytorch"] = sum(a == b for a, b in zip(ref, got)) / len(ref)
+    out["speedup_fp32_vs_pytorch"] = round(out["onnxruntime fp32"]["img_per_s"] / out["pytorch eager"]["img_per_s"], 2)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _multipart(data: bytes) -> tuple[bytes, str]:
+    b = uuid.uuid4().hex
+    body = (f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{b}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={b}"
+
+
+def serve_load(run_dir: Path, seconds: float = 30, clients: int = 8) -> dict:
+    """``clients`` threads post one Fruits-360 JPEG each in a loop for ``seconds`` (loopback only)."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    server = subprocess.Popen(FRUITLENS + ["serve", str(run_dir), "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        files = sorted((SHARED / "fruits360" / "Test").rglob("*.jpg"))[:64]
+        payloads = [_multipart(f.read_bytes()) for f in files]
+        # warm up, then memory before
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for body, ctype in payloads[:16]:
+            c.request("POST", "/predict", body, {"Content-Type": ctype})
+            c.getresponse().read()
+        rss_before = _rss_mib(server.pid)
+        lat: list[float] = []
+        errors = [0]
+        stop = time.perf_counter() + seconds
+        lock = threading.Lock()
+
+        def client(i: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            k = i
+            while time.perf_counter() < stop:
+                body, ctype = payloads[k % len(payloads)]
+                k += clients
+                t = time.perf_counter()
+                try:
+                    conn.request("POST", "/predict", body, {"Content-Type": ctype})
+                    resp = conn.getresponse()
+                    resp.read()
+                    ok = resp.status == 200
+                except OSError:
+                    ok = False
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                with lock:
+                    lat.append(time.perf_counter() - t)
+                    errors[0] += not ok
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        rss_after = _rss_mib(server.pid)
+        q = statistics.quantiles(lat, n=100)
+        return {"clients": clients, "seconds": round(wall, 1), "requests": len(lat), "errors": errors[0],
+                "req_per_s": round(len(lat) / wall, 1), "p50_ms": round(1000 * q[49], 1),
+                "p95_ms": round(1000 * q[94], 1), "p99_ms": round(1000 * q[98], 1),
+                "rss_before_mib": round(rss_before), "rss_after_mib": round(rss_after)}
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def main() -> None:
+    if not (RUN / "report.json").exists():
+        sys.exit(f"{RUN} is missing: run benchmarks/bench_train.py fruits360 first")
+    res: dict = {"machine": machine(), "run": "runs/f360_default (fruitlens default recipe on Fruits-360, 96 px)"}
+    r = run(FRUITLENS + ["evaluate", str(RUN)], OUT / "evaluate.log")
+    res["evaluate"] = {"cmd": r["cmd"].replace(str(RUN), "runs/f360_default"), "seconds": r["seconds"],
+                       "peak_mib": r["peak_mib"], "rc": r["rc"]}
+    r = run(FRUITLENS + ["export", str(RUN), "--format", "onnx", "--int8"], OUT / "export.log")
+    res["export"] = {"cmd": r["cmd"].replace(str(RUN), "runs/f360_default"), "seconds": r["seconds"], "rc": r["rc"],
+                     **json.loads((RUN / "export" / "export.json").read_text())}
+    res["predict_path"] = predict_path(RUN)
+    res["serve"] = serve_load(RUN)
+    save("infer", res)
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Training: fruitlens's default recipe vs the plain recipe on Fruits-360 (same run), and GroceryStore per model."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from _measure import FRUITLENS, OUT, SHARED, machine, run, save
+
+
+def train(name: str, data: Path, args: list[str], runs: Path) -> dict:
+    out = runs / name
+    shutil.rmtree(out, ignore_errors=True)
+    r = run(FRUITLENS + ["train", str(data), "--out", str(out)] + args, OUT / f"train_{name}.log")
+    row = {"cmd": r["cmd"].replace(str(out), f"runs/{name}"), "rc": r["rc"], "seconds": r["seconds"],
+           "peak_mib": r["peak_mib"]}
+    if r["rc"] == 0:
+        rep = json.loads((out / "report.json").read_text())
+        m = rep["metrics"]
+        row.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"], ece=m["ece"], test_images=m["n"],
+                   evaluated_on=rep["evaluated_on"], image_size=rep["model"]["preprocessing"]["image_size"],
+                   epochs=len(rep["history"]), leak=rep["leak"])
+    else:
+        row["error"] = r["output"][-2000:]
+    print(name, json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
+    return row
+
+
+def main(which: str = "all") -> None:
+    runs = Path(tempfile.gettempdir()) / "fruitlens-bench-runs"
+    fruits, grocery = SHARED / "fruits360", SHARED / "grocery"
+    res: dict = {"machine": machine()}
+    if which == "fruits360_default":  # rerun the fast recipe alone (the plain one takes ~15 min)
+        res["fruits360_default"] = train("f360_default", fruits, [], runs)
+        old = json.loads((OUT / "train.json").read_text())
+        res["fruits360_speedup"] = round(old["fruits360_plain"]["seconds"] / res["fruits360_default"]["seconds"], 1)
+    if which in ("all", "fruits360"):
+        res["fruits360_default"] = train("f360_default", fruits, [], runs)
+        res["fruits360_plain"] = train("f360_plain", fruits, ["--no-feature-cache", "--img-size", "224", "--target-acc",
+                                                              "0.98", "--target-monitor", "train", "--epochs", "2"], runs)
+        res["fruits360_speedup"] = round(res["fruits360_plain"]["seconds"] / res["fruits360_default"]["seconds"], 1)
+    if which in ("all", "grocery"):
+        res["grocery"] = {
+            "mobilenet_v2 default": train("g_mnv2", grocery, ["--target-acc", "0"], runs),
+            "mobilenet_v2 + fine-tune 3 blocks": train("g_mnv2_ft", grocery, ["--target-acc", "0", "--fine-tune-blocks",
+                                                                              "3", "--fine-tune-epochs", "3"], runs),
+            "plain recipe (224 px, frozen, no cache)": train("g_plain", grocery, ["--no-feature-cache", "--img-size", "224",
+                                                                                 "--target-acc", "0", "--epochs", "5"], runs),
+            "small_cnn (from scratch)": train("g_cnn", grocery, ["--model", "small_cnn", "--img-size", "128",
+                                                                 "--target-acc", "0", "--epochs", "30"], runs),
+            "densenet121 (from scratch: no offline weights)": train("g_dn121", grocery, [
+                "--model", "densenet121", "--weights", "none", "--img-size", "128", "--target-acc", "0", "--epochs", "8"], runs),
+        }
+    prev = OUT / "train.json"
+    if prev.exists() and which != "all":
+        old = json.loads(prev.read_text())
+        res = {**old, **res}
+    save("train", res)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "all"))
