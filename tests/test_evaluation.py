@@ -108,3 +108,35 @@ def test_missing_run_file_names_the_command(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "run")]) != 0
     err = capsys.readouterr().err
     assert "lacks checkpoints/best.ckpt" in err and "fruitlens train" in err
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(trained_run, tmp_path):
+    import shutil
+
+    from conftest import need
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    need(bool(chromium and driver), "Debian chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    evaluate_run(trained_run)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900"):
+        opts.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(driver), options=opts)
+    try:
+        browser.get((trained_run / "report.html").as_uri())
+        heat = browser.find_element(By.CSS_SELECTOR, "#confusion img")
+        assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", heat) > 300
+        rows = browser.find_elements(By.CSS_SELECTOR, "#classification-report tbody tr")
+        assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == ["apple", "kiwi", "lemon", "plum"]
+        assert "accuracy" in browser.find_element(By.ID, "headline").text
+        browser.save_screenshot(str(tmp_path / "report.png"))
+        assert (tmp_path / "report.png").stat().st_size > 10_000
+    finally:
+        browser.quit()

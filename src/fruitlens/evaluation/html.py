@@ -110,8 +110,9 @@ weighted precision {_pct(m['weighted_precision'])}, recall {_pct(m['weighted_rec
 <ul><li>model {_e(model['name'])}, {model['parameters']:,} parameters, checkpoint {model['checkpoint_mb']} MB, engine {_e(model['engine'])}</li>
 <li>preprocessing: resize {pre['resize_size']} px, centre crop {pre['image_size']} px, mean {_e(pre['mean'])}, std {_e(pre['std'])}</li>
 <li>training time {_e(t.get('train_seconds'))} s (fitting {_e(t.get('fit_seconds'))} s); evaluation {_e(t.get('eval_seconds'))} s</li>
-<li>seed {_e(report.get('seed'))}; Python {_e(report['environment']['python'])}, torch {_e(report['environment']['torch'])};
-{_e(report['environment'].get('machine'))}; GPU {_e(report['environment'].get('gpu') or 'none')}</li></ul>
+<li>seed {_e(report.get('seed'))}; Python {_e(report['environment']['python'])};
+{_e(', '.join(f'{k} {v}' for k, v in report['environment'].get('libraries', {}).items()))}</li>
+<li>hardware: {_e(report['environment'].get('machine'))}; GPU {_e(report['environment'].get('gpu') or 'none')}</li></ul>
 <details><summary>config.yaml</summary><pre>{_e(json.dumps(report['config'], indent=2))}</pre></details>
 <details><summary>classification report (text)</summary><pre>{_e(m['classification_report'])}</pre></details>
 </main></body></html>"""

@@ -174,9 +174,21 @@ def _assemble(run, metrics, split_name, data, class_map, unmapped, bad, eval_sec
         "timing": {"eval_seconds": round(eval_seconds, 2), "train_seconds": round(train_seconds, 2) if train_seconds
                    else info.get("total_seconds"), "fit_seconds": info.get("fit_seconds")},
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-                        "machine": info.get("machine"), "gpu": info.get("gpu")},
+                        "machine": info.get("machine"), "gpu": info.get("gpu"), "libraries": _versions()},
         "seed": config.get("data", {}).get("seed"),
     }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("fruitlens", "torch", "torchvision", "lightning", "onnxruntime", "scikit-learn", "numpy", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def _param_count(run: RunDir) -> int:
