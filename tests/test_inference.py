@@ -17,6 +17,23 @@ def exported(trained_run):
     return trained_run, figures
 
 
+def test_fast_preprocessing_equals_the_training_transforms(trained_run):
+    from fruitlens.data.images import shrink
+    from fruitlens.data.transforms import eval_transforms
+
+    p = Predictor.from_run(trained_run, engine="torch")
+    img = fruit_image("plum", 9, 57).resize((57, 41))
+    # what the training loader feeds the model: load_image(path, min_side) then eval_transforms
+    want = eval_transforms(p.preprocessing)(shrink(img, int(p.preprocessing.resize_size * 1.25))).numpy()
+    got = p.inputs(np.stack([p.pixels(img)]))[0]
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
+
+
+def test_auto_engine_uses_the_fresh_export(trained_run):
+    assert Predictor.from_run(trained_run).engine == "onnxruntime"  # training exported it
+    assert Predictor.from_run(trained_run, engine="torch").engine == "pytorch"
+
+
 def test_predict_paths_pil_and_arrays_agree(trained_run, tmp_path):
     p = Predictor.from_run(trained_run)
     img = fruit_image("kiwi", 7, 48)
@@ -62,7 +79,7 @@ def test_export_metadata_parity_and_speed(exported):
 def test_onnx_predictor_matches_pytorch(exported, tmp_path):
     run, _ = exported
     imgs = [fruit_image(c, 3, 48) for c in ("apple", "kiwi", "lemon", "plum")]
-    torch_p = Predictor.from_run(run).predict(imgs)
+    torch_p = Predictor.from_run(run, engine="torch").predict(imgs)
     onnx_p = Predictor.from_onnx(run / "export" / "model.onnx")
     assert onnx_p.classes == ["apple", "kiwi", "lemon", "plum"]
     for a, b in zip(torch_p, onnx_p.predict(imgs)):

@@ -36,7 +36,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--unknown-threshold", type=float, default=0.0,
                    help="answer 'unknown' when the top probability is below this")
-    p.add_argument("--engine", choices=["torch", "onnx"], default="torch", help="for a run folder: PyTorch or its export")
+    p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
+                   help="for a run folder: its ONNX export when fresh (auto), the PyTorch checkpoint, or the export")
     p.set_defaults(func=run_predict)
 
     p = sub.add_parser("export", help="export to ONNX with a parity check and a speed figure",
@@ -59,7 +60,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_serve)
 
 
-def load_predictor(model: str, engine: str = "torch"):
+def load_predictor(model: str, engine: str = "auto"):
     from fruitlens.inference.predictor import Predictor
 
     path = Path(model)

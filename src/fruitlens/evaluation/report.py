@@ -67,10 +67,7 @@ def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: st
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     run.require("checkpoints/best.ckpt", "labels.json", "manifest.csv")
     t0 = time.perf_counter()
-    onnx_model = run.export / "model.onnx"
-    fresh = onnx_model.is_file() and onnx_model.stat().st_mtime >= run.best_ckpt.stat().st_mtime
-    # the export was parity-checked against PyTorch; ONNX Runtime is several times faster on a CPU
-    predictor = Predictor.from_onnx(onnx_model) if fresh else Predictor.from_run(run.path)
+    predictor = Predictor.from_run(run.path)  # its parity-checked ONNX export when there is a fresh one
     model_classes = predictor.classes
     manifest, split_name = _eval_manifest(run, data, split)
     mapping = load_class_map(class_map, model_classes) if class_map else {c: [c] for c in model_classes}
@@ -124,7 +121,7 @@ def _logits_many(predictor: Predictor, paths: list[str], batch_size: int):
 
     def prep(p):
         try:
-            return predictor.tensor(p)
+            return predictor.pixels(p)
         except DataError as exc:
             return exc
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from fruitlens.data.images import load_image, shrink, to_rgb
 from fruitlens.data.transforms import eval_transforms
@@ -52,16 +53,23 @@ class Predictor:
         self.preprocessing = preprocessing
         self.engine = engine
         self.source = source
-        self._transform = eval_transforms(preprocessing)
+        # eval_transforms' geometry on PIL images; the scaling and normalisation run once per batch in numpy
+        self._geometry = v2.Compose(eval_transforms(preprocessing).transforms[:2])
+        std = np.asarray(preprocessing.std, dtype=np.float32).reshape(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = np.asarray(preprocessing.mean, dtype=np.float32).reshape(1, 3, 1, 1) / std
 
     @classmethod
-    def from_run(cls, path: str | Path, engine: str = "torch") -> "Predictor":
-        """From a run folder (its best checkpoint), or from its exported ONNX model with ``engine='onnx'``."""
+    def from_run(cls, path: str | Path, engine: str = "auto") -> "Predictor":
+        """From a run folder: ``engine='torch'`` its best checkpoint, ``'onnx'`` its exported model, ``'auto'`` the
+        export when it is at least as new as the checkpoint (it was parity-checked; several times faster on a CPU)."""
         from fruitlens.rundir import RunDir, load_model
 
         run = RunDir(Path(path)).require("checkpoints/best.ckpt")
-        if engine == "onnx":
-            return cls.from_onnx(run.export / "model.onnx")
+        onnx_path = run.export / "model.onnx"
+        if engine == "onnx" or (engine == "auto" and onnx_path.is_file()
+                                and onnx_path.stat().st_mtime >= run.best_ckpt.stat().st_mtime):
+            return cls.from_onnx(onnx_path)
         model, classes, _ = load_model(run.best_ckpt)
         model = model.to(memory_format=torch.channels_last)
 
@@ -95,34 +103,40 @@ class Predictor:
         name = session.get_inputs()[0].name
         return cls(lambda x: session.run(None, {name: x})[0], classes, pre, "onnxruntime", str(path))
 
-    def tensor(self, image) -> np.ndarray:
-        """One image (path, PIL image or HxWx3 uint8 array) -> preprocessed CHW float32 array."""
+    def pixels(self, image) -> np.ndarray:
+        """One image (path, PIL image or HxWx3 uint8 array) -> resized and cropped HxWx3 uint8 array."""
         min_side = int(self.preprocessing.resize_size * 1.25)  # as the training loader does
         if isinstance(image, (str, Path)):
-            return self._transform(load_image(image, min_side)).numpy()
-        if isinstance(image, Image.Image):
-            img = to_rgb(image)
+            img = load_image(image, min_side)
+        elif isinstance(image, Image.Image):
+            img = shrink(to_rgb(image), min_side)
         elif isinstance(image, np.ndarray):
             if image.ndim == 2:
                 image = np.stack([image] * 3, axis=-1)
             if image.ndim != 3 or image.shape[2] not in (3, 4):
                 raise DataError(f"expected an HxWx3 image array but received shape {image.shape}")
-            img = to_rgb(Image.fromarray(image.astype(np.uint8)))
+            img = shrink(to_rgb(Image.fromarray(image.astype(np.uint8))), min_side)
         else:
             raise DataError(f"expected a path, PIL image or array but received {type(image).__name__}")
-        return self._transform(shrink(img, min_side)).numpy()
+        return np.asarray(self._geometry(img), dtype=np.uint8)
+
+    def inputs(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, H, W, 3) uint8 -> the model's normalised (n, 3, H, W) float32 input."""
+        n, h, w, _ = pixels.shape
+        x = np.empty((n, 3, h, w), dtype=np.float32)  # one pass, no temporaries: 8x faster than astype + ops
+        np.multiply(pixels.transpose(0, 3, 1, 2), self._scale, out=x)
+        x -= self._shift
+        return x
+
+    def logits_batch(self, pixels: np.ndarray) -> np.ndarray:
+        """Raw scores (n, classes) for a stack of ``pixels()`` results."""
+        return self._forward(self.inputs(pixels))
 
     def logits(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
         """Raw scores, (n, classes); all images must decode (see ``predict_many`` for per-image errors)."""
-        out = []
-        for i in range(0, len(images), batch_size):
-            batch = np.stack([self.tensor(im) for im in images[i:i + batch_size]])
-            out.append(self._forward(batch))
+        out = [self.logits_batch(np.stack([self.pixels(im) for im in images[i:i + batch_size]]))
+               for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
-
-    def logits_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Raw scores for an already preprocessed (n, 3, H, W) float32 batch."""
-        return self._forward(np.ascontiguousarray(batch, dtype=np.float32))
 
     def to_predictions(self, probs: np.ndarray, top_k: int = 3) -> list[Prediction]:
         k = max(1, min(top_k, len(self.classes)))
@@ -139,14 +153,14 @@ class Predictor:
         pending: list[tuple[object, np.ndarray]] = []
 
         def flush():
-            probs = softmax(self._forward(np.stack([t for _, t in pending])))
+            probs = softmax(self.logits_batch(np.stack([t for _, t in pending])))
             for (src, _), pred in zip(pending, self.to_predictions(probs, top_k)):
                 yield src, pred
             pending.clear()
 
         for image in images:
             try:
-                pending.append((image, self.tensor(image)))
+                pending.append((image, self.pixels(image)))
             except DataError as exc:
                 yield image, exc
                 continue

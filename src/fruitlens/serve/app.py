@@ -115,7 +115,7 @@ def create_app(model: str | Path | None = None, *, predictor: Predictor | None =
             raise HTTPException(413, f"{name}: too many pixels (decompression bomb guard)") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise HTTPException(422, f"{name}: cannot decode image ({exc})") from None
-        return pred.tensor(rgb)
+        return pred.pixels(rgb)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:

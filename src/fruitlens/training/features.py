@@ -102,7 +102,9 @@ def cached_features(backbone: nn.Module, pre: Preprocessing, loaders: dict[str, 
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, loader in loaders.items():
         out.update(extract(engine, loader, pre, name, views if name == "train" else 0, aug, seed))
-    if cache_file is not None:
+    if cache_file is not None:  # atomic: several DDP ranks may write the same (identical) file
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, cache_file)
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+        torch.save(out, tmp)
+        tmp.replace(cache_file)
     return out
