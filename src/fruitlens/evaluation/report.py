@@ -83,6 +83,8 @@ def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: st
     if not keep:
         raise DataError(f"no images of the model's classes in {data or run.path}",
                         "pass --class-map FILE to map the data's class names onto the model's")
+    size = predictor.preprocessing.image_size
+    batch_size = max(4, min(batch_size, int(batch_size * (96 / size) ** 2)))  # keeps activations small at 448 px
     paths, labels, bad = [], [], []
     logits = []
     for (path, label), pred in zip(((str(manifest.resolve(r)), r.label) for r in keep),

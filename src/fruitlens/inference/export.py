@@ -62,6 +62,8 @@ def export_run(run_path: str | Path, *, int8: bool = False, opset: int = 17, che
     (out_dir / "labels.txt").write_text("\n".join(classes) + "\n")
     manifest = Manifest.from_csv(run.manifest)
     val = manifest.split("val") if len(manifest.split("val")) else manifest.split("train")
+    # at most ~256 MB of preprocessed images (512 at 96 px, about 100 at 448 px)
+    check_images = int(min(check_images, max(32, 256 * 2**20 // (3 * 4 * pre.image_size ** 2))))
     batch = _preprocessed(val, pre, check_images)
     figures = {"onnx": str(path), "opset": opset, "classes": len(classes), "image_size": pre.image_size,
                "parity": {"fp32": _parity(model, path, batch)}}
@@ -116,10 +118,11 @@ def _session(path: Path):
 def _parity(model: nn.Module, path: Path, batch) -> dict:
     import numpy as np
 
+    step = max(4, min(64, int(64 * (96 / batch.shape[-1]) ** 2)))  # small chunks for large inputs
     with torch.inference_mode():
-        ref = torch.cat([model(torch.from_numpy(batch[i:i + 64])) for i in range(0, len(batch), 64)]).numpy()
+        ref = torch.cat([model(torch.from_numpy(batch[i:i + step])) for i in range(0, len(batch), step)]).numpy()
     sess = _session(path)
-    got = np.concatenate([sess.run(None, {"input": batch[i:i + 64]})[0] for i in range(0, len(batch), 64)])
+    got = np.concatenate([sess.run(None, {"input": batch[i:i + step]})[0] for i in range(0, len(batch), step)])
     return {"images": int(len(batch)), "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
             "max_abs_logit_diff": float(np.abs(ref - got).max())}
 

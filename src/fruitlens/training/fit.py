@@ -191,9 +191,11 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone."""
     pre, f = model.preprocessing, cfg.fit
     views = f.feature_views if cfg.augment.enabled else 0
-    # one decoding process keeps up with the backbone here; more would only compete with it for the cores
+    # one decoding process keeps up with the backbone here; more would only compete with it for the cores.
+    # 32 images a batch at 96 px, fewer at larger sizes so that activations stay small (8 at 448 px)
+    batch = max(8, min(32, int(32 * (96 / pre.image_size) ** 2)))
     loaders = {split: make_loader(tdata.dataset(splits[split], classes, pre, cfg, train=False, uint8=True),
-                                  batch_size=32, shuffle=False, workers=min(1, tdata.workers(cfg)))
+                                  batch_size=batch, shuffle=False, workers=min(1, tdata.workers(cfg)))
                for split in ("train", "val")}
     feats = cached_features(model.backbone, pre, loaders, views=views, aug=cfg.augment, seed=cfg.data.seed,
                             cache_file=run.path / "cache" / "features.pt")
