@@ -33,7 +33,7 @@ class ExitStatus(IntEnum):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fruitlens.cli import data_cmds, model_cmds
+    from fruitlens.cli import data_cmds, demo_cmds, eval_cmds, infer_cmds, model_cmds, train_cmds
 
     parser = argparse.ArgumentParser(prog="fruitlens", description="Train, evaluate, export and serve fruit image "
                                      "classifiers by transfer learning.", epilog=EXAMPLES,
@@ -44,13 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     data_cmds.add_check(sub)
     data_cmds.add_split(sub)
-    for mod_name in ("train_cmds", "eval_cmds", "infer_cmds", "demo_cmds"):
-        try:
-            mod = __import__(f"fruitlens.cli.{mod_name}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"fruitlens.cli.{mod_name}":
-                raise
-            continue
+    for mod in (train_cmds, eval_cmds, infer_cmds, demo_cmds):
         mod.register(sub)
     model_cmds.add_models(sub)
     model_cmds.add_weights(sub)
