@@ -26,30 +26,58 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def predict_path(run_dir: Path) -> dict:
-    """Images/s at batch 32 on already decoded PIL images: PyTorch eager vs ONNX Runtime fp32/int8."""
+def _tree_rss_mib(pid: int) -> float:
+    """RSS of a process and its children (the workers of ``serve --workers N``)."""
+    pids, total = [pid], 0.0
+    while pids:
+        p = pids.pop()
+        total += _rss_mib(p)
+        for task in Path(f"/proc/{p}/task").iterdir():
+            pids += [int(x) for x in (task / "children").read_text().split()]
+    return total
+
+
+def predict_path(run_dir: Path, rounds: int = 5) -> dict:
+    """Images/s at batch 32 on already decoded PIL images through ``Predictor.predict`` (resize, crop, normalise,
+    model, softmax): PyTorch eager (NCHW, as a plain port runs it), fruitlens's PyTorch engine (channels_last) and
+    ONNX Runtime fp32/int8. The engines take turns for ``rounds`` rounds and each figure is the median, because
+    this shared 2-core machine drifts by 20-30% over a minute."""
     sys.path.insert(0, str(ROOT / "src"))
+    import torch
     from PIL import Image
 
     from fruitlens.inference.predictor import Predictor
+    from fruitlens.rundir import load_model
 
     files = sorted((SHARED / "fruits360" / "Test").rglob("*.jpg"))[:512]
     images = [Image.open(f).convert("RGB") for f in files]
-    out = {}
-    for name, pred in (("pytorch eager", Predictor.from_run(run_dir, engine="torch")),
-                       ("onnxruntime fp32", Predictor.from_onnx(run_dir / "export" / "model.onnx")),
-                       ("onnxruntime int8", Predictor.from_onnx(run_dir / "export" / "model.int8.onnx"))):
-        pred.predict(images[:32])
-        t = time.perf_counter()
-        for _ in range(3):  # three passes for a steadier figure
-            labels = [p.label for p in pred.predict(images, batch_size=32)]
-        dt = time.perf_counter() - t
-        out[name] = {"img_per_s": round(3 * len(images) / dt, 1), "labels": labels}
-    ref = out["pytorch eager"].pop("labels")
-    for k in ("onnxruntime fp32", "onnxruntime int8"):
-        got = out[k].pop("labels")
-        out[k]["top1_agreement_with_pytorch"] = sum(a == b for a, b in zip(ref, got)) / len(ref)
-    out["speedup_fp32_vs_pytorch"] = round(out["onnxruntime fp32"]["img_per_s"] / out["pytorch eager"]["img_per_s"], 2)
+    model, classes, _ = load_model(run_dir / "checkpoints" / "best.ckpt")
+
+    @torch.inference_mode()
+    def eager(x):
+        return model(torch.from_numpy(x)).numpy()
+
+    engines = {"pytorch eager (NCHW)": Predictor(eager, classes, model.preprocessing, "pytorch"),
+               "pytorch channels_last (fruitlens torch engine)": Predictor.from_run(run_dir, engine="torch"),
+               "onnxruntime fp32": Predictor.from_onnx(run_dir / "export" / "model.onnx"),
+               "onnxruntime int8": Predictor.from_onnx(run_dir / "export" / "model.int8.onnx")}
+    speeds: dict[str, list[float]] = {k: [] for k in engines}
+    labels = {}
+    for pred in engines.values():
+        pred.predict(images[:64])
+    for _ in range(rounds):
+        for name, pred in engines.items():
+            t = time.perf_counter()
+            labels[name] = [p.label for p in pred.predict(images, batch_size=32)]
+            speeds[name].append(len(images) / (time.perf_counter() - t))
+    ref = labels["pytorch eager (NCHW)"]
+    out = {name: {"img_per_s": round(statistics.median(v), 1), "all_rounds": [round(x) for x in v],
+                  "top1_agreement_with_pytorch": sum(a == b for a, b in zip(ref, labels[name])) / len(ref)}
+           for name, v in speeds.items()}
+    fp32 = out["onnxruntime fp32"]["img_per_s"]
+    out["speedup_fp32_vs_pytorch_eager"] = round(fp32 / out["pytorch eager (NCHW)"]["img_per_s"], 2)
+    out["speedup_fp32_vs_pytorch_channels_last"] = round(
+        fp32 / out["pytorch channels_last (fruitlens torch engine)"]["img_per_s"], 2)
     return out
 
 
@@ -66,11 +94,12 @@ def _multipart(data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={b}"
 
 
-def serve_load(run_dir: Path, seconds: float = 30, clients: int = 8) -> dict:
+def serve_load(run_dir: Path, seconds: float = 30, clients: int = 8, workers: int = 1) -> dict:
     """``clients`` threads post one Fruits-360 JPEG each in a loop for ``seconds`` (loopback only)."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    server = subprocess.Popen(FRUITLENS + ["serve", str(run_dir), "--port", str(port)], env=env,
+    server = subprocess.Popen(FRUITLENS + ["serve", str(run_dir), "--port", str(port), "--workers", str(workers)],
+                              env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):
@@ -88,7 +117,7 @@ def serve_load(run_dir: Path, seconds: float = 30, clients: int = 8) -> dict:
         for body, ctype in payloads[:16]:
             c.request("POST", "/predict", body, {"Content-Type": ctype})
             c.getresponse().read()
-        rss_before = _rss_mib(server.pid)
+        rss_before = _tree_rss_mib(server.pid)
         lat: list[float] = []
         errors = [0]
         stop = time.perf_counter() + seconds
@@ -120,9 +149,9 @@ def serve_load(run_dir: Path, seconds: float = 30, clients: int = 8) -> dict:
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        rss_after = _rss_mib(server.pid)
+        rss_after = _tree_rss_mib(server.pid)
         q = statistics.quantiles(lat, n=100)
-        return {"clients": clients, "seconds": round(wall, 1), "requests": len(lat), "errors": errors[0],
+        return {"workers": workers, "clients": clients, "seconds": round(wall, 1), "requests": len(lat), "errors": errors[0],
                 "req_per_s": round(len(lat) / wall, 1), "p50_ms": round(1000 * q[49], 1),
                 "p95_ms": round(1000 * q[94], 1), "p99_ms": round(1000 * q[98], 1),
                 "rss_before_mib": round(rss_before), "rss_after_mib": round(rss_after)}
@@ -143,6 +172,7 @@ def main() -> None:
                      **json.loads((RUN / "export" / "export.json").read_text())}
     res["predict_path"] = predict_path(RUN)
     res["serve"] = serve_load(RUN)
+    res["serve_workers2"] = serve_load(RUN, workers=2)
     save("infer", res)
     print(json.dumps(res, indent=2))
 

@@ -59,3 +59,18 @@ def test_dataset_skips_a_file_that_broke_after_the_check(fruit_tree, caplog):
     x, y = ds[0]
     assert x.shape == (3, 32, 32)
     assert str(victim) in ds.skipped and "skipping" in caplog.text
+
+
+def test_resize_crop_equals_torchvision_resize_and_centre_crop():
+    from torchvision.transforms import v2
+
+    from fruitlens.data.images import resize_crop
+
+    rng = np.random.default_rng(0)
+    for (w, h), (resize, crop) in [((100, 100), (96, 96)), ((57, 41), (96, 96)), ((641, 480), (256, 224)),
+                                   ((333, 500), (256, 224)), ((96, 96), (96, 96)), ((97, 301), (110, 96)),
+                                   ((1000, 999), (448, 448))]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])(img)
+        got = resize_crop(img, resize, crop)
+        assert got.size == (crop, crop) and np.array_equal(np.asarray(got), np.asarray(want)), (w, h, resize, crop)

@@ -46,6 +46,18 @@ def test_predict_paths_pil_and_arrays_agree(trained_run, tmp_path):
         p.predict([tmp_path / "bad.jpg"])
 
 
+def test_predict_many_keeps_order_across_prefetched_batches(trained_run, tmp_path):
+    p = Predictor.from_run(trained_run)
+    (tmp_path / "bad.jpg").write_bytes(b"junk")
+    images = [fruit_image("kiwi", i, 48) for i in range(5)] + [tmp_path / "bad.jpg"] + \
+             [fruit_image("plum", i, 48) for i in range(6)]
+    got = list(p.predict_many(images, top_k=1, batch_size=4))  # 3 batches, decoded one batch ahead
+    assert [im for im, _ in got] == images
+    assert isinstance(got[5][1], DataError) and "bad.jpg" in got[5][1].message
+    want = p.predict([im for im in images if not isinstance(im, type(tmp_path))], top_k=1, batch_size=32)
+    assert [r.label for _, r in got if not isinstance(r, DataError)] == [w.label for w in want]
+
+
 def test_cli_predict_reports_bad_file_and_goes_on(trained_run, tmp_path, capsys):
     folder = tmp_path / "imgs"
     (folder / "sub").mkdir(parents=True)

@@ -1,11 +1,13 @@
 import base64
 import io
+import json
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -107,24 +109,90 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def live_server(trained_run):
+def _start_server(model, *extra):
+    """``fruitlens serve`` in a subprocess on a free loopback port; returns (process, url) once /health answers."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fruitlens", "serve", str(trained_run), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "fruitlens", "serve", str(model), "--port", str(port), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={"PYTHONPATH": str(ROOT / "src"),
                                                                                   "PATH": "/usr/bin:/bin"})
     url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
+    for _ in range(240):
         try:
             urllib.request.urlopen(url + "/health", timeout=1)
-            break
+            return proc, url
         except OSError:
             if proc.poll() is not None:
                 pytest.fail(proc.stdout.read().decode())
             time.sleep(0.25)
-    yield url
+    proc.kill()
+    pytest.fail(f"fruitlens serve did not answer on {url}")
+
+
+def _stop_server(proc) -> None:
     proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def live_server(trained_run):
+    proc, url = _start_server(trained_run)
+    yield url
+    _stop_server(proc)
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids |= {int(x) for x in (task / "children").read_text().split()}
+    return kids
+
+
+def test_serve_with_two_worker_processes(trained_run):
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc, url = _start_server(trained_run, "--workers", "2")
+    try:
+        jpeg = jpeg_bytes(fruit_image("kiwi", 3, 48))
+        boundary = "fruitlens-test-boundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"k.jpg\"\r\n"
+                f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg + \
+            f"\r\n--{boundary}--\r\n".encode()
+        ctype = f"multipart/form-data; boundary={boundary}"
+        want = Predictor.from_run(trained_run).predict([Image.open(io.BytesIO(jpeg))])[0].label
+
+        def post(_):
+            req = urllib.request.Request(url + "/predict", data=body, headers={"Content-Type": ctype})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                top = json.loads(r.read())
+            with urllib.request.urlopen(url + "/health", timeout=30) as r:
+                return top["label"], json.loads(r.read())["worker_pid"]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(40)))
+        workers = _children(proc.pid)
+        # uvicorn's supervisor holds the socket; its two workers are spawned Python processes
+        assert len([w for w in workers if "spawn_main" in _cmdline(w)]) == 2
+        assert {label for label, _ in answers} == {want}
+        assert {pid for _, pid in answers} <= workers and proc.pid not in {pid for _, pid in answers}
+    finally:
+        _stop_server(proc)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_serve_with_a_missing_model_says_so(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fruitlens", "serve", str(tmp_path / "nope"), "--workers", "2"],
+                       capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+                       timeout=120)
+    assert r.returncode != 0 and "error:" in r.stderr and "nope" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.browser

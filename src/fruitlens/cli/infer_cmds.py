@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fruitlens.cli.output import table
-from fruitlens.errors import DataError
+from fruitlens.errors import ConfigError, DataError
 
 PREDICT_EXAMPLES = """examples:
   fruitlens predict runs/mnv2 apple.jpg pear.png --top-k 3
@@ -60,13 +60,13 @@ def register(sub) -> None:
     p.set_defaults(func=run_serve)
 
 
-def load_predictor(model: str, engine: str = "auto"):
+def load_predictor(model: str, engine: str = "auto", threads: int = 0):
     from fruitlens.inference.predictor import Predictor
 
     path = Path(model)
     if path.suffix.lower() == ".onnx":
-        return Predictor.from_onnx(path)
-    return Predictor.from_run(path, engine=engine)
+        return Predictor.from_onnx(path, threads=threads)
+    return Predictor.from_run(path, engine=engine, threads=threads)
 
 
 def expand_images(items: list[str]) -> list[str]:
@@ -128,22 +128,28 @@ def run_export(args) -> int:
 
 
 def run_serve(args) -> int:
+    import os
+
     import uvicorn
 
     from fruitlens.serve.app import create_app
 
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}", "use --workers 1 (the default) or more")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the service is reachable from other machines", file=sys.stderr)
+    # each worker gets its share of the cores, so N workers do not run N x cores inference threads
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    predictor = load_predictor(args.model, threads=threads)  # a bad model path fails here, with a clear message
+    print(f"serving {args.model} ({predictor.engine}, {len(predictor.classes)} classes) on "
+          f"http://{args.host}:{args.port} with {args.workers} worker(s)  (upload page /, API docs /docs)")
     if args.workers > 1:
-        import os
-
-        os.environ["FRUITLENS_MODEL"] = args.model
-        os.environ["FRUITLENS_TOP_K"] = str(args.top_k)
-        os.environ["FRUITLENS_MAX_UPLOAD_MB"] = str(args.max_upload_mb)
+        del predictor  # each worker process loads its own copy
+        os.environ.update(FRUITLENS_MODEL=str(Path(args.model).resolve()), FRUITLENS_TOP_K=str(args.top_k),
+                          FRUITLENS_MAX_UPLOAD_MB=str(args.max_upload_mb), FRUITLENS_THREADS=str(threads))
         uvicorn.run("fruitlens.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers)
         return 0
-    app = create_app(args.model, top_k=args.top_k, max_upload_mb=args.max_upload_mb)
-    print(f"serving {args.model} on http://{args.host}:{args.port}  (upload page /, API docs /docs)")
+    app = create_app(predictor=predictor, top_k=args.top_k, max_upload_mb=args.max_upload_mb)
     uvicorn.run(app, host=args.host, port=args.port)
     return 0

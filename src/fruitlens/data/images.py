@@ -34,6 +34,25 @@ def shrink(img: Image.Image, min_side: int) -> Image.Image:
     return img
 
 
+def resize_crop(img: Image.Image, resize_size: int, image_size: int) -> Image.Image:
+    """Shorter side to ``resize_size`` (bilinear), then a centred ``image_size`` square: pixel for pixel what
+    torchvision's ``Resize(resize_size)`` + ``CenterCrop(image_size)`` give on a PIL image, without their dispatch
+    cost (a test holds the two equal)."""
+    w, h = img.size
+    if resize_size < image_size:
+        raise ValueError(f"resize_crop needs resize_size >= image_size, got {resize_size} < {image_size}")
+    if w <= h:
+        nw, nh = resize_size, int(resize_size * h / w)
+    else:
+        nw, nh = int(resize_size * w / h), resize_size
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+    if (nw, nh) == (image_size, image_size):
+        return img
+    top, left = int(round((nh - image_size) / 2.0)), int(round((nw - image_size) / 2.0))
+    return img.crop((left, top, left + image_size, top + image_size))
+
+
 def load_image(path: str | Path, min_side: int = 0) -> Image.Image:
     """Opens, fully decodes, turns upright and converts to RGB; raises DataError naming the file.
 

@@ -87,8 +87,10 @@ def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: st
     batch_size = max(4, min(batch_size, int(batch_size * (96 / size) ** 2)))  # keeps activations small at 448 px
     paths, labels, bad = [], [], []
     logits = []
-    for (path, label), pred in zip(((str(manifest.resolve(r)), r.label) for r in keep),
-                                   _logits_many(predictor, [str(manifest.resolve(r)) for r in keep], batch_size)):
+    rows = (item for batch in predictor.logits_many([str(manifest.resolve(r)) for r in keep], batch_size)
+            for item in batch)
+    for r, (path, pred) in zip(keep, rows):
+        label = r.label
         if isinstance(pred, DataError):
             bad.append({"path": path, "error": pred.message})
             continue
@@ -115,25 +117,6 @@ def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: st
     log.info("evaluated %d images (%s) in %.1fs: accuracy %.4f, macro F1 %.4f -> %s", len(y), split_name,
              eval_seconds, metrics["accuracy"], metrics["macro_f1"], run.report_html)
     return report
-
-
-def _logits_many(predictor: Predictor, paths: list[str], batch_size: int):
-    """Per image: a logits row, or the DataError that stopped its decoding."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def prep(p):
-        try:
-            return predictor.pixels(p)
-        except DataError as exc:
-            return exc
-
-    with ThreadPoolExecutor(max_workers=2) as pool:  # decoding overlaps with inference (PIL releases the GIL)
-        for i in range(0, len(paths), batch_size):
-            items = list(pool.map(prep, paths[i:i + batch_size]))
-            ok = [t for t in items if not isinstance(t, DataError)]
-            rows = iter(predictor.logits_batch(np.stack(ok))) if ok else iter(())
-            for t in items:
-                yield t if isinstance(t, DataError) else next(rows)
 
 
 def _assemble(run, metrics, split_name, data, class_map, unmapped, bad, eval_seconds, train_seconds, predictor,

@@ -9,15 +9,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
-from fruitlens.data.images import load_image, shrink, to_rgb
-from fruitlens.data.transforms import eval_transforms
+from fruitlens.data.images import load_image, resize_crop, shrink, to_rgb
 from fruitlens.errors import DataError, RunDirError
 from fruitlens.models.preprocessing import Preprocessing
 
@@ -53,23 +53,25 @@ class Predictor:
         self.preprocessing = preprocessing
         self.engine = engine
         self.source = source
-        # eval_transforms' geometry on PIL images; the scaling and normalisation run once per batch in numpy
-        self._geometry = v2.Compose(eval_transforms(preprocessing).transforms[:2])
+        # eval_transforms' geometry runs on PIL images (resize_crop); scaling and normalisation once per batch in numpy
         std = np.asarray(preprocessing.std, dtype=np.float32).reshape(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std)
         self._shift = np.asarray(preprocessing.mean, dtype=np.float32).reshape(1, 3, 1, 1) / std
 
     @classmethod
-    def from_run(cls, path: str | Path, engine: str = "auto") -> "Predictor":
+    def from_run(cls, path: str | Path, engine: str = "auto", threads: int = 0) -> "Predictor":
         """From a run folder: ``engine='torch'`` its best checkpoint, ``'onnx'`` its exported model, ``'auto'`` the
-        export when it is at least as new as the checkpoint (it was parity-checked; several times faster on a CPU)."""
+        export when it is at least as new as the checkpoint (it was parity-checked; several times faster on a CPU).
+        ``threads``: inference threads (0: all cores)."""
         from fruitlens.rundir import RunDir, load_model
 
         run = RunDir(Path(path)).require("checkpoints/best.ckpt")
         onnx_path = run.export / "model.onnx"
         if engine == "onnx" or (engine == "auto" and onnx_path.is_file()
                                 and onnx_path.stat().st_mtime >= run.best_ckpt.stat().st_mtime):
-            return cls.from_onnx(onnx_path)
+            return cls.from_onnx(onnx_path, threads=threads)
+        if threads:
+            torch.set_num_threads(threads)
         model, classes, _ = load_model(run.best_ckpt)
         model = model.to(memory_format=torch.channels_last)
 
@@ -118,7 +120,8 @@ class Predictor:
             img = shrink(to_rgb(Image.fromarray(image.astype(np.uint8))), min_side)
         else:
             raise DataError(f"expected a path, PIL image or array but received {type(image).__name__}")
-        return np.asarray(self._geometry(img), dtype=np.uint8)
+        pre = self.preprocessing
+        return np.asarray(resize_crop(img, pre.resize_size, pre.image_size), dtype=np.uint8)
 
     def inputs(self, pixels: np.ndarray) -> np.ndarray:
         """(n, H, W, 3) uint8 -> the model's normalised (n, 3, H, W) float32 input."""
@@ -132,11 +135,44 @@ class Predictor:
         """Raw scores (n, classes) for a stack of ``pixels()`` results."""
         return self._forward(self.inputs(pixels))
 
+    def logits_many(self, images: Iterable, batch_size: int = 32, workers: int = 2) -> Iterator[list[tuple]]:
+        """Batches of ``(image, logits row | DataError)`` in input order; a file that does not decode gets its
+        DataError and the rest go on. The next batch is decoded by ``workers`` threads while the current one runs
+        through the model (Pillow and ONNX Runtime release the GIL), so decoding hides behind inference."""
+        def prep(image):
+            try:
+                return self.pixels(image)
+            except DataError as exc:
+                return exc
+
+        source = iter(images)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            ahead: deque = deque()
+
+            def fill() -> None:
+                for image in source:
+                    ahead.append((image, pool.submit(prep, image)))
+                    if len(ahead) >= 2 * batch_size:
+                        break
+
+            fill()
+            while ahead:
+                batch = [ahead.popleft() for _ in range(min(batch_size, len(ahead)))]
+                fill()  # the next batch starts decoding now
+                items = [(image, future.result()) for image, future in batch]
+                ok = [t for _, t in items if not isinstance(t, DataError)]
+                rows = iter(self.logits_batch(np.stack(ok))) if ok else iter(())
+                yield [(image, t if isinstance(t, DataError) else next(rows)) for image, t in items]
+
     def logits(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
         """Raw scores, (n, classes); all images must decode (see ``predict_many`` for per-image errors)."""
-        out = [self.logits_batch(np.stack([self.pixels(im) for im in images[i:i + batch_size]]))
-               for i in range(0, len(images), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+        rows = []
+        for batch in self.logits_many(images, batch_size):
+            for _, row in batch:
+                if isinstance(row, DataError):
+                    raise row
+                rows.append(row)
+        return np.stack(rows) if rows else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     def to_predictions(self, probs: np.ndarray, top_k: int = 3) -> list[Prediction]:
         k = max(1, min(top_k, len(self.classes)))
@@ -150,21 +186,8 @@ class Predictor:
 
     def predict_many(self, images: Iterable, top_k: int = 3, batch_size: int = 32):
         """Yields ``(image, Prediction | DataError)`` so that one bad file does not stop the rest."""
-        pending: list[tuple[object, np.ndarray]] = []
-
-        def flush():
-            probs = softmax(self.logits_batch(np.stack([t for _, t in pending])))
-            for (src, _), pred in zip(pending, self.to_predictions(probs, top_k)):
-                yield src, pred
-            pending.clear()
-
-        for image in images:
-            try:
-                pending.append((image, self.pixels(image)))
-            except DataError as exc:
-                yield image, exc
-                continue
-            if len(pending) >= batch_size:
-                yield from flush()
-        if pending:
-            yield from flush()
+        for batch in self.logits_many(images, batch_size):
+            ok = [row for _, row in batch if not isinstance(row, DataError)]
+            preds = iter(self.to_predictions(softmax(np.stack(ok)), top_k)) if ok else iter(())
+            for image, row in batch:
+                yield image, row if isinstance(row, DataError) else next(preds)

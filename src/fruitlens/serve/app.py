@@ -56,8 +56,9 @@ class Base64In(BaseModel):
 
 
 def create_app(model: str | Path | None = None, *, predictor: Predictor | None = None, top_k: int = 3,
-               max_upload_mb: float = 10.0, max_batch: int = 32) -> FastAPI:
-    """The service for a run folder or model.onnx (or an already built ``predictor``, e.g. in tests)."""
+               max_upload_mb: float = 10.0, max_batch: int = 32, threads: int = 0) -> FastAPI:
+    """The service for a run folder or model.onnx (or an already built ``predictor``, e.g. in tests);
+    ``threads``: inference threads of this process (0: all cores)."""
     max_bytes = int(max_upload_mb * 2**20)
     default_top_k = top_k
 
@@ -67,7 +68,7 @@ def create_app(model: str | Path | None = None, *, predictor: Predictor | None =
         if pred is None:
             from fruitlens.cli.infer_cmds import load_predictor
 
-            pred = await asyncio.to_thread(load_predictor, str(model))
+            pred = await asyncio.to_thread(load_predictor, str(model), "auto", threads)
         app.state.predictor = pred
         app.state.batcher = Batcher(pred.logits_batch, max_batch=max_batch)
         await app.state.batcher.start()
@@ -124,7 +125,7 @@ def create_app(model: str | Path | None = None, *, predictor: Predictor | None =
     @app.get("/health")
     def health(pred: Predictor = Depends(get_predictor)) -> dict:
         return {"status": "ok", "model_loaded": pred is not None, "version": __version__, "engine": pred.engine,
-                "classes": len(pred.classes), "image_size": pred.preprocessing.image_size}
+                "classes": len(pred.classes), "image_size": pred.preprocessing.image_size, "worker_pid": os.getpid()}
 
     @app.get("/labels")
     def labels(pred: Predictor = Depends(get_predictor)) -> dict:
@@ -180,4 +181,5 @@ def create_app(model: str | Path | None = None, *, predictor: Predictor | None =
 def app_from_env() -> FastAPI:
     """For ``uvicorn --factory`` with several workers: the settings come from FRUITLENS_* variables."""
     return create_app(os.environ["FRUITLENS_MODEL"], top_k=int(os.environ.get("FRUITLENS_TOP_K", 3)),
-                      max_upload_mb=float(os.environ.get("FRUITLENS_MAX_UPLOAD_MB", 10)))
+                      max_upload_mb=float(os.environ.get("FRUITLENS_MAX_UPLOAD_MB", 10)),
+                      threads=int(os.environ.get("FRUITLENS_THREADS", 0)))
