@@ -10,6 +10,7 @@ from enum import IntEnum
 
 from fruitlens import __version__
 from fruitlens.errors import FruitlensError
+from fruitlens.runtime import limit_heap_growth
 
 EXAMPLES = """examples:
   fruitlens check photos/                              # bad files, imbalance, duplicates, leaks
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return ExitStatus.USAGE
     _setup_logging(args.verbose)
+    limit_heap_growth()
     try:
         return int(args.func(args) or 0)
     except FruitlensError as exc:

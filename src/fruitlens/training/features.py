@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from fruitlens.config import AugmentConfig
 from fruitlens.models.preprocessing import Preprocessing
-from fruitlens.training.augment import augment_batch, normalise
+from fruitlens.training.augment import augment_batch, normalise, uint8_to_input
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, v
     clean, aug_feats, ys = [], [], []
     t0, n = time.perf_counter(), 0
     for x, y in loader:
-        clean.append(engine(normalise(x.float() / 255.0, pre)))
+        clean.append(engine(uint8_to_input(x, pre)))
         for _ in range(views):
             aug_feats.append(engine(normalise(augment_batch(x, aug, g), pre)))
         ys.append(torch.as_tensor(y))

@@ -21,6 +21,7 @@ from fruitlens.data.manifest import Manifest
 from fruitlens.errors import FruitlensError, RunDirError
 from fruitlens.models.registry import FruitNet, build_model
 from fruitlens.rundir import RunDir, save_model
+from fruitlens.runtime import limit_heap_growth
 from fruitlens.training import data as tdata
 from fruitlens.training.callbacks import EpochSummary, FreezeBackbone, TargetAccuracy
 from fruitlens.training.features import cached_features
@@ -39,6 +40,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False) -> RunDir:
     """Trains ``cfg`` into the run folder ``out`` and evaluates it on the test split."""
     run = RunDir(Path(out))
     t0 = time.perf_counter()
+    limit_heap_growth()  # else large image batches fragment glibc's heaps (GiBs at 448 px)
     L.seed_everything(cfg.data.seed, workers=True, verbose=False)
     if resume:
         run.require("config.yaml", "manifest.csv", "facts.json")
