@@ -81,3 +81,15 @@ def test_near_duplicate_search_matches_brute_force():
     dist = popcount64(hashes[:, None] ^ hashes[None, :]).reshape(len(hashes), len(hashes))
     want = {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes)) if dist[i, j] <= 4}
     assert got == want and len(want) >= 100
+
+
+def test_batched_phash_equals_imagehash():
+    import imagehash
+
+    from fruitlens.data.hashing import phash_batch, phash_thumbnail
+
+    rng = np.random.default_rng(1)
+    images = [fruit_image(c, i, 60) for c in ("apple", "kiwi") for i in range(4)]
+    images += [Image.fromarray(rng.integers(0, 256, (41, 77, 3), dtype=np.uint8)), Image.new("RGB", (50, 50), "white")]
+    got = phash_batch([phash_thumbnail(im) for im in images]).tolist()
+    assert got == [int(str(imagehash.phash(im)), 16) for im in images]

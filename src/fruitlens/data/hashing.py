@@ -9,6 +9,27 @@ from __future__ import annotations
 import numpy as np
 
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+PHASH_SIDE = 32  # pHash works on a 32x32 grayscale thumbnail (imagehash's hash_size 8 x highfreq_factor 4)
+
+
+def phash_thumbnail(img) -> bytes:
+    """The 32x32 grayscale (Lanczos) thumbnail pHash starts from, as raw bytes (cheap to send between processes)."""
+    from PIL import Image
+
+    return img.convert("L").resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS).tobytes()
+
+
+def phash_batch(thumbnails: list[bytes]) -> np.ndarray:
+    """64-bit perceptual hashes of many thumbnails at once; bit for bit ``imagehash.phash`` (a test holds them
+    equal), but one vectorised DCT for all images instead of one call per image."""
+    import scipy.fftpack
+
+    if not thumbnails:
+        return np.zeros(0, dtype=np.uint64)
+    px = np.frombuffer(b"".join(thumbnails), dtype=np.uint8).reshape(-1, PHASH_SIDE, PHASH_SIDE).astype(np.float64)
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(px, axis=1), axis=2)[:, :8, :8].reshape(len(px), 64)
+    bits = dct > np.median(dct, axis=1, keepdims=True)
+    return np.packbits(bits, axis=1, bitorder="big").view(">u8").ravel().astype(np.uint64)
 
 
 def popcount64(x: np.ndarray) -> np.ndarray:
