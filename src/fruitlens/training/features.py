@@ -13,21 +13,32 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from fruitlens.config import AugmentConfig
+from fruitlens.data.images import resize_crop
 from fruitlens.models.preprocessing import Preprocessing
 from fruitlens.training.augment import augment_batch, normalise, uint8_to_input
 
 log = logging.getLogger(__name__)
 
 
-def uint8_transforms(pre: Preprocessing) -> v2.Compose:
-    """The eval geometry (resize shorter side, centre crop) without normalisation, as uint8 CHW."""
-    return v2.Compose([v2.Resize(pre.resize_size, antialias=True), v2.CenterCrop(pre.image_size), v2.PILToTensor()])
+class Uint8Geometry:
+    """The eval geometry (resize shorter side, centre crop; ``resize_crop``, pixel for pixel torchvision's) without
+    normalisation, PIL image -> uint8 CHW tensor."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.resize, self.size = pre.resize_size, pre.image_size
+
+    def __call__(self, img) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(resize_crop(img, self.resize, self.size)).copy()).permute(2, 0, 1)
+
+
+def uint8_transforms(pre: Preprocessing) -> Uint8Geometry:
+    return Uint8Geometry(pre)
 
 
 class Engine:
