@@ -53,10 +53,11 @@ def main(which: str = "all") -> None:
             "densenet121 (from scratch: no offline weights)": train("g_dn121", grocery, [
                 "--model", "densenet121", "--weights", "none", "--img-size", "128", "--target-acc", "0", "--epochs", "8"], runs),
         }
+    res["started"] = {which: res["machine"]["date"]}
     prev = OUT / "train.json"
     if prev.exists() and which != "all":
         old = json.loads(prev.read_text())
-        res = {**old, **res}
+        res = {**old, **res, "started": {**old.get("started", {}), **res["started"]}}
     save("train", res)
 
 

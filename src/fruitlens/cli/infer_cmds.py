@@ -54,7 +54,10 @@ def register(sub) -> None:
     p.add_argument("model", help="run folder or model.onnx")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="server processes behind the one port (default 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="inference threads per worker (default: all cores; ONNX Runtime's threads do not spin, so "
+                        "workers share the cores, and a worker whose clients keep their connections can use them all)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--max-upload-mb", type=float, default=10.0)
     p.set_defaults(func=run_serve)
@@ -138,8 +141,9 @@ def run_serve(args) -> int:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}", "use --workers 1 (the default) or more")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the service is reachable from other machines", file=sys.stderr)
-    # each worker gets its share of the cores, so N workers do not run N x cores inference threads
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be 0 (all cores) or more, got {args.threads}")
+    threads = args.threads or max(1, os.cpu_count() or 1)
     predictor = load_predictor(args.model, threads=threads)  # a bad model path fails here, with a clear message
     print(f"serving {args.model} ({predictor.engine}, {len(predictor.classes)} classes) on "
           f"http://{args.host}:{args.port} with {args.workers} worker(s)  (upload page /, API docs /docs)")

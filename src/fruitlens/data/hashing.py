@@ -24,12 +24,14 @@ def phash_batch(thumbnails: list[bytes]) -> np.ndarray:
     equal), but one vectorised DCT for all images instead of one call per image."""
     import scipy.fftpack
 
-    if not thumbnails:
-        return np.zeros(0, dtype=np.uint64)
-    px = np.frombuffer(b"".join(thumbnails), dtype=np.uint8).reshape(-1, PHASH_SIDE, PHASH_SIDE).astype(np.float64)
-    dct = scipy.fftpack.dct(scipy.fftpack.dct(px, axis=1), axis=2)[:, :8, :8].reshape(len(px), 64)
-    bits = dct > np.median(dct, axis=1, keepdims=True)
-    return np.packbits(bits, axis=1, bitorder="big").view(">u8").ravel().astype(np.uint64)
+    out = np.zeros(len(thumbnails), dtype=np.uint64)
+    for start in range(0, len(thumbnails), 4096):  # chunks keep the float64 DCT buffers at ~100 MB
+        chunk = thumbnails[start:start + 4096]
+        px = np.frombuffer(b"".join(chunk), dtype=np.uint8).reshape(-1, PHASH_SIDE, PHASH_SIDE).astype(np.float64)
+        dct = scipy.fftpack.dct(scipy.fftpack.dct(px, axis=1), axis=2)[:, :8, :8].reshape(len(px), 64)
+        bits = dct > np.median(dct, axis=1, keepdims=True)
+        out[start:start + len(chunk)] = np.packbits(bits, axis=1, bitorder="big").view(">u8").ravel()
+    return out
 
 
 def popcount64(x: np.ndarray) -> np.ndarray:
