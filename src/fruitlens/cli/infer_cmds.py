@@ -56,8 +56,7 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="server processes behind the one port (default 1)")
     p.add_argument("--threads", type=int, default=0,
-                   help="inference threads per worker (default: all cores; ONNX Runtime's threads do not spin, so "
-                        "workers share the cores, and a worker whose clients keep their connections can use them all)")
+                   help="inference threads per worker (default 0: all cores; idle threads sleep, so workers share)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--max-upload-mb", type=float, default=10.0)
     p.set_defaults(func=run_serve)
