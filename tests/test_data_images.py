@@ -74,3 +74,21 @@ def test_resize_crop_equals_torchvision_resize_and_centre_crop():
         want = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])(img)
         got = resize_crop(img, resize, crop)
         assert got.size == (crop, crop) and np.array_equal(np.asarray(got), np.asarray(want)), (w, h, resize, crop)
+
+
+def test_colour_jitter_matrix_equals_brightness_contrast_saturation_in_turn():
+    aug = AugmentConfig(rotation=0, zoom=0, shift=0, hflip=False, random_crop=False, color_jitter=0.4)
+    x = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8)
+    got = augment_batch(x, aug, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):  # the (here identity) warp's draws: angle, zoom, shift x, shift y
+        torch.rand(6, generator=g)
+    b, c, s = (0.6 + 0.8 * torch.rand(6, generator=g) for _ in range(3))
+    img, shape = x.float() / 255, (6, 1, 1, 1)
+    img = img * b.view(shape)  # brightness
+    gray = (0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2]).unsqueeze(1)
+    mean = gray.mean(dim=(2, 3), keepdim=True)
+    img = (img - mean) * c.view(shape) + mean  # contrast
+    gray = (0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2]).unsqueeze(1)
+    img = (img - gray) * s.view(shape) + gray  # saturation
+    assert torch.allclose(got, img.clamp(0, 1), atol=1e-5)
