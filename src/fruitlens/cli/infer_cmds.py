@@ -142,7 +142,7 @@ def run_serve(args) -> int:
         print(f"warning: binding {args.host}: the service is reachable from other machines", file=sys.stderr)
     if args.threads < 0:
         raise ConfigError(f"--threads must be 0 (all cores) or more, got {args.threads}")
-    threads = args.threads or max(1, os.cpu_count() or 1)
+    threads = args.threads  # 0: all cores, in each worker
     predictor = load_predictor(args.model, threads=threads)  # a bad model path fails here, with a clear message
     print(f"serving {args.model} ({predictor.engine}, {len(predictor.classes)} classes) on "
           f"http://{args.host}:{args.port} with {args.workers} worker(s)  (upload page /, API docs /docs)")

@@ -212,8 +212,8 @@ def check(scan_result: ScanResult | Manifest, *, min_size: int = 32, near_dup_di
     lab = np.array([label_ids[r.label] for r in records], dtype=np.int64)
     spl = np.array([split_ids[r.split] for r in records], dtype=np.int64)
     a_idx, b_idx = (near[:, 0], near[:, 1]) if len(near) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    is_exact = np.array([(int(a), int(b)) in exact_set for a, b in zip(a_idx, b_idx)] if exact_set else
-                        np.zeros(len(near), dtype=bool), dtype=bool)
+    n = len(records)
+    is_exact = np.isin(a_idx * n + b_idx, np.array([a * n + b for a, b in exact_set], dtype=np.int64))
     differ = lab[a_idx] != lab[b_idx]
     same_split = spl[a_idx] == spl[b_idx]
     conflict = int(differ.sum())

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -54,9 +54,8 @@ class Predictor:
         self.engine = engine
         self.source = source
         # eval_transforms' geometry runs on PIL images (resize_crop); scaling and normalisation once per batch in numpy
-        std = np.asarray(preprocessing.std, dtype=np.float32).reshape(1, 3, 1, 1)
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = np.asarray(preprocessing.mean, dtype=np.float32).reshape(1, 3, 1, 1) / std
+        scale, shift = preprocessing.scale_shift()
+        self._scale, self._shift = scale.reshape(1, 3, 1, 1), shift.reshape(1, 3, 1, 1)
 
     @classmethod
     def from_run(cls, path: str | Path, engine: str = "auto", threads: int = 0) -> "Predictor":

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -23,6 +25,12 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
         return cls(int(d["image_size"]), int(d["resize_size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
+
+    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel float32 ``(scale, shift)`` with ``uint8 * scale - shift == (x / 255 - mean) / std``: the whole
+        normalisation as one multiply and one subtract."""
+        std = np.asarray(self.std, dtype=np.float32)
+        return 1.0 / (255.0 * std), np.asarray(self.mean, dtype=np.float32) / std
 
     def with_image_size(self, size: int) -> "Preprocessing":
         """Same normalisation at another input size; the resize keeps the whole image (minimal crop)."""

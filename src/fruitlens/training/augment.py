@@ -65,7 +65,5 @@ def normalise(img: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
 
 def uint8_to_input(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     """(N, 3, H, W) uint8 -> the model's normalised float input in two passes (x / 255 - mean) / std."""
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    scale = 1.0 / (255.0 * std)
-    shift = torch.tensor(pre.mean).view(1, 3, 1, 1) / std
+    scale, shift = (torch.from_numpy(v).view(1, 3, 1, 1) for v in pre.scale_shift())
     return torch.mul(x, scale).sub_(shift)

@@ -93,9 +93,9 @@ def workers(cfg: TrainConfig) -> int:
 def dataset(m: Manifest, classes: list[str], pre: Preprocessing, cfg: TrainConfig, train: bool,
             cache: bool | None = None, uint8: bool = False) -> ImageDataset:
     """Images with the training (augmenting) or evaluation transforms; ``uint8`` for the feature cache."""
-    from fruitlens.training.features import uint8_transforms
+    from fruitlens.training.features import Uint8Geometry
 
-    tf = uint8_transforms(pre) if uint8 else train_transforms(pre, cfg.augment) if train else eval_transforms(pre)
+    tf = Uint8Geometry(pre) if uint8 else train_transforms(pre, cfg.augment) if train else eval_transforms(pre)
     min_side = int(pre.resize_size * 1.25)  # room for zoom, far below a phone photo's size
     return ImageDataset(m, classes, tf, cache=cfg.data.cache_images if cache is None else cache, min_side=min_side)
 

@@ -34,11 +34,7 @@ class Uint8Geometry:
         self.resize, self.size = pre.resize_size, pre.image_size
 
     def __call__(self, img) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(resize_crop(img, self.resize, self.size)).copy()).permute(2, 0, 1)
-
-
-def uint8_transforms(pre: Preprocessing) -> Uint8Geometry:
-    return Uint8Geometry(pre)
+        return torch.from_numpy(np.array(resize_crop(img, self.resize, self.size))).permute(2, 0, 1)
 
 
 class Engine:
