@@ -51,6 +51,18 @@ def test_batched_augmentation_differs_per_image_and_fills_white():
     assert not torch.equal(out[0], out[1])
 
 
+def test_random_resized_crop_zooms_into_a_region_inside_the_image():
+    """Crops of 25-100% of the area (aspect 3:4..4:3), shown at full size, never reach past the image's edges."""
+    x = torch.zeros(64, 3, 64, 64, dtype=torch.uint8)
+    x[:, 0] = torch.linspace(0, 200, 64).round().to(torch.uint8)  # red = x position, never white
+    aug = AugmentConfig(rotation=0, zoom=0, shift=0, hflip=False, color_jitter=0, crop_scale=0.25)
+    out = augment_batch(x, aug, torch.Generator().manual_seed(0))[:, 0] * 255
+    width = (out[:, :, -1] - out[:, :, 0]).mean(1) / 200  # the share of the image's width that each crop spans
+    assert width.min() >= (0.25 * 3 / 4) ** 0.5 - 0.03 and width.max() <= 1.0 + 1e-4
+    assert width.min() < 0.7 and (width > 0.9).any()  # small and large crops both occur
+    assert out.min() >= -1e-3 and out.max() <= 200 + 1e-3  # no white from outside the image
+
+
 def test_dataset_skips_a_file_that_broke_after_the_check(fruit_tree, caplog):
     m = scan(fruit_tree).manifest
     victim = m.resolve(m.records[0])

@@ -39,6 +39,12 @@ def test_class_absent_from_test_split():
     assert m["macro_recall"] == pytest.approx(1.0)  # over the classes present
 
 
+def test_prediction_of_an_absent_class_counts_as_an_error_without_a_warning(recwarn):
+    m = compute_metrics(np.array([0, 1, 0]), np.array([[.9, .05, .05], [.1, .8, .1], [.1, .2, .7]]), ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["macro_recall"] == pytest.approx(0.75)
+    assert not [w for w in recwarn if "y_pred" in str(w.message)]
+
+
 @pytest.mark.parametrize("n", [2, 100])
 def test_heatmap_and_html_for_2_and_100_classes(tmp_path, n):
     rng = np.random.default_rng(0)

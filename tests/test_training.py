@@ -31,6 +31,16 @@ def test_run_folder_is_complete(trained_run):
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4) and ckpt["model_name"] == "small_cnn"
     report = run.read_json("report.json")
     assert report["metrics"]["accuracy"] > 0.5  # four colours are easy
+    # the data picked the random crop (48 px images: studio-shot range) and config.yaml records it
+    assert TrainConfig.from_yaml(run.config).augment.crop_scale == 0.6
+
+
+def test_auto_crop_scale_by_kind_of_data():
+    from fruitlens.config import AugmentConfig
+    from fruitlens.training.data import auto_crop_scale
+
+    assert auto_crop_scale(100) == 0.6 and auto_crop_scale(348) == 0.08  # Fruits-360, GroceryStore
+    assert AugmentConfig().min_crop_area == 0.08 and AugmentConfig(crop_scale=0.3).min_crop_area == 0.3
 
 
 def test_mobilenet_feature_cache_then_fine_tune(tmp_path):

@@ -42,7 +42,13 @@ class AugmentConfig:
     shift: float = 0.1  # fraction of the image side
     hflip: bool = True
     color_jitter: float = 0.2  # brightness/contrast/saturation strength; photos need it, studio shots don't mind
-    random_crop: bool = True  # random resized crop around the zoom range: the lever for real photos
+    random_crop: bool = True  # random resized crop: the lever for real photos
+    crop_scale: float = 0.0  # smallest random crop, a fraction of the image area; 0: picked from the data
+
+    @property
+    def min_crop_area(self) -> float:
+        """``crop_scale``, or torchvision's RandomResizedCrop default (0.08) where no data has picked one yet."""
+        return self.crop_scale or 0.08
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ class TrainConfig:
             (0 <= m.dropout < 1, "model.dropout", "in [0, 1)"),
             (0 <= a.zoom < 1, "augment.zoom", "in [0, 1)"),
             (0 <= a.shift < 1, "augment.shift", "in [0, 1)"),
+            (0 <= a.crop_scale <= 1, "augment.crop_scale", "0 (auto) or a fraction in (0, 1]"),
         ]
         for ok, key, expected in checks:
             if not ok:

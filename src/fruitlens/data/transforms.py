@@ -28,7 +28,7 @@ def train_transforms(pre: Preprocessing, aug: AugmentConfig) -> v2.Compose:
         steps.append(v2.RandomAffine(degrees=aug.rotation, translate=(aug.shift, aug.shift) if aug.shift else None,
                                      scale=(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else None, fill=_WHITE))
     if aug.random_crop:
-        steps.append(v2.RandomResizedCrop(pre.image_size, scale=(0.6, 1.0), antialias=True))
+        steps.append(v2.RandomResizedCrop(pre.image_size, scale=(aug.min_crop_area, 1.0), antialias=True))
     else:
         steps.append(v2.CenterCrop(pre.image_size))
     if aug.hflip:

@@ -32,13 +32,21 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> to
     img = x.float().mul_(1 / 255.0).sub_(1.0)  # white -> 0, so that grid_sample's zero padding is white
     angle = _uniform(n, -aug.rotation, aug.rotation, g) * math.pi / 180
     zoom = _uniform(n, 1 - aug.zoom, 1 + aug.zoom, g)
-    if aug.random_crop:  # crop 60-100% of the area, shown at full size
-        zoom = zoom / torch.sqrt(_uniform(n, 0.6, 1.0, g))
     flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if aug.hflip else torch.ones(n)
     shift = 2 * aug.shift  # grid coordinates span [-1, 1]
     tx, ty = _uniform(n, -shift, shift, g), _uniform(n, -shift, shift, g)
+    wx = wy = torch.ones(n)
+    if aug.random_crop:  # RandomResizedCrop: min_crop_area..100% of the area, aspect 3:4..4:3, anywhere inside
+        area = _uniform(n, aug.min_crop_area, 1.0, g)
+        ratio = torch.exp(_uniform(n, math.log(3 / 4), math.log(4 / 3), g))
+        wx, wy = torch.sqrt(area * ratio).clamp_(max=1.0), torch.sqrt(area / ratio).clamp_(max=1.0)
+        # centres so that the outermost samples stay on pixel centres inside the image (no white blends in)
+        h, w = img.shape[-2:]
+        tx = tx + _uniform(n, -1, 1, g) * (1 - wx) * (1 - 1 / w)
+        ty = ty + _uniform(n, -1, 1, g) * (1 - wy) * (1 - 1 / h)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    theta = torch.stack([torch.stack([cos * flip * wx, -sin * wy, tx], 1),
+                         torch.stack([sin * flip * wx, cos * wy, ty], 1)], 1)
     grid = F.affine_grid(theta, list(img.shape), align_corners=False)
     img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # v - 1
     if not aug.color_jitter:

@@ -58,6 +58,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False) -> RunDir:
             size = tdata.auto_image_size(prepared.median_side)
             log.info("input size %d px, picked from the data (median shorter side %d px)", size, prepared.median_side)
             cfg = replace(cfg, model=replace(cfg.model, img_size=size))
+        if not cfg.augment.crop_scale:
+            cfg = replace(cfg, augment=replace(cfg.augment, crop_scale=tdata.auto_crop_scale(prepared.median_side)))
         run.path.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(run.config)
         manifest.to_csv(run.manifest)
