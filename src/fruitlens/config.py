@@ -32,6 +32,9 @@ class DataConfig:
     num_workers: int = -1  # -1: pick from the CPU count
 
 
+RRC_MIN_AREA = 0.08  # torchvision's RandomResizedCrop default: the smallest crop, as a share of the image area
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """The original's ImageDataGenerator options, each switchable off (0 / false)."""
@@ -48,7 +51,7 @@ class AugmentConfig:
     @property
     def min_crop_area(self) -> float:
         """``crop_scale``, or torchvision's RandomResizedCrop default (0.08) where no data has picked one yet."""
-        return self.crop_scale or 0.08
+        return self.crop_scale or RRC_MIN_AREA
 
 
 @dataclass(frozen=True)

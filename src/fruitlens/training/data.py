@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fruitlens.config import TrainConfig
+from fruitlens.config import RRC_MIN_AREA, TrainConfig
 from fruitlens.data.check import check
 from fruitlens.data.dataset import ImageDataset, make_loader
 from fruitlens.data.manifest import Manifest
@@ -73,6 +73,9 @@ def _finding_counts(report) -> dict[str, int]:
     return out
 
 
+STUDIO_MAX_SIDE = 128  # a median shorter side up to this: small studio shots of one fruit (Fruits-360: 100 px)
+
+
 def auto_image_size(median_side: int) -> int:
     """Input size from the data's median shorter side.
 
@@ -81,7 +84,7 @@ def auto_image_size(median_side: int) -> int:
     their own size (GroceryStore, median 348 px: 54% test accuracy at 224 px, 73% at 320, 77% at 448 with frozen
     MobileNetV2 features), so they get 1.25x their size rounded up to a multiple of 32, at most 448.
     """
-    if median_side <= 128:
+    if median_side <= STUDIO_MAX_SIDE:
         return max(64, (median_side // 32) * 32)
     return max(160, min(448, -(-int(median_side * 1.25) // 32) * 32))
 
@@ -94,7 +97,7 @@ def auto_crop_scale(median_side: int) -> float:
     test accuracy, mean of 3 seeds). Small studio shots of one whole fruit keep 60-100%: a crop of a few percent
     of a Fruits-360 image shows skin only, which no test image does.
     """
-    return 0.6 if median_side <= 128 else 0.08
+    return 0.6 if median_side <= STUDIO_MAX_SIDE else RRC_MIN_AREA
 
 
 def workers(cfg: TrainConfig) -> int:
