@@ -43,6 +43,14 @@ def test_auto_crop_scale_by_kind_of_data():
     assert AugmentConfig().min_crop_area == 0.08 and AugmentConfig(crop_scale=0.3).min_crop_area == 0.3
 
 
+def test_auto_epochs_by_phase():
+    from fruitlens.training.fit import HEAD_EPOCHS, IMAGE_EPOCHS, auto_epochs
+
+    assert auto_epochs(TrainConfig()) == HEAD_EPOCHS == 200  # a head on cached features trains to early stopping
+    for kw in ({"model.name": "small_cnn"}, {"model.weights": "none"}, {"fit.feature_cache": False}):
+        assert auto_epochs(apply_overrides(TrainConfig(), kw)) == IMAGE_EPOCHS == 30, kw
+
+
 def test_mobilenet_feature_cache_then_fine_tune(tmp_path):
     need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
     data = make_tree(tmp_path / "d", per_class=12, size=64)

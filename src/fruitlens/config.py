@@ -68,7 +68,7 @@ class ModelConfig:
 class FitConfig:
     """How training runs (the original's Adam + callbacks)."""
 
-    epochs: int = 30
+    epochs: int = 0  # max epochs of the first phase; 0: picked by training/fit.py: auto_epochs
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -135,7 +135,7 @@ class TrainConfig:
             (d.val + d.test < 1, "data.val + data.test", "below 1 so that training keeps images"),
             (d.group in ("near-duplicates", "none", "pattern"), "data.group", "near-duplicates, none or pattern"),
             (d.group != "pattern" or bool(d.group_pattern), "data.group_pattern", "a regular expression when data.group=pattern"),
-            (f.epochs >= 0, "fit.epochs", ">= 0"),
+            (f.epochs >= 0, "fit.epochs", "0 (auto) or more"),
             (f.batch_size >= 1, "fit.batch_size", ">= 1"),
             (f.lr > 0, "fit.lr", "> 0"),
             (0 <= f.target_acc <= 1, "fit.target_acc", "a fraction in [0, 1]"),

@@ -41,7 +41,8 @@ def register(sub) -> None:
     g.add_argument("--weights", help="imagenet (default) | none | PATH to a state dict")
     g.add_argument("--img-size", type=int, help="input size in px (default: picked from the data)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, help="max epochs of the head phase (default 30; early stopping ends sooner)")
+    g.add_argument("--epochs", type=int, help="max epochs of the first phase (default 200 for a head on cached features, "
+                   "30 on images; early stopping ends sooner)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     g.add_argument("--balance", choices=["none", "weights", "sampler"], help="for imbalanced classes")
