@@ -51,6 +51,21 @@ def test_auto_epochs_by_phase():
         assert auto_epochs(apply_overrides(TrainConfig(), kw)) == IMAGE_EPOCHS == 30, kw
 
 
+def test_pretrainable_model_without_weights_warns(tmp_path, caplog, monkeypatch):
+    from dataclasses import replace
+
+    from fruitlens.models import registry
+
+    # a newly registered model (one registry entry, nothing else) gets the warning too
+    monkeypatch.setitem(registry.MODELS, "resnet18_new", replace(registry.MODELS["resnet18"], name="resnet18_new"))
+    data = make_tree(tmp_path / "d", per_class=6, size=40)
+    cfg = _cfg(data, **{"model.name": "resnet18_new", "model.weights": "none", "model.img_size": 32,
+                        "fit.epochs": 1, "fit.target_acc": 0})
+    with caplog.at_level("WARNING"):
+        train(cfg, tmp_path / "run")
+    assert "resnet18_new trains from scratch (--weights none)" in caplog.text
+
+
 def test_mobilenet_feature_cache_then_fine_tune(tmp_path):
     need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
     data = make_tree(tmp_path / "d", per_class=12, size=64)

@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False) -> RunDir:
     model = build_model(cfg.model.name, len(classes), weights=cfg.model.weights, img_size=cfg.model.img_size,
                         dropout=cfg.model.dropout)
     pretrained = _pretrained(cfg)
-    if cfg.model.weights == "none" and model.name in ("mobilenet_v2", "densenet121", "resnet18"):
+    if cfg.model.weights == "none" and get_spec(model.name).weights_enum is not None:
         log.warning("%s trains from scratch (--weights none): expect far lower accuracy than with ImageNet weights",
                     model.name)
     history: list[dict] = run.read_history() if resume else []
