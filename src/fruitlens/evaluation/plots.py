@@ -48,14 +48,15 @@ def training_curves(history: list[dict], path: Path) -> Path | None:
     x = np.arange(1, len(history) + 1)
     get = lambda key: np.array([np.nan if r.get(key) is None else float(r[key]) for r in history])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    dots = len(history) <= 40  # a marker per epoch, where they do not merge into a line
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
-        ax.plot(x, get(f"train_{key}"), "o-", label="train")
-        ax.plot(x, get(f"val_{key}"), "s-", label="validation")
+        ax.plot(x, get(f"train_{key}"), "o-" if dots else "-", label="train")
+        ax.plot(x, get(f"val_{key}"), "s-" if dots else "-", label="validation")
         ax.set_title(label)
         ax.set_xlabel("epoch (all phases)")
         ax.legend()
         ax.grid(alpha=0.3)
-    axes[2].plot(x, get("lr"), "o-", color="gray")
+    axes[2].plot(x, get("lr"), "o-" if dots else "-", color="gray")
     axes[2].set_yscale("log")
     axes[2].set_title("learning rate")
     axes[2].set_xlabel("epoch (all phases)")
