@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False) -> RunDir:
     model = build_model(cfg.model.name, len(classes), weights=cfg.model.weights, img_size=cfg.model.img_size,
                         dropout=cfg.model.dropout)
     pretrained = _pretrained(cfg)
-    if cfg.model.weights == "none" and get_spec(model.name).weights_enum is not None:
+    if cfg.model.weights == "none" and _has_pretrained_weights(cfg):
         log.warning("%s trains from scratch (--weights none): expect far lower accuracy than with ImageNet weights",
                     model.name)
     history: list[dict] = run.read_history() if resume else []
@@ -115,9 +115,14 @@ def auto_epochs(cfg: TrainConfig) -> int:
     return HEAD_EPOCHS if _pretrained(cfg) and cfg.fit.feature_cache else IMAGE_EPOCHS
 
 
+def _has_pretrained_weights(cfg: TrainConfig) -> bool:
+    """The model has ImageNet weights in torchvision (small_cnn has none)."""
+    return get_spec(cfg.model.name).weights_enum is not None
+
+
 def _pretrained(cfg: TrainConfig) -> bool:
     """Starts from pretrained weights, so that phase 1 trains the head alone (else the whole network trains)."""
-    return cfg.model.weights != "none" and get_spec(cfg.model.name).weights_enum is not None
+    return cfg.model.weights != "none" and _has_pretrained_weights(cfg)
 
 
 def _export_for_serving(run: RunDir) -> None:
