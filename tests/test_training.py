@@ -81,6 +81,23 @@ def test_mobilenet_feature_cache_then_fine_tune(tmp_path):
     assert run.read_json("report.json")["metrics"]["accuracy"] >= 0.8
 
 
+def test_feature_engine_matches_pytorch_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    import tempfile
+
+    from torch import nn
+
+    from fruitlens.training.features import Engine
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the ONNX file is written (and removed) here
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    engine = Engine(backbone, 32)
+    x = torch.randn(4, 3, 32, 32)
+    assert engine.name == "onnxruntime"
+    torch.testing.assert_close(engine(x), backbone(x).detach(), atol=1e-5, rtol=1e-4)
+    assert list(tmp_path.iterdir()) == []  # every training run used to leave an 8.5 MB backbone.onnx in /tmp
+
+
 def test_target_accuracy_stops_training(tmp_path):
     data = make_tree(tmp_path / "d", per_class=10, size=40)
     run = train(_cfg(data, **{"model.name": "small_cnn", "model.img_size": 32, "fit.epochs": 20,

@@ -64,12 +64,13 @@ def _onnx_session(backbone: nn.Module, image_size: int):
 
     from fruitlens.inference.export import export_onnx_module
 
-    path = Path(tempfile.mkdtemp(prefix="fruitlens-feat-")) / "backbone.onnx"
-    export_onnx_module(backbone, path, image_size)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, os.cpu_count() or 1)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave the cores to the decoders
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="fruitlens-feat-") as tmp:  # the session holds the model in memory
+        path = Path(tmp) / "backbone.onnx"
+        export_onnx_module(backbone, path, image_size)
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, views: int = 0,
