@@ -98,11 +98,13 @@ def test_feature_engine_matches_pytorch_and_leaves_no_temp_files(tmp_path, monke
     assert list(tmp_path.iterdir()) == []  # every training run used to leave an 8.5 MB backbone.onnx in /tmp
 
 
-def test_target_accuracy_stops_training(tmp_path):
+def test_target_accuracy_stops_training(tmp_path, capfd):
     data = make_tree(tmp_path / "d", per_class=10, size=40)
     run = train(_cfg(data, **{"model.name": "small_cnn", "model.img_size": 32, "fit.epochs": 20,
                               "fit.target_acc": 0.01}), tmp_path / "run")
     assert len(list(csv.DictReader(run.history.open()))) == 1
+    out = capfd.readouterr()
+    assert "it/s" not in out.out + out.err  # not a terminal: no progress bar redraws, the epoch summary is enough
 
 
 def test_resume_continues_from_last_checkpoint(tmp_path):
