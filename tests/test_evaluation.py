@@ -7,7 +7,7 @@ import pytest
 from fruitlens.cli.main import main
 from fruitlens.evaluation import plots
 from fruitlens.evaluation.html import render_html
-from fruitlens.evaluation.metrics import compute_metrics
+from fruitlens.evaluation.metrics import ci_text, compute_metrics
 from fruitlens.evaluation.report import evaluate_run
 from conftest import make_tree
 
@@ -31,6 +31,11 @@ def test_metrics_on_a_case_computed_by_hand():
     assert m["log_loss"] == pytest.approx(-np.mean(np.log([.78, .28, .78, .7, .18])))
     assert m["top_k_accuracy"] == {}  # 3 classes: top-3 would be trivially 1
     assert m["most_confused"][0]["count"] == 1
+    from scipy.stats import binomtest
+
+    ci = binomtest(3, 5).proportion_ci(method="wilson")  # 3 of 5 right
+    assert m["accuracy_ci95"] == pytest.approx([ci.low, ci.high], abs=1e-4)
+    assert ci_text(m) == "95% CI 23.1-88.2%"
 
 
 def test_class_absent_from_test_split():
@@ -76,6 +81,7 @@ def test_evaluate_run_numbers_agree_and_report_is_self_contained(trained_run):
     html = (trained_run / "report.html").read_text()
     assert not re.search(r'src="(?!data:)', html)  # every image embedded
     assert "Confusion matrix" in html and "Classification report" in html
+    assert f"accuracy ({ci_text(m)})" in html and ci_text(m).startswith("95% CI ")  # how far the figure may be off
     saved = json.loads((trained_run / "report.json").read_text())
     assert saved["metrics"]["accuracy"] == m["accuracy"]
     assert (trained_run / "classification_report.txt").read_text().strip().startswith("precision")

@@ -54,6 +54,7 @@ class _Bar:
 def run(args) -> int:
     from fruitlens.config import parse_overrides
     from fruitlens.demo import run_demo
+    from fruitlens.evaluation.metrics import ci_text
 
     res = run_demo(args.out, data=args.data, data_url=args.data_url, sha256=args.sha256, classes=args.classes,
                    overrides=parse_overrides(args.overrides), progress=_Bar(), int8=args.int8)
@@ -66,7 +67,7 @@ def run(args) -> int:
     print(f"  data:     {res.data_root} ({len(res.classes)} classes; split train {split.get('train', 0)}, "
           f"val {split.get('val', 0)}, test {split.get('test', 0)}; "
           f"{'leak-free' if leak.get('leak_free') else 'NOT leak-free'})")
-    print(f"  test:     accuracy {m['accuracy']:.2%}, macro F1 {m['macro_f1']:.2%}, ECE {m['ece']:.3f} "
+    print(f"  test:     accuracy {m['accuracy']:.2%} ({ci_text(m)}), macro F1 {m['macro_f1']:.2%}, ECE {m['ece']:.3f} "
           f"on {m['n']} images")
     print(f"  report:   {res.run.report_html}")
     print(f"  model:    {res.run.best_ckpt}")

@@ -107,10 +107,12 @@ def run_train(args) -> int:
 
 
 def _print_summary(run) -> None:
+    from fruitlens.evaluation.metrics import ci_text
+
     report = run.read_json("report.json")
     m = report["metrics"]
     print(f"\nrun folder: {run.path}")
-    print(f"test accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  "
+    print(f"test accuracy {m['accuracy']:.4f} ({ci_text(m)})  macro F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  "
           f"({m['n']} images, {report['evaluated_on']})")
     if report["leak"].get("test_images_with_train_duplicate"):
         print(f"warning: {report['leak']['test_images_with_train_duplicate']} test images have a near duplicate in "

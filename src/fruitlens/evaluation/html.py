@@ -5,6 +5,8 @@ import html
 import json
 from typing import Any
 
+from fruitlens.evaluation.metrics import ci_text
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
 main{max-width:1200px;margin:0 auto;padding:24px}
@@ -51,7 +53,7 @@ def render_html(report: dict, images: dict[str, str]) -> str:
     """The report page; every value is escaped (class names come from folder names)."""
     m = report["metrics"]
     model = report["model"]
-    cards = [("accuracy", _pct(m["accuracy"])), ("balanced accuracy", _pct(m["balanced_accuracy"])),
+    cards = [(f"accuracy ({ci_text(m)})" if ci_text(m) else "accuracy", _pct(m["accuracy"])), ("balanced accuracy", _pct(m["balanced_accuracy"])),
              ("macro F1", _pct(m["macro_f1"])), ("weighted F1", _pct(m["weighted_f1"]))]
     cards += [(f"top-{k} accuracy", _pct(v)) for k, v in m["top_k_accuracy"].items()]
     cards += [("log loss", f"{m['log_loss']:.4f}" if m["log_loss"] is not None else "-"), ("ECE", f"{m['ece']:.4f}"),

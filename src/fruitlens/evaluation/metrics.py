@@ -25,6 +25,23 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[s
     return {"ece": float(ece), "bins": rows}
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on ``n`` images: how far the figure may be from the
+    accuracy on many more images like these (75% on 111 test photos: about +-8 points)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def ci_text(metrics: dict[str, Any]) -> str:
+    """``95% CI 66.0-82.1%`` for a report's accuracy; empty for reports written before it was recorded."""
+    lo, hi = metrics.get("accuracy_ci95") or (None, None)
+    return "" if lo is None or np.isnan(lo) else f"95% CI {100 * lo:.1f}-{100 * hi:.1f}%"
+
+
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Accuracy, balanced/top-k accuracy, P/R/F1 (macro, weighted, per class), log loss, ECE, confusion matrix."""
     with warnings.catch_warnings():  # a prediction of a class absent from the data is an error already counted
@@ -43,6 +60,7 @@ def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) 
     out: dict[str, Any] = {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy_ci95": list(wilson_interval(int((y_true == y_pred).sum()), len(y_true))),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
         "top_k_accuracy": {},
         "confusion_matrix": cm.tolist(),
