@@ -98,6 +98,23 @@ def test_feature_engine_matches_pytorch_and_leaves_no_temp_files(tmp_path, monke
     assert list(tmp_path.iterdir()) == []  # every training run used to leave an 8.5 MB backbone.onnx in /tmp
 
 
+def test_last_checkpoint_is_the_last_epoch_not_the_best(tmp_path, monkeypatch):
+    from fruitlens.training.module import ClassifierModule
+
+    log = ClassifierModule.log
+
+    def rising_val_loss(self, name, value, *args, **kwargs):  # only the first epoch is the best one
+        return log(self, name, value + self.current_epoch if name == "val/loss" else value, *args, **kwargs)
+
+    monkeypatch.setattr(ClassifierModule, "log", rising_val_loss)
+    data = make_tree(tmp_path / "d", per_class=6, size=40)
+    run = train(_cfg(data, **{"model.name": "small_cnn", "model.img_size": 32, "fit.epochs": 3,
+                              "fit.target_acc": 0}), tmp_path / "run")
+    epoch = lambda name: torch.load(run.checkpoints / "full" / name, weights_only=False)["epoch"]
+    assert epoch("best.ckpt") == 0
+    assert epoch("last.ckpt") == 2  # --resume continues after the last epoch, not from the best one
+
+
 def test_target_accuracy_stops_training(tmp_path, capfd):
     data = make_tree(tmp_path / "d", per_class=10, size=40)
     run = train(_cfg(data, **{"model.name": "small_cnn", "model.img_size": 32, "fit.epochs": 20,

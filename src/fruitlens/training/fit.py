@@ -162,8 +162,11 @@ def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: li
              progress: bool) -> tuple[L.Trainer, ModelCheckpoint]:
     f = cfg.fit
     ckpt = ModelCheckpoint(dirpath=run.checkpoints / phase, filename="best", monitor="val/loss", mode="min",
-                           save_last=True, enable_version_counter=False)
-    callbacks = [ckpt, EarlyStopping("val/loss", patience=f.early_stopping_patience, mode="min"),
+                           enable_version_counter=False)
+    # every epoch, for --resume (Lightning's save_last=True writes last.ckpt only when the best one improves)
+    last = ModelCheckpoint(dirpath=run.checkpoints / phase, filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
+    callbacks = [ckpt, last, EarlyStopping("val/loss", patience=f.early_stopping_patience, mode="min"),
                  LearningRateMonitor("epoch"), EpochSummary(phase, history)]
     if f.target_acc > 0:
         callbacks.append(TargetAccuracy(f.target_acc, "train/acc" if monitor_train else "val/acc"))
