@@ -7,7 +7,7 @@ import pytest
 from fruitlens.cli.main import main
 from fruitlens.evaluation import plots
 from fruitlens.evaluation.html import render_html
-from fruitlens.evaluation.metrics import ci_text, compute_metrics
+from fruitlens.evaluation.metrics import ci_text, compute_metrics, gap_text, validation_gap
 from fruitlens.evaluation.report import evaluate_run
 from conftest import make_tree
 
@@ -36,6 +36,20 @@ def test_metrics_on_a_case_computed_by_hand():
     ci = binomtest(3, 5).proportion_ci(method="wilson")  # 3 of 5 right
     assert m["accuracy_ci95"] == pytest.approx([ci.low, ci.high], abs=1e-4)
     assert ci_text(m) == "95% CI 23.1-88.2%"
+
+
+def test_validation_gap_when_validation_photos_resemble_training():
+    hist = [{"phase": "head", "val_loss": 0.3, "val_acc": 0.90}, {"phase": "head", "val_loss": 0.07, "val_acc": 0.99},
+            {"phase": "fine-tune", "val_loss": 0.2, "val_acc": 0.95}]  # the kept model: best validation loss
+    m = compute_metrics(np.array([0] * 83 + [1] * 28), np.eye(2)[[0] * 83 + [0] * 28], ["a", "b"])  # 74.8% of 111
+    gap = validation_gap(hist, m, n_val=171)
+    assert gap == {"val_accuracy": 0.99, "val_images": 171, "accuracy": pytest.approx(83 / 111), "significant": True}
+    report = {"validation_gap": gap, "evaluated_on": "test"}
+    assert gap_text(report).startswith("validation accuracy 99.0% is far above this test accuracy (74.8%)")
+    # 10 validation images: 99% of them is no evidence (intervals overlap); nor is a gap within the noise
+    assert not validation_gap(hist, m, n_val=10)["significant"] and gap_text({**report, "validation_gap": None}) == ""
+    assert not validation_gap([{"val_loss": 0.1, "val_acc": 0.80}], m, n_val=171)["significant"]
+    assert validation_gap([], m, n_val=171) is None and validation_gap(hist, m, n_val=0) is None
 
 
 def test_class_absent_from_test_split():
@@ -69,6 +83,9 @@ def test_heatmap_and_html_for_2_and_100_classes(tmp_path, n):
               "gallery": {"worst_mistakes": [], "least_confident_correct": []}}
     page = render_html(report, {"confusion_normalised": "data:image/png;base64,AAAA"})
     assert "class &lt;1&gt;" in page and "<1>" not in page  # labels are escaped
+    assert "validation-gap" not in page
+    gap = {"val_accuracy": 0.99, "val_images": 171, "accuracy": 0.75, "significant": True}
+    assert "Validation overstates:</b> validation accuracy 99.0%" in render_html({**report, "validation_gap": gap}, {})
     assert page.count("<tr>") >= n
 
 
@@ -82,6 +99,7 @@ def test_evaluate_run_numbers_agree_and_report_is_self_contained(trained_run):
     assert not re.search(r'src="(?!data:)', html)  # every image embedded
     assert "Confusion matrix" in html and "Classification report" in html
     assert f"accuracy ({ci_text(m)})" in html and ci_text(m).startswith("95% CI ")  # how far the figure may be off
+    assert rep["validation_gap"]["val_images"] == rep["dataset"]["totals"]["val"]
     saved = json.loads((trained_run / "report.json").read_text())
     assert saved["metrics"]["accuracy"] == m["accuracy"]
     assert (trained_run / "classification_report.txt").read_text().strip().startswith("precision")

@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def run_evaluate(args) -> int:
-    from fruitlens.evaluation.metrics import ci_text
+    from fruitlens.evaluation.metrics import ci_text, gap_text
     from fruitlens.evaluation.report import evaluate_run
 
     rep = evaluate_run(args.run, args.data, split=args.split, class_map=args.class_map, batch_size=args.batch_size)
@@ -46,6 +46,8 @@ def run_evaluate(args) -> int:
     print(f"evaluated on {rep['evaluated_on']}: {m['n']} images")
     print(f"accuracy {m['accuracy']:.4f} ({ci_text(m)})  balanced {m['balanced_accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  "
           f"log loss {m['log_loss']:.4f}  ECE {m['ece']:.4f}")
+    if gap_text(rep):
+        print(f"warning: {gap_text(rep)}")
     print()
     print(m["classification_report"])
     if m["most_confused"]:

@@ -107,7 +107,7 @@ def run_train(args) -> int:
 
 
 def _print_summary(run) -> None:
-    from fruitlens.evaluation.metrics import ci_text
+    from fruitlens.evaluation.metrics import ci_text, gap_text
 
     report = run.read_json("report.json")
     m = report["metrics"]
@@ -117,6 +117,8 @@ def _print_summary(run) -> None:
     if report["leak"].get("test_images_with_train_duplicate"):
         print(f"warning: {report['leak']['test_images_with_train_duplicate']} test images have a near duplicate in "
               "train (the data's own split): this accuracy overstates accuracy on new photos")
+    if gap_text(report):
+        print(f"warning: {gap_text(report)}")
     print(f"report: {run.report_html}")
     print(f"next: fruitlens predict {run.path} IMAGE | fruitlens export {run.path} --format onnx | "
           f"fruitlens serve {run.path}")

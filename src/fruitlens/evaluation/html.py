@@ -5,7 +5,7 @@ import html
 import json
 from typing import Any
 
-from fruitlens.evaluation.metrics import ci_text
+from fruitlens.evaluation.metrics import ci_text, gap_text
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
@@ -69,6 +69,8 @@ def render_html(report: dict, images: dict[str, str]) -> str:
         leak_html = "<div class='ok'>The split is leak-free: no test image has a near duplicate in train or validation.</div>"
     else:
         leak_html = ""
+    if gap_text(report):
+        leak_html += f"<div class='warn' id='validation-gap'><b>Validation overstates:</b> {_e(gap_text(report))}</div>"
     per_class = [[c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", v["support"]]
                  for c, v in m["per_class"].items()]
     confused = [[p["true"], p["predicted"], p["count"]] for p in m["most_confused"]]

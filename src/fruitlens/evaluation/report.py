@@ -17,7 +17,7 @@ from fruitlens.data.scan import scan
 from fruitlens.errors import DataError
 from fruitlens.evaluation import plots
 from fruitlens.evaluation.html import render_html
-from fruitlens.evaluation.metrics import compute_metrics
+from fruitlens.evaluation.metrics import compute_metrics, validation_gap
 from fruitlens.inference.predictor import Predictor, softmax
 from fruitlens.rundir import RunDir, json_safe
 
@@ -112,6 +112,9 @@ def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: st
     eval_seconds = time.perf_counter() - t0
     report = _assemble(run, metrics, split_name, data, class_map, unmapped, bad, eval_seconds, train_seconds,
                        predictor, classes)
+    if split_name != "val":
+        n_val = len(Manifest.from_csv(run.manifest).split("val")) if run.manifest.exists() else 0
+        report["validation_gap"] = validation_gap(report["history"], metrics, n_val)
     report["gallery"] = _gallery(paths, y, probs, classes, gallery)
     _write(run, report, metrics, classes)
     log.info("evaluated %d images (%s) in %.1fs: accuracy %.4f, macro F1 %.4f -> %s", len(y), split_name,
