@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -41,6 +42,24 @@ def test_transforms_follow_preprocessing_and_switches():
     off = AugmentConfig(enabled=False)
     assert torch.equal(train_transforms(pre, off)(img), x)
     assert train_transforms(pre, AugmentConfig())(img).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("path", ["images", "features"])
+def test_colour_jitter_keeps_the_hue(path):
+    """Brightness, contrast and saturation vary; hue does not (a yellow-green apple must not turn into a green one).
+    Both training paths: images (fine-tuning, --no-feature-cache) and the feature cache's augmented views."""
+    aug = AugmentConfig(rotation=0, zoom=0, shift=0, hflip=False, random_crop=False, color_jitter=0.4)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    img = Image.new("RGB", (32, 32), (200, 60, 60))  # red: G == B, and stays so unless the hue turns
+    pre = Preprocessing(32, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    for _ in range(20):
+        if path == "images":
+            x = train_transforms(pre, aug)(img)
+        else:
+            x = augment_batch(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None], aug, g)[0]
+        r, gr, b = x.mean((1, 2)).tolist()
+        assert abs(gr - b) < 2 / 255 and r >= gr, (r, gr, b)
 
 
 def test_batched_augmentation_differs_per_image_and_fills_white():

@@ -33,7 +33,7 @@ def train_transforms(pre: Preprocessing, aug: AugmentConfig) -> v2.Compose:
         steps.append(v2.CenterCrop(pre.image_size))
     if aug.hflip:
         steps.append(v2.RandomHorizontalFlip())
-    if aug.color_jitter:
+    if aug.color_jitter:  # no hue jitter: hue tells a Golden Delicious from a Granny Smith, a lemon from a lime
         j = aug.color_jitter
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(0.05, j / 4)))
+        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
     return v2.Compose(steps + _to_tensor(pre))
