@@ -66,7 +66,7 @@ def render_html(report: dict, images: dict[str, str]) -> str:
                      "The test accuracy above overstates accuracy on new photos. "
                      "Use <code>fruitlens split</code> (the default for data without a split) for a leak-free figure.</div>")
     elif leak.get("applies") and leak.get("leak_free"):
-        leak_html = "<div class='ok'>The split is leak-free: no test image has a near duplicate in train or validation.</div>"
+        leak_html = "<div class='ok'>The split is leak-free: no test image has a near copy (perceptual hash) in train or validation.</div>"
     else:
         leak_html = ""
     if gap_text(report):
