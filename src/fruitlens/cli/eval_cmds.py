@@ -46,8 +46,8 @@ def run_evaluate(args) -> int:
     print(f"evaluated on {rep['evaluated_on']}: {m['n']} images")
     print(f"accuracy {m['accuracy']:.4f} ({ci_text(m)})  balanced {m['balanced_accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  "
           f"log loss {m['log_loss']:.4f}  ECE {m['ece']:.4f}")
-    if gap_text(rep):
-        print(f"warning: {gap_text(rep)}")
+    if gap := gap_text(rep):
+        print(f"warning: {gap}")
     print()
     print(m["classification_report"])
     if m["most_confused"]:

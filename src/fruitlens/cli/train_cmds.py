@@ -117,8 +117,8 @@ def _print_summary(run) -> None:
     if report["leak"].get("test_images_with_train_duplicate"):
         print(f"warning: {report['leak']['test_images_with_train_duplicate']} test images have a near duplicate in "
               "train (the data's own split): this accuracy overstates accuracy on new photos")
-    if gap_text(report):
-        print(f"warning: {gap_text(report)}")
+    if gap := gap_text(report):
+        print(f"warning: {gap}")
     print(f"report: {run.report_html}")
     print(f"next: fruitlens predict {run.path} IMAGE | fruitlens export {run.path} --format onnx | "
           f"fruitlens serve {run.path}")

@@ -53,8 +53,10 @@ def render_html(report: dict, images: dict[str, str]) -> str:
     """The report page; every value is escaped (class names come from folder names)."""
     m = report["metrics"]
     model = report["model"]
-    cards = [(f"accuracy ({ci_text(m)})" if ci_text(m) else "accuracy", _pct(m["accuracy"])), ("balanced accuracy", _pct(m["balanced_accuracy"])),
-             ("macro F1", _pct(m["macro_f1"])), ("weighted F1", _pct(m["weighted_f1"]))]
+    ci = ci_text(m)
+    cards = [(f"accuracy ({ci})" if ci else "accuracy", _pct(m["accuracy"])),
+             ("balanced accuracy", _pct(m["balanced_accuracy"])), ("macro F1", _pct(m["macro_f1"])),
+             ("weighted F1", _pct(m["weighted_f1"]))]
     cards += [(f"top-{k} accuracy", _pct(v)) for k, v in m["top_k_accuracy"].items()]
     cards += [("log loss", f"{m['log_loss']:.4f}" if m["log_loss"] is not None else "-"), ("ECE", f"{m['ece']:.4f}"),
               ("images", m["n"])]
@@ -69,8 +71,8 @@ def render_html(report: dict, images: dict[str, str]) -> str:
         leak_html = "<div class='ok'>The split is leak-free: no test image has a near copy (perceptual hash) in train or validation.</div>"
     else:
         leak_html = ""
-    if gap_text(report):
-        leak_html += f"<div class='warn' id='validation-gap'><b>Validation overstates:</b> {_e(gap_text(report))}</div>"
+    if gap := gap_text(report):
+        leak_html += f"<div class='warn' id='validation-gap'><b>Validation overstates:</b> {_e(gap)}</div>"
     per_class = [[c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", v["support"]]
                  for c, v in m["per_class"].items()]
     confused = [[p["true"], p["predicted"], p["count"]] for p in m["most_confused"]]

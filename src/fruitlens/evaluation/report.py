@@ -113,7 +113,7 @@ def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: st
     report = _assemble(run, metrics, split_name, data, class_map, unmapped, bad, eval_seconds, train_seconds,
                        predictor, classes)
     if split_name != "val":
-        n_val = len(Manifest.from_csv(run.manifest).split("val")) if run.manifest.exists() else 0
+        n_val = report["dataset"]["totals"].get("val", 0)
         report["validation_gap"] = validation_gap(report["history"], metrics, n_val)
     report["gallery"] = _gallery(paths, y, probs, classes, gallery)
     _write(run, report, metrics, classes)

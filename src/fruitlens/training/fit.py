@@ -177,14 +177,10 @@ def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: li
     trainer = L.Trainer(max_epochs=epochs, accelerator=f.accelerator, devices=devices, num_nodes=f.num_nodes,
                         strategy=f.strategy, precision=precision, deterministic=f.deterministic, callbacks=callbacks,
                         logger=CSVLogger(run.path, name="logs", version=phase), enable_model_summary=False,
-                        enable_progress_bar=progress and _interactive(), limit_train_batches=limit, limit_val_batches=limit,
+                        # a bar only on a terminal: in a log file its redraws bury the one summary line per epoch
+                        enable_progress_bar=progress and sys.stdout.isatty(), limit_train_batches=limit, limit_val_batches=limit,
                         num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=run.path)
     return trainer, ckpt
-
-
-def _interactive() -> bool:
-    """A progress bar only on a terminal: in a log file its redraws bury the one summary line per epoch."""
-    return sys.stdout.isatty()
 
 
 def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModule, train_dl, val_dl,
