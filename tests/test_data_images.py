@@ -7,9 +7,9 @@ from fruitlens.config import AugmentConfig
 from fruitlens.data.dataset import ImageDataset
 from fruitlens.data.images import load_image, to_rgb
 from fruitlens.data.scan import scan
-from fruitlens.data.transforms import eval_transforms, train_transforms
+from fruitlens.data.transforms import eval_transforms
 from fruitlens.models.preprocessing import Preprocessing
-from fruitlens.training.augment import augment_batch
+from fruitlens.training.augment import BatchInput, augment_batch
 
 
 def test_alpha_is_composited_on_white():
@@ -39,9 +39,11 @@ def test_transforms_follow_preprocessing_and_switches():
     img = Image.new("RGB", (80, 60), (255, 255, 255))
     x = eval_transforms(pre)(img)
     assert x.shape == (3, 32, 32) and torch.allclose(x, torch.full_like(x, 2.0))
-    off = AugmentConfig(enabled=False)
-    assert torch.equal(train_transforms(pre, off)(img), x)
-    assert train_transforms(pre, AugmentConfig())(img).shape == (3, 32, 32)
+    u8 = torch.from_numpy(np.array(img.resize((32, 32)))).permute(2, 0, 1)[None]
+    off = BatchInput(pre, AugmentConfig(enabled=False))
+    assert torch.allclose(off(u8, train=True)[0], x) and torch.allclose(BatchInput(pre, AugmentConfig())(u8, False)[0], x)
+    aug = BatchInput(pre, AugmentConfig(color_jitter=0.4))(u8.repeat(4, 1, 1, 1), train=True)
+    assert aug.shape == (4, 3, 32, 32) and not torch.allclose(aug[0], aug[1])
 
 
 @pytest.mark.parametrize("path", ["images", "features"])
@@ -53,11 +55,10 @@ def test_colour_jitter_keeps_the_hue(path):
     g = torch.Generator().manual_seed(0)
     img = Image.new("RGB", (32, 32), (200, 60, 60))  # red: G == B, and stays so unless the hue turns
     pre = Preprocessing(32, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    u8 = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]
+    images = BatchInput(pre, aug, seed=0)
     for _ in range(20):
-        if path == "images":
-            x = train_transforms(pre, aug)(img)
-        else:
-            x = augment_batch(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None], aug, g)[0]
+        x = images(u8, train=True)[0] if path == "images" else augment_batch(u8, aug, g)[0]
         r, gr, b = x.mean((1, 2)).tolist()
         assert abs(gr - b) < 2 / 255 and r >= gr, (r, gr, b)
 

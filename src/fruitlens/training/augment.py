@@ -28,7 +28,7 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> to
     saturation are all linear in colour, so they are applied as one 3x3 matrix plus offset per image: one pass over
     the pixels instead of a dozen (this runs for every augmented feature view).
     """
-    n = x.shape[0]
+    n, dev = x.shape[0], x.device  # the random draws come from ``g`` on the CPU, the pixel work runs on x's device
     img = x.float().mul_(1 / 255.0).sub_(1.0)  # white -> 0, so that grid_sample's zero padding is white
     angle = _uniform(n, -aug.rotation, aug.rotation, g) * math.pi / 180
     zoom = _uniform(n, 1 - aug.zoom, 1 + aug.zoom, g)
@@ -46,18 +46,18 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> to
         ty = ty + _uniform(n, -1, 1, g) * (1 - wy) * (1 - 1 / h)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos * flip * wx, -sin * wy, tx], 1),
-                         torch.stack([sin * flip * wx, cos * wy, ty], 1)], 1)
+                         torch.stack([sin * flip * wx, cos * wy, ty], 1)], 1).to(dev)
     grid = F.affine_grid(theta, list(img.shape), align_corners=False)
     img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # v - 1
     if not aug.color_jitter:
         return img.add_(1.0).clamp_(0, 1)
     j = aug.color_jitter
-    b, c, s = (_uniform(n, 1 - j, 1 + j, g) for _ in range(3))
-    w = torch.tensor(_GRAY)
+    b, c, s = (_uniform(n, 1 - j, 1 + j, g).to(dev) for _ in range(3))
+    w = torch.tensor(_GRAY, device=dev)
     # on v = img + 1: brightness v*b; contrast around the mean gray m = b*mean(gray(v)); saturation around each
     # pixel's gray: S = s*I + (1-s)*1w^T. Together (S 1 = 1 because w sums to 1): out = c*b*S v + (1-c)*m
     m = b * (img.mean(dim=(2, 3)) @ w + 1.0)
-    sat = s.view(n, 1, 1) * torch.eye(3) + (1 - s).view(n, 1, 1) * w.view(1, 1, 3)
+    sat = s.view(n, 1, 1) * torch.eye(3, device=dev) + (1 - s).view(n, 1, 1) * w.view(1, 1, 3)
     mat = (c * b).view(n, 1, 1) * sat
     offset = (c * b + (1 - c) * m).view(n, 1, 1)  # M*1 + (1-c)*m, so that M is applied to img = v - 1
     out = torch.baddbmm(offset, mat, img.reshape(n, 3, -1))
@@ -66,12 +66,28 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> to
 
 def normalise(img: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     """[0, 1] floats -> the model's normalisation (from its Preprocessing, never literals), in place."""
-    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    mean = torch.tensor(pre.mean, device=img.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=img.device).view(1, 3, 1, 1)
     return img.sub_(mean).div_(std)
 
 
 def uint8_to_input(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     """(N, 3, H, W) uint8 -> the model's normalised float input in two passes (x / 255 - mean) / std."""
-    scale, shift = (torch.from_numpy(v).view(1, 3, 1, 1) for v in pre.scale_shift())
+    scale, shift = (torch.from_numpy(v).to(x.device).view(1, 3, 1, 1) for v in pre.scale_shift())
     return torch.mul(x, scale).sub_(shift)
+
+
+class BatchInput:
+    """uint8 image batches -> the model's input, on the batch's device: augmented views while training (the same
+    warps and jitter as the feature cache's views, so both training paths see the same images), clean otherwise."""
+
+    def __init__(self, pre: Preprocessing, aug: AugmentConfig, seed: int = 0) -> None:
+        self.pre, self.aug, self.seed = pre, aug if aug.enabled else None, seed
+        self.g: torch.Generator | None = None
+
+    def __call__(self, x: torch.Tensor, train: bool, rank: int = 0) -> torch.Tensor:
+        if not train or self.aug is None:
+            return uint8_to_input(x, self.pre)
+        if self.g is None:  # per process: DDP ranks draw different augmentations
+            self.g = torch.Generator().manual_seed(self.seed + 1000 * rank)
+        return normalise(augment_batch(x, self.aug, self.g), self.pre)

@@ -14,7 +14,6 @@ from fruitlens.data.dataset import ImageDataset, make_loader
 from fruitlens.data.manifest import Manifest
 from fruitlens.data.scan import scan
 from fruitlens.data.split import split
-from fruitlens.data.transforms import eval_transforms, train_transforms
 from fruitlens.errors import DataError
 from fruitlens.models.preprocessing import Preprocessing
 
@@ -104,14 +103,15 @@ def workers(cfg: TrainConfig) -> int:
     return cfg.data.num_workers if cfg.data.num_workers >= 0 else min(4, os.cpu_count() or 1)
 
 
-def dataset(m: Manifest, classes: list[str], pre: Preprocessing, cfg: TrainConfig, train: bool,
-            cache: bool | None = None, uint8: bool = False) -> ImageDataset:
-    """Images with the training (augmenting) or evaluation transforms; ``uint8`` for the feature cache."""
+def dataset(m: Manifest, classes: list[str], pre: Preprocessing, cfg: TrainConfig,
+            cache: bool | None = None) -> ImageDataset:
+    """uint8 images in the evaluation geometry (resize, centre crop); augmentation and normalisation happen per batch
+    (``BatchInput`` on the image path, the feature cache's views), the same for both training paths."""
     from fruitlens.training.features import Uint8Geometry
 
-    tf = Uint8Geometry(pre) if uint8 else train_transforms(pre, cfg.augment) if train else eval_transforms(pre)
-    min_side = int(pre.resize_size * 1.25)  # room for zoom, far below a phone photo's size
-    return ImageDataset(m, classes, tf, cache=cfg.data.cache_images if cache is None else cache, min_side=min_side)
+    min_side = int(pre.resize_size * 1.25)  # far below a phone photo's size: decoding stays cheap
+    return ImageDataset(m, classes, Uint8Geometry(pre), cache=cfg.data.cache_images if cache is None else cache,
+                        min_side=min_side)
 
 
 def loader(ds: ImageDataset, cfg: TrainConfig, *, shuffle: bool, balance: bool = False):

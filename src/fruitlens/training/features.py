@@ -7,6 +7,7 @@ The head then trains on the cached tensors in about a second per epoch.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
@@ -38,17 +39,25 @@ class Uint8Geometry:
 
 
 class Engine:
-    """Runs a frozen backbone on float batches: ONNX Runtime where possible, else PyTorch."""
+    """Runs a frozen backbone on batches: on the GPU if asked and present, else ONNX Runtime if it works, else PyTorch.
 
-    def __init__(self, backbone: nn.Module, image_size: int, prefer_onnx: bool = True) -> None:
+    ``device`` is where the input batches should be (augmentation runs there too).
+    """
+
+    def __init__(self, backbone: nn.Module, image_size: int, prefer_onnx: bool = True, gpu: bool = False) -> None:
+        self.device = torch.device("cpu")
+        if gpu and torch.cuda.is_available():  # under DDP each process takes its own GPU
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         self.backbone = backbone.eval()
         self.session = None
-        if prefer_onnx and not torch.cuda.is_available():
+        if self.device.type == "cuda":  # a copy: the model itself stays on the CPU for the training phases
+            self.backbone = copy.deepcopy(backbone).to(self.device)
+        elif prefer_onnx:
             try:
                 self.session = _onnx_session(backbone, image_size)
             except Exception as exc:  # any exporter/runtime problem: PyTorch still works
                 log.info("feature pass falls back to PyTorch (%s)", exc)
-        self.name = "onnxruntime" if self.session is not None else "pytorch"
+        self.name = "onnxruntime" if self.session is not None else f"pytorch {self.device.type}"
         if self.session is None:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
 
@@ -56,7 +65,7 @@ class Engine:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.session is not None:
             return torch.from_numpy(self.session.run(None, {"input": x.contiguous().numpy()})[0])
-        return self.backbone(x.contiguous(memory_format=torch.channels_last)).float()
+        return self.backbone(x.contiguous(memory_format=torch.channels_last)).float().cpu()
 
 
 def _onnx_session(backbone: nn.Module, image_size: int):
@@ -80,6 +89,7 @@ def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, v
     clean, aug_feats, ys = [], [], []
     t0, n = time.perf_counter(), 0
     for x, y in loader:
+        x = x.to(engine.device, non_blocking=True)
         clean.append(engine(uint8_to_input(x, pre)))
         for _ in range(views):
             aug_feats.append(engine(normalise(augment_batch(x, aug, g), pre)))
@@ -98,15 +108,15 @@ def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, v
 
 def cached_features(backbone: nn.Module, pre: Preprocessing, loaders: dict[str, DataLoader], *, views: int,
                     aug: AugmentConfig, seed: int = 0, cache_file: Path | None = None,
-                    prefer_onnx: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                    prefer_onnx: bool = True, gpu: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Features for ``loaders`` (uint8 batches); the ``train`` loader also gets ``views`` augmented views.
 
-    With ``cache_file`` the result is saved, and reused when present (so ``--resume`` skips the pass).
+    ``gpu``: run on the GPU (if there is one). With ``cache_file`` the result is saved, and reused when present (so ``--resume`` skips the pass).
     """
     if cache_file is not None and cache_file.is_file():
         log.info("features: reusing %s", cache_file)
         return torch.load(cache_file, weights_only=True)
-    engine = Engine(backbone, pre.image_size, prefer_onnx)
+    engine = Engine(backbone, pre.image_size, prefer_onnx, gpu)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, loader in loaders.items():
         out.update(extract(engine, loader, pre, name, views if name == "train" else 0, aug, seed))

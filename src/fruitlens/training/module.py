@@ -5,19 +5,31 @@ import lightning as L
 import torch
 from torch import nn
 
+from fruitlens.training.augment import BatchInput
+
 
 class ClassifierModule(L.LightningModule):
-    """Cross-entropy classifier with Adam and ReduceLROnPlateau on ``val/loss``; metrics are namespaced."""
+    """Cross-entropy classifier with Adam and ReduceLROnPlateau on ``val/loss``; metrics are namespaced.
 
-    def __init__(self, net: nn.Module, *, lr: float = 1e-3, weight_decay: float = 0.0, label_smoothing: float = 0.0,
+    With ``batch_input`` the loaders deliver uint8 images, turned into (augmented) model input on the device.
+    """
+
+    def __init__(self, net: nn.Module, *, batch_input: BatchInput | None = None, lr: float = 1e-3, weight_decay: float = 0.0, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None, plateau_patience: int = 2, plateau_factor: float = 0.2,
                  channels_last: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.batch_input = batch_input
         self.lr, self.weight_decay = lr, weight_decay
         self.plateau_patience, self.plateau_factor = plateau_patience, plateau_factor
         self.channels_last = channels_last
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.batch_input is None:
+            return batch
+        x, y = batch
+        return self.batch_input(x, train=self.trainer.training, rank=self.global_rank), y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
