@@ -27,7 +27,7 @@ def main() -> None:
              "", "Each part's start: " + ", ".join(
                  [f"training on {k} {v}" for k, v in train.get("started", {}).items()] +
                  [f"{k} {v['machine']['date']}" for k, v in (("inference", infer), ("data checks", data)) if v]) +
-             " (`benchmarks/out/*.json` hold every figure).", ""]
+             " (`benchmarks/out/*.json` hold every figure). GPU figures (one lent NVIDIA H200): `GPU.md`.", ""]
     if train.get("fruits360_default"):
         d, p = train["fruits360_default"], train["fruits360_plain"]
         lines += ["## Training on Fruits-360 (27 classes, its own Test split, 4,232 images)", "",
