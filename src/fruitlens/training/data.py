@@ -14,6 +14,7 @@ from fruitlens.data.dataset import ImageDataset, make_loader
 from fruitlens.data.manifest import Manifest
 from fruitlens.data.scan import scan
 from fruitlens.data.split import split
+from fruitlens.data.transforms import Uint8Geometry
 from fruitlens.errors import DataError
 from fruitlens.models.preprocessing import Preprocessing
 
@@ -107,8 +108,6 @@ def dataset(m: Manifest, classes: list[str], pre: Preprocessing, cfg: TrainConfi
             cache: bool | None = None) -> ImageDataset:
     """uint8 images in the evaluation geometry (resize, centre crop); augmentation and normalisation happen per batch
     (``BatchInput`` on the image path, the feature cache's views), the same for both training paths."""
-    from fruitlens.training.features import Uint8Geometry
-
     min_side = int(pre.resize_size * 1.25)  # far below a phone photo's size: decoding stays cheap
     return ImageDataset(m, classes, Uint8Geometry(pre), cache=cfg.data.cache_images if cache is None else cache,
                         min_side=min_side)

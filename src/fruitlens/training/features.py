@@ -1,8 +1,9 @@
-"""The CPU fast path: run the frozen backbone once per image (and per augmented view) and cache the features.
+"""The fast path: run the frozen backbone once per image (and per augmented view) and cache the features.
 
 Each image is decoded once (in DataLoader workers) into a uint8 tensor at the model's input size; the clean view
 and ``views`` augmented views (batched warps, see ``augment.py``) then go through the backbone. The backbone runs
-through ONNX Runtime when available (several times faster than PyTorch eager on a CPU), else PyTorch channels_last.
+on the GPU when training does, else through ONNX Runtime when available (several times faster than PyTorch eager on
+a CPU), else PyTorch channels_last.
 The head then trains on the cached tensors in about a second per epoch.
 """
 from __future__ import annotations
@@ -14,28 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fruitlens.config import AugmentConfig
-from fruitlens.data.images import resize_crop
 from fruitlens.models.preprocessing import Preprocessing
 from fruitlens.training.augment import augment_batch, normalise, uint8_to_input
 
 log = logging.getLogger(__name__)
-
-
-class Uint8Geometry:
-    """The eval geometry (resize shorter side, centre crop; ``resize_crop``, pixel for pixel torchvision's) without
-    normalisation, PIL image -> uint8 CHW tensor."""
-
-    def __init__(self, pre: Preprocessing) -> None:
-        self.resize, self.size = pre.resize_size, pre.image_size
-
-    def __call__(self, img) -> torch.Tensor:
-        return torch.from_numpy(np.array(resize_crop(img, self.resize, self.size))).permute(2, 0, 1)
 
 
 class Engine:
@@ -111,7 +99,8 @@ def cached_features(backbone: nn.Module, pre: Preprocessing, loaders: dict[str, 
                     prefer_onnx: bool = True, gpu: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Features for ``loaders`` (uint8 batches); the ``train`` loader also gets ``views`` augmented views.
 
-    ``gpu``: run on the GPU (if there is one). With ``cache_file`` the result is saved, and reused when present (so ``--resume`` skips the pass).
+    ``gpu``: run on the GPU (if there is one). With ``cache_file`` the result is saved, and reused when present (so
+    ``--resume`` skips the pass).
     """
     if cache_file is not None and cache_file.is_file():
         log.info("features: reusing %s", cache_file)

@@ -178,8 +178,8 @@ def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: li
                         strategy=f.strategy, precision=precision, deterministic=f.deterministic, callbacks=callbacks,
                         logger=CSVLogger(run.path, name="logs", version=phase), enable_model_summary=False,
                         # a bar only on a terminal: in a log file its redraws bury the one summary line per epoch
-                        enable_progress_bar=progress and sys.stdout.isatty(), limit_train_batches=limit, limit_val_batches=limit,
-                        num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=run.path)
+                        enable_progress_bar=progress and sys.stdout.isatty(), limit_train_batches=limit,
+                        limit_val_batches=limit, num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=run.path)
     return trainer, ckpt
 
 
@@ -222,8 +222,8 @@ def _module(net, cfg: TrainConfig, targets: list[int], n_classes: int, lr: float
             batch_input: BatchInput | None = None):
     f = cfg.fit
     weights = class_weights(targets, n_classes) if f.balance == "weights" else None
-    return ClassifierModule(net, batch_input=batch_input, lr=lr, weight_decay=f.weight_decay, label_smoothing=f.label_smoothing,
-                            class_weights=weights, plateau_patience=f.plateau_patience,
+    return ClassifierModule(net, batch_input=batch_input, lr=lr, weight_decay=f.weight_decay,
+                            label_smoothing=f.label_smoothing, class_weights=weights, plateau_patience=f.plateau_patience,
                             plateau_factor=f.plateau_factor, channels_last=channels_last)
 
 

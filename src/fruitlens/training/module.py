@@ -14,9 +14,9 @@ class ClassifierModule(L.LightningModule):
     With ``batch_input`` the loaders deliver uint8 images, turned into (augmented) model input on the device.
     """
 
-    def __init__(self, net: nn.Module, *, batch_input: BatchInput | None = None, lr: float = 1e-3, weight_decay: float = 0.0, label_smoothing: float = 0.0,
-                 class_weights: torch.Tensor | None = None, plateau_patience: int = 2, plateau_factor: float = 0.2,
-                 channels_last: bool = False) -> None:
+    def __init__(self, net: nn.Module, *, batch_input: BatchInput | None = None, lr: float = 1e-3,
+                 weight_decay: float = 0.0, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
+                 plateau_patience: int = 2, plateau_factor: float = 0.2, channels_last: bool = False) -> None:
         super().__init__()
         self.net = net
         self.batch_input = batch_input
