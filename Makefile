@@ -9,7 +9,10 @@ DEMO_ARGS ?= $(if $(DEMO_DATA),--data $(DEMO_DATA))
 
 .PHONY: setup weights demo test bench clean
 
+# PyTorch's wheels (with their CUDA libraries) take about 6 GiB in .venv: say so before pip runs out of disk half-way.
 $(BIN)/fruitlens: pyproject.toml
+	@$(BIN)/python -c 'import torch' 2>/dev/null || $(PY) -c 'import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
+	  sys.exit(0 if free >= 7 else f"fruitlens setup: only {free:.1f} GiB free on the disk of $(CURDIR); installing PyTorch into $(VENV) needs about 7 GiB. Free some space, then run make again.")'
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
