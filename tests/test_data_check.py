@@ -93,3 +93,15 @@ def test_batched_phash_equals_imagehash():
     images += [Image.fromarray(rng.integers(0, 256, (41, 77, 3), dtype=np.uint8)), Image.new("RGB", (50, 50), "white")]
     got = phash_batch([phash_thumbnail(im) for im in images]).tolist()
     assert got == [int(str(imagehash.phash(im)), 16) for im in images]
+
+
+def test_reencoded_brighter_copy_under_another_label_is_a_conflict(tmp_path):
+    """The colour check that rejects different round fruit must still accept a re-saved, slightly brighter copy."""
+    from PIL import ImageEnhance
+
+    root = make_tree(tmp_path / "d", per_class=6, size=96)
+    original = Image.open(root / "apple" / "apple_002.jpg")
+    ImageEnhance.Brightness(original).enhance(1.08).save(root / "kiwi" / "resaved.jpg", quality=70)
+    report = check(scan(root))
+    conflicts = {i.path.split("/")[-1] for i in report.issues if i.code == "label-conflict"}
+    assert conflicts & {"resaved.jpg", "apple_002.jpg"}

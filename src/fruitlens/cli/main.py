@@ -58,7 +58,7 @@ def _setup_logging(verbose: bool) -> None:
     fmt = "%(relativeCreated)7.0fms %(message)s" if os.environ.get("FRUITLENS_LOG_TIME") else "%(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
-                  "lightning.fabric.utilities.rank_zero", "PIL", "matplotlib", "urllib3", "httpx"):
+                  "lightning.fabric.utilities.rank_zero", "PIL", "matplotlib", "urllib3", "httpx", "onnxruntime"):
         logger = logging.getLogger(noisy)
         logger.setLevel(logging.INFO if verbose else logging.WARNING)
         logger.propagate = False if noisy.startswith("lightning") else logger.propagate
