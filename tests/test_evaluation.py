@@ -38,6 +38,30 @@ def test_metrics_on_a_case_computed_by_hand():
     assert ci_text(m) == "95% CI 23.1-88.2%"
 
 
+def test_interval_counts_near_duplicate_groups_as_one_try_each():
+    from fruitlens.evaluation.metrics import grouped_interval, wilson_interval
+
+    # 100 images: 10 groups of 10 frames; the 10 mistakes are all frames of one fruit
+    correct = np.array([0] * 10 + [1] * 90)
+    groups = np.repeat([f"g{i}" for i in range(10)], 10)
+    plain = wilson_interval(90, 100)
+    assert grouped_interval(correct, [""] * 100)["ci95"] == pytest.approx(list(plain))  # no groups: Wilson
+    assert grouped_interval(correct, range(100))["ci95"] == pytest.approx(list(plain))
+    got = grouped_interval(correct, groups)
+    # by hand: per-group sums of (correct - 0.9) are -9 once and +1 nine times; var = 10/9 * 90 / 100^2 = 0.01
+    assert got["groups"] == 10 and got["effective_n"] == pytest.approx(0.9 * 0.1 / 0.01)
+    assert got["ci95"] == pytest.approx(list(wilson_interval(0.9 * 9, 9)))
+    assert got["ci95"][0] < plain[0] - 0.1  # far wider than 100 independent images would give
+    # the same mistakes spread over the groups (one per group): the groups do not vary, no wider than Wilson
+    spread = np.ones(100)
+    spread[::10] = 0
+    assert grouped_interval(spread, groups)["ci95"] == pytest.approx(list(plain))
+    # all right: nothing to estimate the spread from, so each group counts once (10 of 10 right)
+    assert grouped_interval(np.ones(100), groups)["ci95"] == pytest.approx(list(wilson_interval(10, 10)))
+    m = compute_metrics(np.zeros(100, int), np.eye(2)[1 - correct], ["a", "b"], groups)
+    assert m["accuracy_groups"] == 10 and ci_text(m) == f"95% CI {100 * got['ci95'][0]:.1f}-{100 * got['ci95'][1]:.1f}% over 10 near-duplicate groups"
+
+
 def test_validation_gap_when_validation_photos_resemble_training():
     hist = [{"phase": "head", "val_loss": 0.3, "val_acc": 0.90}, {"phase": "head", "val_loss": 0.07, "val_acc": 0.99},
             {"phase": "fine-tune", "val_loss": 0.2, "val_acc": 0.95}]  # the kept model: best validation loss

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
@@ -25,7 +25,7 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[s
     return {"ece": float(ece), "bins": rows}
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson_interval(correct: float, n: float, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of an accuracy measured on ``n`` images: how far the figure may be from the
     accuracy on many more images like these (75% on 111 test photos: about +-8 points)."""
     if n == 0:
@@ -36,10 +36,45 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
+def grouped_interval(correct: np.ndarray, groups: Sequence[str]) -> dict[str, Any]:
+    """95% interval of an accuracy over images that come in near-duplicate groups (frames of one fruit turning).
+
+    Ten frames of one fruit are not ten independent tries: they are right or wrong together. The interval is Wilson's
+    with the effective number of images, ``p(1-p) / var`` (at most the number of images), where ``var`` is the
+    cluster-robust (ratio-estimator) variance of the accuracy over the groups. Without groups (each image its own)
+    this is the plain Wilson interval; when every image is right (or every one wrong) the variance tells nothing,
+    and each group counts as one image.
+    """
+    correct = np.asarray(correct, dtype=float)
+    n = len(correct)
+    names = [str(g) if g not in ("", None) else f"\0{i}" for i, g in enumerate(groups)]  # no group: its own
+    ids = np.unique(np.array(names), return_inverse=True)[1] if n else np.zeros(0, int)
+    n_groups = int(ids.max()) + 1 if n else 0
+    out = {"groups": n_groups, "effective_n": float(n)}
+    if n_groups == n:
+        out["ci95"] = list(wilson_interval(int(correct.sum()), n))
+        return out
+    p = correct.mean()
+    per_group = np.bincount(ids, weights=correct - p)  # sum over each group of (correct - p)
+    var = n_groups / (n_groups - 1) * float((per_group ** 2).sum()) / n ** 2 if n_groups > 1 else 0.0
+    if p in (0.0, 1.0) or n_groups == 1:  # the variance says nothing (all right, or one group): one image per group
+        n_eff = float(n_groups)
+    else:  # no spread between groups beyond chance (var 0 included): as many as the images
+        n_eff = min(float(n), p * (1 - p) / var) if var > 0 else float(n)
+    out["effective_n"] = max(1.0, n_eff)
+    out["ci95"] = list(wilson_interval(p * out["effective_n"], out["effective_n"]))
+    return out
+
+
 def ci_text(metrics: dict[str, Any]) -> str:
-    """``95% CI 66.0-82.1%`` for a report's accuracy; empty for reports written before it was recorded."""
+    """``95% CI 66.0-82.1%`` for a report's accuracy, naming the groups when near duplicates widened it; empty for
+    reports written before it was recorded."""
     lo, hi = metrics.get("accuracy_ci95") or (None, None)
-    return "" if lo is None or np.isnan(lo) else f"95% CI {100 * lo:.1f}-{100 * hi:.1f}%"
+    if lo is None or np.isnan(lo):
+        return ""
+    groups = metrics.get("accuracy_groups") or metrics.get("n")
+    where = f" over {groups} near-duplicate groups" if groups and groups < metrics.get("n", 0) else ""
+    return f"95% CI {100 * lo:.1f}-{100 * hi:.1f}%{where}"
 
 
 def validation_gap(history: list[dict], metrics: dict[str, Any], n_val: int) -> dict[str, Any] | None:
@@ -72,14 +107,17 @@ def gap_text(report: dict[str, Any]) -> str:
             f"to score near the {what} figure, not the validation one.")
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, balanced/top-k accuracy, P/R/F1 (macro, weighted, per class), log loss, ECE, confusion matrix."""
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
+                    groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """Accuracy (with a 95% interval that counts near-duplicate ``groups`` as such), balanced/top-k accuracy, P/R/F1
+    (macro, weighted, per class), log loss, ECE, confusion matrix."""
     with warnings.catch_warnings():  # a prediction of a class absent from the data is an error already counted
         warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
-        return _compute_metrics(y_true, probs, classes)
+        return _compute_metrics(y_true, probs, classes, groups)
 
 
-def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
+                     groups: Sequence[str] | None) -> dict[str, Any]:
     n_cls = len(classes)
     labels = list(range(n_cls))
     y_true = np.asarray(y_true, dtype=int)
@@ -87,10 +125,13 @@ def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) 
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     present = s > 0
+    interval = grouped_interval(y_true == y_pred, groups if groups is not None else range(len(y_true)))
     out: dict[str, Any] = {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "accuracy_ci95": list(wilson_interval(int((y_true == y_pred).sum()), len(y_true))),
+        "accuracy_ci95": interval["ci95"],
+        "accuracy_groups": interval["groups"],
+        "accuracy_effective_n": interval["effective_n"],
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
         "top_k_accuracy": {},
         "confusion_matrix": cm.tolist(),

@@ -85,7 +85,7 @@ def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: st
                         "pass --class-map FILE to map the data's class names onto the model's")
     size = predictor.preprocessing.image_size
     batch_size = max(4, min(batch_size, int(batch_size * (96 / size) ** 2)))  # keeps activations small at 448 px
-    paths, labels, bad = [], [], []
+    paths, labels, groups, bad = [], [], [], []
     logits = []
     rows = (item for batch in predictor.logits_many([str(manifest.resolve(r)) for r in keep], batch_size)
             for item in batch)
@@ -96,6 +96,7 @@ def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: st
             continue
         paths.append(path)
         labels.append(label)
+        groups.append(r.group)
         logits.append(pred)
     probs_model = softmax(np.stack(logits))
     # collapse model classes onto data classes (identity without a class map); the rest is "(other)"
@@ -108,7 +109,7 @@ def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: st
     for j, mc in enumerate(model_classes):
         probs[:, col.get(mc, extra if class_map else j)] += probs_model[:, j]
     y = np.array([classes.index(lab) for lab in labels])
-    metrics = compute_metrics(y, probs, classes)
+    metrics = compute_metrics(y, probs, classes, groups)
     eval_seconds = time.perf_counter() - t0
     report = _assemble(run, metrics, split_name, data, class_map, unmapped, bad, eval_seconds, train_seconds,
                        predictor, classes)
