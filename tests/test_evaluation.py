@@ -138,12 +138,15 @@ def test_evaluate_other_folder_with_class_map(trained_run, tmp_path, capsys):
     (data / "lemon").rename(data / "citrus")
     (data / "melon").mkdir()
     (data / "kiwi" / "kiwi_000.jpg").rename(data / "melon" / "m.jpg")
+    for i in range(3):  # a burst: three copies of one photo are one near-duplicate group, not four tries
+        (data / "kiwi" / f"burst_{i}.jpg").write_bytes((data / "kiwi" / "kiwi_001.jpg").read_bytes())
     cmap = tmp_path / "map.json"
     cmap.write_text(json.dumps({"red": ["apple", "plum"], "kiwi": "kiwi", "citrus": ["lemon"]}))
     assert main(["evaluate", str(trained_run), str(data), "--class-map", str(cmap)]) == 0
     rep = json.loads((trained_run / "report.json").read_text())
     assert rep["classes"] == ["citrus", "kiwi", "red"]
-    assert rep["metrics"]["n"] == 15 and rep["unmapped_images"] == {"melon": 1}
+    assert rep["metrics"]["n"] == 18 and rep["unmapped_images"] == {"melon": 1}
+    assert rep["metrics"]["accuracy_groups"] == 15
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"red": ["cherry"]}))
     assert main(["evaluate", str(trained_run), str(data), "--class-map", str(bad)]) != 0

@@ -56,8 +56,19 @@ def _eval_manifest(run: RunDir, data: str | None, split: str) -> tuple[Manifest,
         return part, split
     m = scan(data).manifest
     if m.splits and split in m.splits:
-        return m.split(split), f"{Path(data).name}/{split}"
-    return m, Path(data).name
+        return _with_groups(m.split(split)), f"{Path(data).name}/{split}"
+    return _with_groups(m), Path(data).name
+
+
+def _with_groups(manifest: Manifest) -> Manifest:
+    """The records with the folder's near-duplicate groups (bursts, frames of one fruit), so that the accuracy's
+    interval counts each group as the one try it is; a run's own manifest has them from its split."""
+    from dataclasses import replace
+
+    from fruitlens.data.check import check, duplicate_groups
+
+    comp = duplicate_groups(check(manifest))
+    return Manifest(tuple(replace(r, group=f"g{c}") for r, c in zip(manifest.records, comp)), manifest.root)
 
 
 def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: str = "test",
