@@ -158,6 +158,8 @@ def test_compare_table_markdown_and_chart(trained_run, tmp_path, capsys):
     assert main(["compare", str(trained_run), str(trained_run), "--markdown", "--chart", str(chart)]) == 0
     out = capsys.readouterr().out
     assert out.count("| small_cnn |") == 2 and chart.stat().st_size > 1000
+    lo, hi = json.loads((trained_run / "report.json").read_text())["metrics"]["accuracy_ci95"]
+    assert "| 95% CI |" in out and out.count(f"| {100 * lo:.1f}-{100 * hi:.1f}% |") == 2  # runs within noise show it
 
 
 def test_missing_run_file_names_the_command(tmp_path, capsys):

@@ -63,7 +63,7 @@ def run_evaluate(args) -> int:
 
 
 def run_compare(args) -> int:
-    from fruitlens.evaluation.compare import compare_runs, markdown
+    from fruitlens.evaluation.compare import ci_cell, compare_runs, markdown
 
     rows = compare_runs(args.runs, Path(args.chart) if args.chart else None)
     if args.json:
@@ -71,9 +71,9 @@ def run_compare(args) -> int:
     elif args.markdown:
         print(markdown(rows))
     else:
-        table(["run", "model", "params", "MB", "px", "accuracy", "macro F1", "ECE", "train s", "CPU ms/img"],
+        table(["run", "model", "params", "MB", "px", "accuracy", "95% CI", "macro F1", "ECE", "train s", "CPU ms/img"],
               [[r["run"], r["model"], f"{r['parameters']:,}", r["size_mb"], r["image_size"], f"{r['accuracy']:.4f}",
-                f"{r['macro_f1']:.4f}", f"{r['ece']:.4f}", r["train_seconds"] if r["train_seconds"] is not None else "-",
+                ci_cell(r), f"{r['macro_f1']:.4f}", f"{r['ece']:.4f}", r["train_seconds"] if r["train_seconds"] is not None else "-",
                 r["latency_ms"]] for r in rows])
     if args.chart:
         print(f"chart: {args.chart}")

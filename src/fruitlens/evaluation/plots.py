@@ -91,11 +91,16 @@ def reliability_diagram(calib: dict, path: Path) -> Path:
     return path
 
 
-def bar_chart(names: list[str], values: list[float], path: Path, title: str, ylabel: str) -> Path:
+def bar_chart(names: list[str], values: list[float], path: Path, title: str, ylabel: str,
+              intervals: list[tuple[float, float] | None] | None = None) -> Path:
+    """Bars with their values; ``intervals`` (low, high) per bar draw as error bars (none where ``None``)."""
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4))
     ax.bar(names, values, color="C0")
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=9)
+    intervals = intervals or [None] * len(values)
+    for i, (v, ci) in enumerate(zip(values, intervals)):
+        if ci is not None:
+            ax.errorbar(i, v, yerr=[[v - ci[0]], [ci[1] - v]], color="k", capsize=4, lw=1)
+        ax.text(i, ci[1] if ci is not None else v, f"{v:.3f}", ha="center", va="bottom", fontsize=9)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
