@@ -62,6 +62,23 @@ def test_interval_counts_near_duplicate_groups_as_one_try_each():
     assert m["accuracy_groups"] == 10 and ci_text(m) == f"95% CI {100 * got['ci95'][0]:.1f}-{100 * got['ci95'][1]:.1f}% over 10 near-duplicate groups"
 
 
+def test_gallery_shows_one_image_per_near_duplicate_group(tmp_path):
+    from fruitlens.evaluation.html import _gallery as gallery_html
+    from fruitlens.evaluation.report import _gallery
+    from conftest import fruit_image
+
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        fruit_image("apple", i).save(paths[-1])
+    y = np.zeros(6, int)  # all "a"; images 0-3 are read as "b": frames 0-2 of one fruit, image 3 alone
+    probs = np.array([[.1, .9], [.2, .8], [.3, .7], [.4, .6], [.9, .1], [.6, .4]])
+    got = _gallery(paths, y, probs, ["a", "b"], 3, ["g0", "g0", "g0", "", "g1", "g1"])
+    assert [(g["path"][-5:], g["like_it"]) for g in got["worst_mistakes"]] == [("0.jpg", 2), ("3.jpg", 0)]
+    assert [(g["path"][-5:], g["like_it"]) for g in got["least_confident_correct"]] == [("5.jpg", 0)]
+    assert "+2 near-duplicates like it" in gallery_html(got["worst_mistakes"])
+
+
 def test_validation_gap_when_validation_photos_resemble_training():
     hist = [{"phase": "head", "val_loss": 0.3, "val_acc": 0.90}, {"phase": "head", "val_loss": 0.07, "val_acc": 0.99},
             {"phase": "fine-tune", "val_loss": 0.2, "val_acc": 0.95}]  # the kept model: best validation loss

@@ -40,12 +40,17 @@ def _table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
     return f'<div class="scroll {cls}"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
+def _like_it(n: int) -> str:
+    return f'<br><span class="sub">+{n} near-duplicate{"s" if n > 1 else ""} like it</span>' if n else ""
+
+
 def _gallery(items: list[dict]) -> str:
     if not items:
         return "<p>none</p>"
     figs = "".join(f'<figure><img src="{i["thumbnail"]}" alt="{_e(i["path"])}" title="{_e(i["path"])}">'
                    f'<figcaption>true <b>{_e(i["true"])}</b><br>predicted <b class="{"bad" if i["true"] != i["predicted"] else ""}">'
-                   f'{_e(i["predicted"])}</b><br>{_pct(i["confidence"])}</figcaption></figure>' for i in items)
+                   f'{_e(i["predicted"])}</b><br>{_pct(i["confidence"])}{_like_it(i.get("like_it", 0))}'
+                   '</figcaption></figure>' for i in items)
     return f'<div class="gallery">{figs}</div>'
 
 
@@ -108,8 +113,8 @@ def render_html(report: dict, images: dict[str, str]) -> str:
 weighted precision {_pct(m['weighted_precision'])}, recall {_pct(m['weighted_recall'])}, F1 {_pct(m['weighted_f1'])}</p>
 <h2>Training curves</h2>{img('curves', 'training curves')}
 <h2>Calibration</h2>{img('reliability', 'reliability diagram')}
-<h2>Worst mistakes</h2><p class="sub">wrong answers given with the highest confidence</p>{_gallery(report['gallery']['worst_mistakes'])}
-<h2>Least confident correct answers</h2>{_gallery(report['gallery']['least_confident_correct'])}
+<h2>Worst mistakes</h2><p class="sub">wrong answers given with the highest confidence, one image per near-duplicate group</p>{_gallery(report['gallery']['worst_mistakes'])}
+<h2>Least confident correct answers</h2><p class="sub">one image per near-duplicate group</p>{_gallery(report['gallery']['least_confident_correct'])}
 <h2>Data</h2>{_table(['class', 'train', 'val', 'test'], count_rows) if count_rows else ''}
 <ul>{notes}</ul><p>check findings:</p><ul>{findings or '<li>none</li>'}</ul>
 <h2>Model and run</h2>

@@ -7,6 +7,7 @@ import json
 import logging
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def evaluate_run(run: RunDir | str | Path, data: str | None = None, *, split: st
     if split_name != "val":
         n_val = report["dataset"]["totals"].get("val", 0)
         report["validation_gap"] = validation_gap(report["history"], metrics, n_val)
-    report["gallery"] = _gallery(paths, y, probs, classes, gallery)
+    report["gallery"] = _gallery(paths, y, probs, classes, gallery, groups)
     _write(run, report, metrics, classes)
     log.info("evaluated %d images (%s) in %.1fs: accuracy %.4f, macro F1 %.4f -> %s", len(y), split_name,
              eval_seconds, metrics["accuracy"], metrics["macro_f1"], run.report_html)
@@ -205,16 +206,27 @@ def _thumb(path: str, size: int = 96) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _gallery(paths, y, probs, classes, n) -> dict[str, list[dict]]:
+def _gallery(paths, y, probs, classes, n, groups) -> dict[str, list[dict]]:
+    """The ``n`` most confident mistakes and least confident correct answers, one image per near-duplicate group
+    (twelve frames of one misread fruit are one mistake); ``like_it``: the group's other mistakes."""
     pred = probs.argmax(1)
     conf = probs.max(1)
+    keys = [g or f"#{i}" for i, g in enumerate(groups)]  # no group: its own
+
+    def pick(idx: np.ndarray, count: bool) -> list[dict]:
+        per_group = Counter(keys[i] for i in idx) if count else Counter()
+        chosen, seen = [], set()
+        for i in idx:
+            if keys[i] not in seen and len(chosen) < n:
+                seen.add(keys[i])
+                chosen.append(i)
+        return [{"path": paths[i], "true": classes[y[i]], "predicted": classes[pred[i]], "confidence": float(conf[i]),
+                 "like_it": max(0, per_group[keys[i]] - 1), "thumbnail": _thumb(paths[i])} for i in chosen]
+
     wrong = np.flatnonzero(pred != y)
-    wrong = wrong[np.argsort(-conf[wrong])][:n]
     right = np.flatnonzero(pred == y)
-    right = right[np.argsort(conf[right])][:n]
-    item = lambda i: {"path": paths[i], "true": classes[y[i]], "predicted": classes[pred[i]],
-                      "confidence": float(conf[i]), "thumbnail": _thumb(paths[i])}
-    return {"worst_mistakes": [item(i) for i in wrong], "least_confident_correct": [item(i) for i in right]}
+    return {"worst_mistakes": pick(wrong[np.argsort(-conf[wrong], kind="stable")], True),
+            "least_confident_correct": pick(right[np.argsort(conf[right], kind="stable")], False)}
 
 
 def _write(run: RunDir, report: dict, metrics: dict, classes: list[str]) -> None:
