@@ -36,7 +36,13 @@ def wilson_interval(correct: float, n: float, z: float = 1.96) -> tuple[float, f
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def grouped_interval(correct: np.ndarray, groups: Sequence[str]) -> dict[str, Any]:
+def group_keys(groups: Sequence[str] | None, n: int) -> list[str]:
+    """One key per image: its near-duplicate group, or its own key where it has none (or ``groups`` is None)."""
+    groups = groups if groups is not None else [""] * n
+    return [str(g) if g not in ("", None) else f"\0{i}" for i, g in enumerate(groups)]
+
+
+def grouped_interval(correct: np.ndarray, groups: Sequence[str] | None) -> dict[str, Any]:
     """95% interval of an accuracy over images that come in near-duplicate groups (frames of one fruit turning).
 
     Ten frames of one fruit are not ten independent tries: they are right or wrong together. The interval is Wilson's
@@ -47,8 +53,7 @@ def grouped_interval(correct: np.ndarray, groups: Sequence[str]) -> dict[str, An
     """
     correct = np.asarray(correct, dtype=float)
     n = len(correct)
-    names = [str(g) if g not in ("", None) else f"\0{i}" for i, g in enumerate(groups)]  # no group: its own
-    ids = np.unique(np.array(names), return_inverse=True)[1] if n else np.zeros(0, int)
+    ids = np.unique(np.array(group_keys(groups, n)), return_inverse=True)[1] if n else np.zeros(0, int)
     n_groups = int(ids.max()) + 1 if n else 0
     out = {"groups": n_groups, "effective_n": float(n)}
     if n_groups == n:
@@ -125,7 +130,7 @@ def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     present = s > 0
-    interval = grouped_interval(y_true == y_pred, groups if groups is not None else range(len(y_true)))
+    interval = grouped_interval(y_true == y_pred, groups)
     out: dict[str, Any] = {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),

@@ -18,7 +18,7 @@ from fruitlens.data.scan import scan
 from fruitlens.errors import DataError
 from fruitlens.evaluation import plots
 from fruitlens.evaluation.html import render_html
-from fruitlens.evaluation.metrics import compute_metrics, validation_gap
+from fruitlens.evaluation.metrics import compute_metrics, group_keys, validation_gap
 from fruitlens.inference.predictor import Predictor, softmax
 from fruitlens.rundir import RunDir, json_safe
 
@@ -211,7 +211,7 @@ def _gallery(paths, y, probs, classes, n, groups) -> dict[str, list[dict]]:
     (twelve frames of one misread fruit are one mistake); ``like_it``: the group's other mistakes."""
     pred = probs.argmax(1)
     conf = probs.max(1)
-    keys = [g or f"#{i}" for i, g in enumerate(groups)]  # no group: its own
+    keys = group_keys(groups, len(paths))
 
     def pick(idx: np.ndarray, count: bool) -> list[dict]:
         per_group = Counter(keys[i] for i in idx) if count else Counter()
