@@ -93,6 +93,15 @@ def test_validation_gap_when_validation_photos_resemble_training():
     assert validation_gap([], m, n_val=171) is None and validation_gap(hist, m, n_val=0) is None
 
 
+def test_one_class_folder_is_evaluated_without_library_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. scikit-learn's "A single label was found in 'y_true' and 'y_pred'"
+        m = compute_metrics(np.array([1, 1, 1]), np.array([[.1, .8, .1], [.2, .7, .1], [.3, .6, .1]]), ["a", "b", "c"])
+    assert m["accuracy"] == 1.0 and m["balanced_accuracy"] == 1.0
+
+
 def test_class_absent_from_test_split():
     m = compute_metrics(np.array([0, 1, 0]), np.array([[.9, .05, .05], [.1, .8, .1], [.6, .3, .1]]), ["a", "b", "c"])
     assert m["classes_absent_from_data"] == ["c"] and m["per_class"]["c"]["support"] == 0

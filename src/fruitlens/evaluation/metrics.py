@@ -118,6 +118,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
     (macro, weighted, per class), log loss, ECE, confusion matrix."""
     with warnings.catch_warnings():  # a prediction of a class absent from the data is an error already counted
         warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", "A single label was found")  # balanced accuracy on a one-class folder
         return _compute_metrics(y_true, probs, classes, groups)
 
 
