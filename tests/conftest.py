@@ -76,16 +76,33 @@ def fruit_tree(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """A small_cnn run trained for two epochs on synthetic images; shared by predict/export/serve/evaluate tests."""
+    """A small_cnn run trained for three epochs on synthetic images; shared by predict/export/serve/evaluate tests,
+    which only read it (a test that writes into a run takes ``run_copy``)."""
     from fruitlens.config import TrainConfig, apply_overrides
-    from fruitlens.training.fit import train
+    from fruitlens.pipelines.train import train
 
     base = tmp_path_factory.mktemp("trained")
     data = make_tree(base / "data", per_class=16, classes=("apple", "kiwi", "lemon", "plum"), size=48)
     cfg = apply_overrides(TrainConfig(), {"data.path": str(data), "model.name": "small_cnn", "model.img_size": 32,
                                           "fit.epochs": 3, "fit.batch_size": 16, "data.num_workers": 0,
                                           "fit.target_acc": 0, "data.group": "none"})
-    return train(cfg.validated(), base / "run").path
+    return train(cfg.validated(), base / "run").run.path
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """A private copy of the trained run, for tests that evaluate, export or otherwise write into it."""
+    import shutil
+
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``: equal before and after means no file was changed, added or removed."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def mobilenet_cached() -> bool:

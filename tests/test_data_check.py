@@ -44,10 +44,10 @@ def test_check_finds_every_kind_of_problem(tmp_path):
     assert ("mode-converted", "cmyk.jpg") in codes and ("mode-converted", "alpha.png") in codes
     assert ("exif-rotated", "rotated.jpg") in codes
     assert ("label-conflict", "mislabelled.jpg") in codes or ("label-conflict", "lemon_001.jpg") in codes
-    leaks = report.summary["leaks"]
+    leaks = report.summary.leaks
     assert leaks["test<-train"]["images"] >= 1
     assert {i.severity for i in report.issues if i.code in ("truncated", "empty-file", "too-small")} == {"error"}
-    assert report.summary["bad"] == 4
+    assert report.summary.bad == 4
     assert tree_state(root) == before  # nothing moved, changed or deleted
 
 
@@ -58,7 +58,7 @@ def test_imbalance_and_tiny_class(tmp_path):
     report = check(scan(root))
     codes = {i.code for i in report.issues}
     assert {"imbalance", "tiny-class"} <= codes
-    assert report.summary["imbalance_ratio"] == 4.0
+    assert report.summary.imbalance_ratio == 4.0
 
 
 def test_cli_check_json_and_exit_status(tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 
 from fruitlens.cli.main import main
 from fruitlens.data.download import DatasetSource, download, fetch_dataset
-from fruitlens.demo import pick_classes
+from fruitlens.pipelines.demo import pick_classes
 from fruitlens.errors import ConfigError, DownloadError
 from conftest import mobilenet_cached, need, shared_data
 
@@ -134,7 +134,7 @@ def test_demo_end_to_end_from_a_mirror_archive(tmp_path, smoke_zip, monkeypatch,
     need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
     data, source = smoke_zip
     monkeypatch.setenv("FRUITLENS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("fruitlens.demo.FRUITS360", replace(source, url="unused"))
+    monkeypatch.setattr("fruitlens.pipelines.demo.FRUITS360", replace(source, url="unused"))
     server = RangeServer(data)
     try:
         out = tmp_path / "demo"

@@ -8,8 +8,11 @@ import torch
 
 from fruitlens.errors import ModelError, WeightsError
 from fruitlens.models import MODELS, build_model
+from fruitlens.models.registry import pretrained_enums
 from fruitlens.models import weights as W
 from conftest import mobilenet_cached
+
+HUB = Path(torch.hub.get_dir())  # torchvision's cache as the environment sets it ($TORCH_HOME), before any fixture
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -46,17 +49,17 @@ def test_import_rejects_unknown_file(tmp_path, torch_home):
     f = tmp_path / "x.pth"
     f.write_bytes(b"not weights")
     with pytest.raises(WeightsError, match="matches none of the known weights files"):
-        W.import_weights(f)
+        W.import_weights(f, pretrained_enums())
 
 
 def test_import_real_mobilenet_file_into_empty_cache(tmp_path, torch_home, monkeypatch):
     from conftest import need
 
-    real = Path.home() / ".cache" / "torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    real = HUB / "checkpoints" / "mobilenet_v2-b0353104.pth"
     need(real.is_file(), "MobileNetV2 weights not imported (run 'make weights')")
     renamed = tmp_path / "downloaded.bin"
     renamed.write_bytes(real.read_bytes())
-    dest = W.import_weights(renamed)
+    dest = W.import_weights(renamed, pretrained_enums())
     assert dest == W.cache_dir() / "mobilenet_v2-b0353104.pth" and dest.parent.parent.parent == torch_home
     model = build_model("mobilenet_v2", 3, weights="imagenet", img_size=64)
     assert model.preprocessing.mean == (0.485, 0.456, 0.406)

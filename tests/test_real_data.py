@@ -10,12 +10,12 @@ from conftest import shared_data
 
 def test_fruits360_own_split_leaks_and_grouped_split_does_not():
     report = check(scan(shared_data("fruits360")))
-    assert report.summary["images"] == 16861 and report.summary["classes"] == 27
-    own = report.summary["leaks"]["test<-train"]
+    assert report.summary.images == 16861 and report.summary.classes == 27
+    own = report.summary.leaks["test<-train"]
     assert own["share"] > 0.3  # Fruits-360's Test frames have near duplicates in Training
     # round fruit on white share perceptual hashes across classes (grapefruit/golden apple, orange/peach: 980
     # pairs with a 4x4 colour check); the 8x8 colour check tells them apart, so no label conflict is reported
-    assert report.summary["label_conflicts"] == 0
+    assert report.summary.label_conflicts == 0
     pooled = Manifest(tuple(r.__class__(r.path, r.label) for r in report.manifest), report.manifest.root)
     report.manifest = pooled
     res = split(report, val=0.15, test=0.15, seed=0)
@@ -27,7 +27,7 @@ def test_fruits360_own_split_leaks_and_grouped_split_does_not():
 
 def test_grocery_train_val_layout():
     report = check(scan(shared_data("grocery")))
-    assert report.summary["classes"] == 28 and report.summary["bad"] == 0
+    assert report.summary.classes == 28 and report.summary.bad == 0
     res = split(report)
     totals = Counter(r.split for r in res.manifest)
     assert totals["test"] == 111  # the data's own val folder is held out as test

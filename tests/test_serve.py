@@ -15,12 +15,14 @@ from PIL import Image
 
 from fruitlens.inference.predictor import Predictor
 from fruitlens.serve.app import create_app
+from fruitlens.serve.deps import get_predictor
+from fruitlens.serve.settings import ServeSettings
 from conftest import ROOT, fruit_image, jpeg_bytes, need
 
 
 @pytest.fixture(scope="module")
 def client(trained_run):
-    app = create_app(trained_run, max_upload_mb=1)
+    app = create_app(ServeSettings(str(trained_run), max_upload_mb=1))
     with TestClient(app) as c:
         yield c
 
@@ -41,7 +43,7 @@ def test_predict_multipart_matches_predictor(client, trained_run):
     assert r.status_code == 200
     body = r.json()
     assert body["filename"] == "l.jpg" and len(body["top_k"]) == 2
-    expected = Predictor.from_run(trained_run).predict([Image.open(io.BytesIO(data))])[0]
+    expected = Predictor.load(trained_run).predict([Image.open(io.BytesIO(data))])[0]
     assert body["label"] == expected.label and abs(body["score"] - expected.score) < 1e-3
 
 
@@ -80,27 +82,60 @@ def test_decompression_bomb_is_refused(client):
     assert r.status_code == 413 and "pixels" in r.json()["detail"]
 
 
-def test_concurrent_requests_are_batched(trained_run):
-    import concurrent.futures
+def test_concurrent_requests_are_batched():
+    """A slow model and 16 requests at once: the batcher answers them in fewer model calls than requests."""
+    import asyncio
 
-    app = create_app(trained_run)
-    data = jpeg_bytes(fruit_image("plum", 3, 48))
+    import numpy as np
+
+    from fruitlens.serve.batcher import Batcher
+
+    calls = []
+
+    def slow_forward(x):
+        calls.append(len(x))
+        time.sleep(0.05)
+        return np.repeat(x.reshape(len(x), -1)[:, :1].astype(np.float32), 2, axis=1)
+
+    async def go():
+        b = Batcher(slow_forward, max_batch=8)
+        outs = await asyncio.gather(*[b.submit(np.full((1, 2, 2, 3), i, np.uint8)) for i in range(16)])
+        await b.stop()
+        return b, outs
+
+    batcher, outs = asyncio.run(go())
+    assert [float(o[0, 0]) for o in outs] == list(range(16))  # each request gets its own rows back
+    assert batcher.items == 16 and batcher.batches == len(calls) < 16 and max(calls) <= 8
+
+
+def test_batcher_splits_a_large_request_into_bounded_calls():
+    import asyncio
+
+    import numpy as np
+
+    from fruitlens.serve.batcher import Batcher
+
+    calls = []
+    b = Batcher(lambda x: calls.append(len(x)) or np.zeros((len(x), 2), np.float32), max_batch=4)
+    out = asyncio.run(b.submit(np.zeros((10, 2, 2, 3), np.uint8)))
+    assert out.shape == (10, 2) and calls == [4, 4, 2]
+
+
+def test_dependency_override_reaches_predict(trained_run):
+    import numpy as np
+
+    app = create_app(ServeSettings(str(trained_run)))
     with TestClient(app) as c:
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(lambda _: c.post("/predict", files={"file": ("p.jpg", data, "image/jpeg")}).status_code,
-                                  range(32)))
-        assert codes == [200] * 32
-        batcher = app.state.batcher
-        assert batcher.items == 32 and batcher.batches <= 32
-
-
-def test_dependency_override_in_tests(trained_run):
-    app = create_app(trained_run)
-    with TestClient(app) as c:
-        fake = Predictor(lambda x: __import__("numpy").zeros((len(x), 2), "float32"), ["x<script>", "y"],
-                         app.state.predictor.preprocessing, "fake")
-        app.state.predictor = fake
+        real = app.state.predictor
+        fake = Predictor(lambda x: np.tile(np.array([[0.0, 5.0]], np.float32), (len(x), 1)), ["x<script>", "y"],
+                         real.preprocessing, "fake")
+        app.dependency_overrides[get_predictor] = lambda: fake
         assert c.get("/labels").json() == {"labels": ["x<script>", "y"]}
+        r = c.post("/predict", files={"file": ("a.jpg", jpeg_bytes(fruit_image("apple", 1, 48)), "image/jpeg")})
+        assert r.status_code == 200 and r.json()["label"] == "y" and r.json()["top_k"][1]["label"] == "x<script>"
+        app.dependency_overrides.clear()
+        r = c.post("/predict", files={"file": ("a.jpg", jpeg_bytes(fruit_image("apple", 1, 48)), "image/jpeg")})
+        assert r.json()["label"] in real.classes
 
 
 def _free_port() -> int:
@@ -161,7 +196,7 @@ def test_serve_with_two_worker_processes(trained_run):
                 f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg + \
             f"\r\n--{boundary}--\r\n".encode()
         ctype = f"multipart/form-data; boundary={boundary}"
-        want = Predictor.from_run(trained_run).predict([Image.open(io.BytesIO(jpeg))])[0].label
+        want = Predictor.load(trained_run).predict([Image.open(io.BytesIO(jpeg))])[0].label
 
         def post(_):
             req = urllib.request.Request(url + "/predict", data=body, headers={"Content-Type": ctype})

@@ -1,17 +1,42 @@
-"""Errors a user can cause, each with a message (what and where) and a hint (what to do).
+"""Errors a user can cause, each with a message (what and where) and a hint (what to do), and the one table of exit
+codes.
 
 Library code raises these; only ``fruitlens.cli`` turns them into ``error:``/``hint:`` lines and exit codes.
 """
 from __future__ import annotations
 
 import difflib
+from enum import IntEnum
 from typing import Iterable
 
 
-class FruitlensError(Exception):
-    """Base class: ``message`` says what went wrong and where, ``hint`` what to do about it."""
+class ExitCode(IntEnum):
+    """Every exit status of the ``fruitlens`` command; each error kind maps to one member."""
 
-    exit_code = 1
+    OK = 0
+    FINDINGS = 1  # the command ran and found problems: check errors, images that failed to predict
+    USAGE = 2  # a bad option, config key or value (argparse's own status too)
+    DATA = 3
+    MODEL = 4
+    WEIGHTS = 5
+    RUN_DIR = 6
+    EXPORT = 7
+    DOWNLOAD = 8
+    FAILED = 9  # any other fruitlens error
+    INTERNAL = 70  # a bug (EX_SOFTWARE): the message says to rerun with --traceback
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+
+class FruitlensError(Exception):
+    """Base class: ``message`` says what went wrong and where, ``hint`` what to do about it. Each kind names its
+    exit code in its class line (``class DataError(FruitlensError, exit_code=ExitCode.DATA)``)."""
+
+    exit_code = ExitCode.FAILED
+
+    def __init_subclass__(cls, exit_code: ExitCode | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if exit_code is not None:
+            cls.exit_code = exit_code
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -22,46 +47,45 @@ class FruitlensError(Exception):
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
 
-class ConfigError(FruitlensError):
+class ConfigError(FruitlensError, exit_code=ExitCode.USAGE):
     """A bad option, config key or value."""
 
-    exit_code = 2
 
-
-class DataError(FruitlensError):
+class DataError(FruitlensError, exit_code=ExitCode.DATA):
     """The images, folders or manifest cannot be used as asked."""
 
-    exit_code = 3
+
+class ImageError(DataError):
+    """One image cannot be used; ``reason`` says why in one word (the service maps it to an HTTP status):
+    ``missing``, ``empty``, ``not-an-image``, ``too-many-pixels``, ``bad-shape`` or ``undecodable``."""
+
+    def __init__(self, message: str, hint: str | None = None, reason: str = "undecodable") -> None:
+        super().__init__(message, hint)
+        self.reason = reason
 
 
-class ModelError(FruitlensError):
+class ModelError(FruitlensError, exit_code=ExitCode.MODEL):
     """Unknown model, incompatible checkpoint, image size too small, ..."""
 
-    exit_code = 4
 
-
-class WeightsError(FruitlensError):
+class WeightsError(FruitlensError, exit_code=ExitCode.WEIGHTS):
     """Pretrained weights are missing, cannot be downloaded or do not match."""
 
-    exit_code = 5
+
+class RunDirError(FruitlensError, exit_code=ExitCode.RUN_DIR):
+    """A run folder is missing a file that the command needs, or holds one that cannot be trusted."""
 
 
-class RunDirError(FruitlensError):
-    """A run folder is missing a file that the command needs."""
-
-    exit_code = 6
-
-
-class ExportError(FruitlensError):
+class ExportError(FruitlensError, exit_code=ExitCode.EXPORT):
     """Export failed or the exported model does not agree with PyTorch."""
 
-    exit_code = 7
 
-
-class DownloadError(FruitlensError):
+class DownloadError(FruitlensError, exit_code=ExitCode.DOWNLOAD):
     """A download failed or its content did not verify."""
 
-    exit_code = 8
+
+class Interrupted(FruitlensError, exit_code=ExitCode.INTERRUPTED):
+    """Ctrl-C during a long job; the message says what was kept and how to continue."""
 
 
 def did_you_mean(name: str, choices: Iterable[str], what: str) -> str:

@@ -1,26 +1,24 @@
-"""``RunDir``: one folder with fixed names that every command after ``train`` reads.
+"""``RunDir``: one folder with fixed names that every command after ``train`` reads. Paths, checks and the lock only.
 
-config.yaml, manifest.csv, labels.json, checkpoints/best.ckpt, history.csv, report.json, report.html, plots/, export/
+config.yaml, manifest.csv, labels.json, facts.json, checkpoints/best.ckpt, history.csv, train_info.json, report.json,
+report.html, plots/, export/model.onnx, eval/<data>/ (reports on other data), cache/ (the feature cache).
 """
 from __future__ import annotations
 
-import csv
-import json
-import math
+import errno
+import fcntl
+import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Iterator
 
 from fruitlens.errors import RunDirError
 
+_TRAIN = "fruitlens train DATA --out {run}"
 _MAKES = {
-    "config.yaml": "fruitlens train DATA --out {run}",
-    "manifest.csv": "fruitlens train DATA --out {run}",
-    "labels.json": "fruitlens train DATA --out {run}",
-    "checkpoints/best.ckpt": "fruitlens train DATA --out {run}  (or --resume {run} after an interruption)",
-    "history.csv": "fruitlens train DATA --out {run}",
+    "checkpoints/best.ckpt": _TRAIN + "  (or 'fruitlens train --resume {run}' after an interruption)",
     "report.json": "fruitlens evaluate {run}",
     "export/model.onnx": "fruitlens export {run} --format onnx",
 }
@@ -38,106 +36,49 @@ class RunDir:
     config = property(lambda self: self.path / "config.yaml")
     manifest = property(lambda self: self.path / "manifest.csv")
     labels = property(lambda self: self.path / "labels.json")
+    facts = property(lambda self: self.path / "facts.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     best_ckpt = property(lambda self: self.path / "checkpoints" / "best.ckpt")
     history = property(lambda self: self.path / "history.csv")
+    train_info = property(lambda self: self.path / "train_info.json")
     report_json = property(lambda self: self.path / "report.json")
     report_html = property(lambda self: self.path / "report.html")
     plots = property(lambda self: self.path / "plots")
     export = property(lambda self: self.path / "export")
-    facts = property(lambda self: self.path / "facts.json")
+    onnx = property(lambda self: self.path / "export" / "model.onnx")
+    cache = property(lambda self: self.path / "cache")
+
+    def eval_dir(self, name: str) -> Path:
+        """``eval/<name>/``: where a report on other data goes, so that the run's own report stays as it is."""
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "data"
+        return self.path / "eval" / safe
 
     def require(self, *names: str) -> "RunDir":
         if not self.path.is_dir():
-            raise RunDirError(f"{self.path}: no such run folder", f"make one with: fruitlens train DATA --out {self.path}")
+            raise RunDirError(f"{self.path}: no such run folder", f"make one with: {_TRAIN.format(run=self.path)}")
         for name in names:
             if not (self.path / name).exists():
-                make = _MAKES.get(name, "fruitlens train DATA --out {run}").format(run=self.path)
+                make = _MAKES.get(name, _TRAIN).format(run=self.path)
                 raise RunDirError(f"{self.path}: run folder lacks {name}", f"make it with: {make}")
         return self
 
-    def read_labels(self) -> list[str]:
-        self.require("labels.json")
-        return json.loads(self.labels.read_text())
-
-    def write_json(self, name: str, obj: Any) -> Path:
-        p = self.path / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(obj, indent=2, default=str))
-        return p
-
-    def read_json(self, name: str) -> Any:
-        self.require(name)
-        return json.loads((self.path / name).read_text())
-
-    def write_history(self, rows: list[dict]) -> None:
-        if not rows:
-            return
-        keys = list(rows[0])
-        with self.history.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-
-    def read_history(self) -> list[dict]:
-        if not self.history.is_file():
-            return []
-        with self.history.open(newline="") as fh:
-            return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
-def json_safe(obj: Any) -> Any:
-    """NaN/inf -> None, tuples -> lists, so that JSON stays standard."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def _num(v: str):
-    try:
-        return float(v) if v not in ("", "None") else None
-    except ValueError:
-        return v
-
-
-def save_model(path: Path, model, classes: list[str], extra: dict | None = None) -> None:
-    """A checkpoint that carries everything needed to rebuild the model (nanoGPT style)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "fruitlens_format": 1,
-        "model_name": model.name,
-        "num_classes": model.num_classes,
-        "dropout": float(model.head[0].p),
-        "preprocessing": model.preprocessing.to_dict(),
-        "classes": list(classes),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        **(extra or {}),
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
-def load_model(path: Path):
-    """Rebuilds a FruitNet from ``save_model``'s file, without touching any weights cache."""
-    from fruitlens.models.preprocessing import Preprocessing
-    from fruitlens.models.registry import build_model
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise RunDirError(f"{path}: checkpoint not found", "train a model first: fruitlens train DATA --out RUN") from None
-    except Exception as exc:
-        raise RunDirError(f"{path}: cannot read checkpoint ({exc})") from None
-    if not isinstance(ckpt, dict) or "fruitlens_format" not in ckpt:
-        raise RunDirError(f"{path}: not a fruitlens checkpoint")
-    pre = Preprocessing.from_dict(ckpt["preprocessing"])
-    model = build_model(ckpt["model_name"], ckpt["num_classes"], weights="none", img_size=pre.image_size,
-                        dropout=ckpt.get("dropout", 0.2))
-    model.preprocessing = pre
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt["classes"], ckpt
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Holds ``.lock`` in the run folder for as long as a command writes the run; a second command that asks for
+        the same folder meanwhile gets a RunDirError instead of mixing its files into the first one's."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                raise RunDirError(f"{self.path}: another fruitlens command (pid {holder}) is writing this run folder",
+                                  "wait for it to finish, or pass another --out") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock; the file stays (removing it would race a waiting process)

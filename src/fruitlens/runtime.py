@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -30,3 +31,9 @@ def limit_heap_growth(threshold: int = 1 << 20) -> bool:
         _done = False
     log.debug("glibc mmap threshold fixed at %d bytes: %s", threshold, _done)
     return _done
+
+
+def is_ddp_child() -> bool:
+    """This process was started by Lightning's DDP launcher for a local rank above zero (its environment says so
+    from the start; the process the user started gets ``LOCAL_RANK`` only once it launches the others)."""
+    return int(os.environ.get("LOCAL_RANK", 0) or 0) > 0

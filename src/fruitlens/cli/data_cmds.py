@@ -5,10 +5,11 @@ import argparse
 from collections import Counter, defaultdict
 
 from fruitlens.cli.output import print_json, table
-from fruitlens.rundir import json_safe
 from fruitlens.data.check import CheckReport, check
 from fruitlens.data.scan import scan
 from fruitlens.data.split import split
+from fruitlens.errors import ExitCode
+from fruitlens.jsonio import json_safe
 
 CHECK_EXAMPLES = """examples:
   fruitlens check photos/                     # class folders, or train/ val/ test/ folders
@@ -54,14 +55,14 @@ def add_split(sub) -> None:
 
 def print_check(report: CheckReport, show: int = 5) -> None:
     s = report.summary
-    print(f"{s['images']} images in {s['classes']} classes ({s['layout']} layout); {s['usable']} usable, {s['bad']} bad")
-    if s["skipped_hidden"] or s["skipped_non_image"]:
-        print(f"skipped {s['skipped_hidden']} hidden and {s['skipped_non_image']} non-image files")
-    splits = list(s["counts"])
-    rows = [[label] + [s["counts"][sp].get(label, 0) for sp in splits] + [n] for label, n in s["class_totals"].items()]
+    print(f"{s.images} images in {s.classes} classes ({s.layout} layout); {s.usable} usable, {s.bad} bad")
+    if s.skipped_hidden or s.skipped_non_image:
+        print(f"skipped {s.skipped_hidden} hidden and {s.skipped_non_image} non-image files")
+    splits = list(s.counts)
+    rows = [[label] + [s.counts[sp].get(label, 0) for sp in splits] + [n] for label, n in s.class_totals.items()]
     print()
     table(["class"] + splits + ["total"], rows)
-    print(f"\nimbalance ratio (largest/smallest class): {s['imbalance_ratio']:.2f}")
+    print(f"\nimbalance ratio (largest/smallest class): {s.imbalance_ratio:.2f}")
     by_code: dict[tuple[str, str], list] = defaultdict(list)
     for issue in report.issues:
         by_code[(issue.severity, issue.code)].append(issue)
@@ -75,7 +76,7 @@ def print_check(report: CheckReport, show: int = 5) -> None:
             print(f"  {issue.path + ': ' if issue.path else ''}{issue.message}")
         if len(issues) > show:
             print(f"  ... and {len(issues) - show} more (--json lists all)")
-    print(f"\n{s['errors']} error(s), {s['warnings']} warning(s). Nothing was changed.")
+    print(f"\n{s.errors} error(s), {s.warnings} warning(s). Nothing was changed.")
 
 
 def run_check(args) -> int:
@@ -85,7 +86,7 @@ def run_check(args) -> int:
         print_json(json_safe(report.to_dict()))
     else:
         print_check(report, args.show)
-    return 1 if report.errors else 0
+    return ExitCode.FINDINGS if report.errors else ExitCode.OK
 
 
 def run_split(args) -> int:
@@ -94,8 +95,8 @@ def run_split(args) -> int:
     result = split(report, val=args.val, test=args.test, seed=args.seed, group=group, group_pattern=args.group_pattern)
     result.manifest.to_csv(args.out)
     if args.json:
-        print_json(json_safe(result.to_dict()))
-        return 0
+        print_json(json_safe(result.facts()))
+        return ExitCode.OK
     for note in result.notes:
         print(note)
     totals = Counter(r.split for r in result.manifest)
@@ -116,4 +117,4 @@ def run_split(args) -> int:
     leaked = sum(v["images"] for v in result.leaks.values())
     print(f"leaks across splits: {leaked} image(s)" + ("" if leaked else " (leak-free)"))
     print(f"wrote {args.out}")
-    return 0
+    return ExitCode.OK

@@ -5,6 +5,8 @@ import argparse
 import sys
 import time
 
+from fruitlens.errors import ExitCode
+
 EXAMPLES = """examples:
   fruitlens demo                                   # downloads Fruits-360 (about 1 GB) on first use
   fruitlens demo --data ../shared/data/fruits360   # a local copy instead of the download
@@ -52,31 +54,29 @@ class _Bar:
 
 
 def run(args) -> int:
+    from fruitlens.cli.infer_cmds import print_speed
     from fruitlens.config import parse_overrides
-    from fruitlens.demo import run_demo
     from fruitlens.evaluation.metrics import ci_text
+    from fruitlens.pipelines.demo import demo
 
-    res = run_demo(args.out, data=args.data, data_url=args.data_url, sha256=args.sha256, classes=args.classes,
-                   overrides=parse_overrides(args.overrides), progress=_Bar(), int8=args.int8)
-    m = res.report["metrics"]
-    split = res.report["dataset"]["totals"]
-    leak = res.report["leak"]
-    speed = res.export.get("speed", {})
+    res = demo(args.out, data=args.data, data_url=args.data_url, sha256=args.sha256, classes=args.classes,
+               overrides=parse_overrides(args.overrides), progress=_Bar(), int8=args.int8)
+    m = res.report.metrics
+    split = res.report.dataset.totals
     print()
     print(f"fruitlens demo finished in {res.seconds / 60:.1f} min")
     print(f"  data:     {res.data_root} ({len(res.classes)} classes; split train {split.get('train', 0)}, "
           f"val {split.get('val', 0)}, test {split.get('test', 0)}; "
-          f"{'leak-free' if leak.get('leak_free') else 'NOT leak-free'})")
-    print(f"  test:     accuracy {m['accuracy']:.2%} ({ci_text(m)}), macro F1 {m['macro_f1']:.2%}, ECE {m['ece']:.3f} "
-          f"on {m['n']} images")
+          f"{'leak-free' if res.report.leak.leak_free else 'NOT leak-free'})")
+    print(f"  test:     accuracy {m.accuracy:.2%} ({ci_text(m)}), macro F1 {m.macro_f1:.2%}, ECE {m.ece:.3f} "
+          f"on {m.n} images")
     print(f"  report:   {res.run.report_html}")
     print(f"  model:    {res.run.best_ckpt}")
-    print(f"  onnx:     {res.export['onnx']} (top-1 agreement with PyTorch "
-          f"{res.export['parity']['fp32']['top1_agreement']:.2%})")
-    if "int8" in res.export:
-        print(f"  int8:     {res.export['int8']} (agreement {res.export['parity']['int8']['top1_agreement']:.2%})")
-    for engine, s in speed.items():
-        print(f"  speed:    {engine}: {s['batch32_img_per_s']:.0f} img/s at batch 32, {s['batch1_ms']:.2f} ms per image")
+    print(f"  onnx:     {res.export.onnx} (top-1 agreement with PyTorch "
+          f"{res.export.parity['fp32']['top1_agreement']:.2%})")
+    if res.export.int8:
+        print(f"  int8:     {res.export.int8} (agreement {res.export.parity['int8']['top1_agreement']:.2%})")
+    print_speed(res.export.speed, "  speed:   ")
     print(f"\nserve it:   fruitlens serve {res.run.path}     (then open http://127.0.0.1:8000)")
     print(f"predict:    fruitlens predict {res.run.path} some_fruit.jpg")
-    return 0
+    return ExitCode.OK

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fruitlens.cli.output import table
-from fruitlens.errors import ConfigError, DataError
+from fruitlens.errors import ConfigError, DataError, ExitCode, ImageError
 
 PREDICT_EXAMPLES = """examples:
   fruitlens predict runs/mnv2 apple.jpg pear.png --top-k 3
@@ -58,17 +58,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="inference threads per worker (default 0: all cores; idle threads sleep, so workers share)")
     p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (default 10 MB)")
+    p.add_argument("--max-images", type=int, default=64, help="most images in one request (default 64)")
     p.set_defaults(func=run_serve)
-
-
-def load_predictor(model: str, engine: str = "auto", threads: int = 0):
-    from fruitlens.inference.predictor import Predictor
-
-    path = Path(model)
-    if path.suffix.lower() == ".onnx":
-        return Predictor.from_onnx(path, threads=threads)
-    return Predictor.from_run(path, engine=engine, threads=threads)
 
 
 def expand_images(items: list[str]) -> list[str]:
@@ -89,14 +81,16 @@ def expand_images(items: list[str]) -> list[str]:
 
 
 def run_predict(args) -> int:
-    predictor = load_predictor(args.model, args.engine)
+    from fruitlens.inference.predictor import Predictor
+
+    predictor = Predictor.load(args.model, args.engine)
     images = expand_images(args.images)
     if not images:
         raise DataError(f"no images found in {' '.join(args.images)}")
     failed = 0
     rows = []
     for path, pred in predictor.predict_many(images, args.top_k, args.batch_size):
-        if isinstance(pred, DataError):
+        if isinstance(pred, ImageError):
             failed += 1
             if args.json:
                 print(json.dumps({"path": path, "error": pred.message}))
@@ -111,22 +105,26 @@ def run_predict(args) -> int:
     if not args.json:
         table(["image", "label", "prob", f"top-{args.top_k}"], rows)
         print(f"{len(images) - failed} predicted, {failed} failed ({predictor.engine})")
-    return 1 if failed else 0
+    return ExitCode.FINDINGS if failed else ExitCode.OK
 
 
 def run_export(args) -> int:
-    from fruitlens.inference.export import export_run
+    from fruitlens.pipelines.export import export
 
-    fig = export_run(args.run, int8=args.int8, opset=args.opset, bench=args.bench)
-    print(f"wrote {fig['onnx']} (opset {fig['opset']}, {fig['classes']} classes, {fig['image_size']} px) and labels.txt")
-    for name, p in fig["parity"].items():
+    res = export(args.run, int8=args.int8, opset=args.opset, bench=args.bench)
+    print(f"wrote {res.onnx} (opset {res.opset}, {res.classes} classes, {res.image_size} px) and labels.txt")
+    for name, p in res.parity.items():
         print(f"parity {name}: top-1 agreement {p['top1_agreement']:.2%} on {p['images']} validation images, "
               f"max |logit diff| {p['max_abs_logit_diff']:.2e}")
-    if "int8" in fig:
-        print(f"wrote {fig['int8']}")
-    for engine, s in fig.get("speed", {}).items():
-        print(f"speed {engine}: {s['batch32_img_per_s']:.0f} img/s at batch 32, {s['batch1_ms']:.2f} ms at batch 1")
-    return 0
+    if res.int8:
+        print(f"wrote {res.int8}")
+    print_speed(res.speed, "speed")
+    return ExitCode.OK
+
+
+def print_speed(speed: dict, prefix: str) -> None:
+    for engine, s in speed.items():
+        print(f"{prefix} {engine}: {s['batch32_img_per_s']:.0f} img/s at batch 32, {s['batch1_ms']:.2f} ms at batch 1")
 
 
 def run_serve(args) -> int:
@@ -134,25 +132,24 @@ def run_serve(args) -> int:
 
     import uvicorn
 
+    from fruitlens.inference.predictor import Predictor
     from fruitlens.serve.app import create_app
+    from fruitlens.serve.settings import ServeSettings
 
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}", "use --workers 1 (the default) or more")
+    settings = ServeSettings(str(Path(args.model).resolve()), top_k=args.top_k, threads=args.threads,
+                             max_upload_mb=args.max_upload_mb, max_images=args.max_images).validated()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the service is reachable from other machines", file=sys.stderr)
-    if args.threads < 0:
-        raise ConfigError(f"--threads must be 0 (all cores) or more, got {args.threads}")
-    threads = args.threads  # 0: all cores, in each worker
-    predictor = load_predictor(args.model, threads=threads)  # a bad model path fails here, with a clear message
+    predictor = Predictor.load(settings.model, threads=settings.threads)  # a bad model path fails here, clearly
     print(f"serving {args.model} ({predictor.engine}, {len(predictor.classes)} classes) on "
           f"http://{args.host}:{args.port} with {args.workers} worker(s)  (upload page /, API docs /docs)")
     if args.workers > 1:
         del predictor  # each worker process loads its own copy
-        os.environ.update(FRUITLENS_MODEL=str(Path(args.model).resolve()), FRUITLENS_TOP_K=str(args.top_k),
-                          FRUITLENS_MAX_UPLOAD_MB=str(args.max_upload_mb), FRUITLENS_THREADS=str(threads))
+        os.environ.update(settings.to_env())
         uvicorn.run("fruitlens.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers)
-        return 0
-    app = create_app(predictor=predictor, top_k=args.top_k, max_upload_mb=args.max_upload_mb)
-    uvicorn.run(app, host=args.host, port=args.port)
-    return 0
+        return ExitCode.OK
+    uvicorn.run(create_app(settings, predictor), host=args.host, port=args.port)
+    return ExitCode.OK

@@ -6,11 +6,10 @@ import logging
 import os
 import sys
 import traceback
-from enum import IntEnum
 
 from fruitlens import __version__
-from fruitlens.errors import FruitlensError
-from fruitlens.runtime import limit_heap_growth
+from fruitlens.errors import ExitCode, FruitlensError
+from fruitlens.runtime import is_ddp_child, limit_heap_growth
 
 EXAMPLES = """examples:
   fruitlens check photos/                              # bad files, imbalance, duplicates, leaks
@@ -24,13 +23,6 @@ EXAMPLES = """examples:
 
 'fruitlens COMMAND --help' shows each command's options and examples.
 """
-
-
-class ExitStatus(IntEnum):
-    OK = 0
-    ERROR = 1  # the command ran and found problems (check errors, failed predictions)
-    USAGE = 2
-    INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +48,9 @@ def _setup_logging(verbose: bool) -> None:
     import warnings
 
     fmt = "%(relativeCreated)7.0fms %(message)s" if os.environ.get("FRUITLENS_LOG_TIME") else "%(message)s"
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
+    # the other processes of a DDP run say only what breaks: rank zero speaks for the run
+    level = logging.DEBUG if verbose else logging.ERROR if is_ddp_child() else logging.INFO
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
                   "lightning.fabric.utilities.rank_zero", "PIL", "matplotlib", "urllib3", "httpx", "onnxruntime"):
         logger = logging.getLogger(noisy)
@@ -80,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.command:
         parser.print_help()
-        return ExitStatus.USAGE
+        return ExitCode.USAGE
     _setup_logging(args.verbose)
     limit_heap_growth()
     try:
@@ -91,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
+        return int(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return ExitStatus.INTERRUPTED
+        return ExitCode.INTERRUPTED
     except Exception as exc:  # a bug: say so plainly, the stack is one flag away
         if args.traceback or os.environ.get("FRUITLENS_TRACEBACK"):
             traceback.print_exc()
         print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         print("hint: rerun with --traceback and report the stack", file=sys.stderr)
-        return 70
+        return ExitCode.INTERNAL

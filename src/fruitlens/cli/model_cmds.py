@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from fruitlens.cli.output import table
-from fruitlens.errors import WeightsError
+from fruitlens.errors import ExitCode, WeightsError
 
 WEIGHTS_EXAMPLES = """examples:
   fruitlens weights list
@@ -41,23 +41,24 @@ def run_models(args) -> int:
             state = f"imagenet ({', '.join(cached)} cached)" if cached else "imagenet (not cached)"
         rows.append([spec.name, state, spec.min_size, spec.description])
     table(["model", "weights", "min px", "description"], rows)
-    return 0
+    return ExitCode.OK
 
 
 def run_weights(args) -> int:
-    from fruitlens.models.registry import get_spec
+    from fruitlens.models.registry import get_spec, list_models, pretrained_enums
     from fruitlens.models.weights import cache_dir, import_weights, is_cached, list_weights
 
     if args.action == "import":
-        dest = import_weights(args.file)
+        dest = import_weights(args.file, pretrained_enums())
         print(f"verified and imported {args.file} -> {dest}")
-        return 0
+        return ExitCode.OK
     if args.cached_only:
         spec = get_spec(args.cached_only)
         if spec.weights_enum is None:
             raise WeightsError(f"{spec.name} has no pretrained weights")
-        return 0 if any(is_cached(w) for w in spec.weights_enum) else 1
+        return ExitCode.OK if any(is_cached(w) for w in spec.weights_enum) else ExitCode.FINDINGS
     print(f"cache: {cache_dir()}")
     table(["model", "weights", "file", "cached"],
-          [[r.model, r.weights, r.file, "yes" if r.cached else "no"] for r in list_weights()])
-    return 0
+          [[r.model, r.weights, r.file, "yes" if r.cached else "no"]
+           for r in list_weights({s.name: s.weights_enum for s in list_models()})])
+    return ExitCode.OK

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from fruitlens.config import TrainConfig, apply_overrides, parse_overrides
+from fruitlens.errors import ExitCode
 
 EXAMPLES = """examples:
   fruitlens train photos/ --out runs/mnv2                       # MobileNetV2, ImageNet weights, fast CPU path
@@ -92,33 +93,36 @@ def build_config(args) -> TrainConfig:
 
 
 def run_train(args) -> int:
-    from fruitlens.training.fit import train
+    from fruitlens.pipelines.train import resume, train
 
     if args.data and "=" in args.data and not args.resume:
         args.overrides.insert(0, args.data)
         args.data = None
     if args.resume:
-        run = train(TrainConfig(), args.resume, resume=True)
+        result = resume(args.resume)
     else:
         cfg = build_config(args)
-        run = train(cfg, args.out or f"runs/{cfg.model.name}")
-    _print_summary(run)
-    return 0
+        result = train(cfg, args.out or f"runs/{cfg.model.name}")
+    if result.report is not None:  # the other processes of a DDP run print nothing
+        print_summary(result.run.report_html, result.report, result.export_error)
+    return ExitCode.OK
 
 
-def _print_summary(run) -> None:
+def print_summary(page, report, export_error: str | None = None) -> None:
+    """The headline of a trained run: accuracy with its interval, warnings, where the report is, what to do next."""
     from fruitlens.evaluation.metrics import ci_text, gap_text
 
-    report = run.read_json("report.json")
-    m = report["metrics"]
-    print(f"\nrun folder: {run.path}")
-    print(f"test accuracy {m['accuracy']:.4f} ({ci_text(m)})  macro F1 {m['macro_f1']:.4f}  ECE {m['ece']:.4f}  "
-          f"({m['n']} images, {report['evaluated_on']})")
-    if report["leak"].get("test_images_with_train_duplicate"):
-        print(f"warning: {report['leak']['test_images_with_train_duplicate']} test images have a near duplicate in "
+    m = report.metrics
+    run = report.run
+    print(f"\nrun folder: {run}")
+    print(f"test accuracy {m.accuracy:.4f} ({ci_text(m)})  macro F1 {m.macro_f1:.4f}  ECE {m.ece:.4f}  "
+          f"({m.n} images, {report.evaluated_on})")
+    if report.leak.test_images_with_train_duplicate:
+        print(f"warning: {report.leak.test_images_with_train_duplicate} test images have a near duplicate in "
               "train (the data's own split): this accuracy overstates accuracy on new photos")
-    if gap := gap_text(report):
+    if gap := gap_text(report.validation_gap, report.evaluated_on):
         print(f"warning: {gap}")
-    print(f"report: {run.report_html}")
-    print(f"next: fruitlens predict {run.path} IMAGE | fruitlens export {run.path} --format onnx | "
-          f"fruitlens serve {run.path}")
+    if export_error:
+        print(f"warning: no ONNX export ({export_error}); predict and serve use the PyTorch checkpoint")
+    print(f"report: {page}")
+    print(f"next: fruitlens predict {run} IMAGE | fruitlens export {run} --format onnx | fruitlens serve {run}")

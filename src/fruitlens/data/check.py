@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -15,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from fruitlens.data.hashing import connected_groups, near_duplicate_pairs, phash_batch, phash_thumbnail
 from fruitlens.data.manifest import Manifest
 from fruitlens.data.scan import ScanResult
+from fruitlens.errors import ImageError
+from fruitlens.models.preprocessing import decode
 
 log = logging.getLogger(__name__)
 
 SEVERITIES = ("error", "warning", "info")
+CHECK_DECODE_SIDE = 256  # big photos are decoded at about this shorter side: enough for the hashes
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class FileInfo:
     """What decoding one image told us."""
 
     ok: bool
-    error: str = ""  # code: empty-file | unreadable | truncated
+    error: str = ""  # code: empty-file | unreadable | truncated | bad-shape | too-small
     detail: str = ""
     width: int = 0
     height: int = 0
@@ -54,13 +56,37 @@ class FileInfo:
 
 
 @dataclass
+class CheckSummary:
+    """The figures behind the findings (also the ``summary`` of ``check --json`` and of the run's facts)."""
+
+    images: int = 0
+    usable: int = 0
+    bad: int = 0
+    classes: int = 0
+    layout: str = "classes"
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split ('all' without splits) -> class -> n
+    class_totals: dict[str, int] = field(default_factory=dict)
+    imbalance_ratio: float = float("nan")
+    exact_duplicate_pairs: int = 0
+    within_class_exact_duplicates: int = 0
+    label_conflicts: int = 0
+    near_duplicate_pairs: int = 0
+    near_duplicate_distance: int = 4
+    leaks: dict[str, dict[str, float]] = field(default_factory=dict)  # "test<-train" -> images, share
+    skipped_hidden: int = 0
+    skipped_non_image: int = 0
+    errors: int = 0
+    warnings: int = 0
+
+
+@dataclass
 class CheckReport:
     """Findings plus the figures behind them; ``files`` is indexed like the manifest's records."""
 
     manifest: Manifest
     issues: list[Issue] = field(default_factory=list)
     files: list[FileInfo] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: CheckSummary = field(default_factory=CheckSummary)
     near_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
     @property
@@ -68,12 +94,16 @@ class CheckReport:
         return [i for i in self.issues if i.severity == "error"]
 
     @property
-    def bad_paths(self) -> set[str]:
-        """Paths (as in the manifest) of images that cannot be used."""
-        return {r.path for r, f in zip(self.manifest.records, self.files) if not f.ok}
+    def usable(self) -> np.ndarray:
+        """Mask of the records whose image can be used (decoded, and large enough)."""
+        return np.array([f.ok for f in self.files], dtype=bool)
+
+    def finding_counts(self) -> dict[str, int]:
+        """``{"error:truncated": 2, "info:exif-rotated": 1, ...}``"""
+        return dict(Counter(f"{i.severity}:{i.code}" for i in self.issues))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary, "issues": [asdict(i) for i in self.issues]}
+        return {"summary": asdict(self.summary), "issues": [asdict(i) for i in self.issues]}
 
 
 # Modes that the loader converts to RGB; the value says how.
@@ -94,37 +124,24 @@ _MODE_NOTES = {
     "LAB": "Lab, will be converted to RGB",
     "HSV": "HSV, will be converted to RGB",
 }
+_ERROR_CODES = {"empty": "empty-file", "missing": "unreadable", "not-an-image": "unreadable",
+                "too-many-pixels": "unreadable", "bad-shape": "bad-shape"}
 
 
 def analyse_file(path: str) -> FileInfo:
-    """Reads and fully decodes one image; never raises for a bad file."""
+    """Reads and fully decodes one image (the decode every command uses); never raises for a bad file."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         return FileInfo(False, "unreadable", f"cannot read file ({exc.strerror or exc})")
-    if not data:
-        return FileInfo(False, "empty-file", "file is empty (0 bytes)")
-    sha1 = hashlib.sha1(data).hexdigest()
-    import io
-
+    sha1 = hashlib.sha1(data).hexdigest() if data else ""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
-                mode, (width, height) = img.mode, img.size
-                orientation = img.getexif().get(0x0112, 1)
-                img.draft("RGB", (256, 256))  # big JPEGs decode at a reduced scale; the whole stream is still read
-                img.load()
-                rgb = img.convert("RGB")
-                thumb = phash_thumbnail(rgb)
-                colour = rgb.resize((COLOUR_SIDE, COLOUR_SIDE), Image.Resampling.BOX).tobytes()
-    except UnidentifiedImageError:
-        return FileInfo(False, "unreadable", "not an image Pillow can identify", sha1=sha1)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        text = str(exc)
-        code = "truncated" if "truncat" in text.lower() else "unreadable"
-        return FileInfo(False, code, f"cannot decode image ({text})", sha1=sha1)
-    return FileInfo(True, "", "", width, height, mode, orientation not in (None, 0, 1), sha1, 0, colour, thumb)
+        d = decode(data, min_side=CHECK_DECODE_SIDE)
+    except ImageError as exc:
+        code = _ERROR_CODES.get(exc.reason) or ("truncated" if "truncat" in exc.message.lower() else "unreadable")
+        return FileInfo(False, code, exc.message.removeprefix("image bytes: "), sha1=sha1)
+    colour = d.image.resize((COLOUR_SIDE, COLOUR_SIDE), Image.Resampling.BOX).tobytes()
+    return FileInfo(True, "", "", d.width, d.height, d.mode, d.exif_rotated, sha1, 0, colour, phash_thumbnail(d.image))
 
 
 def analyse_files(paths: list[str], workers: int = 0) -> list[FileInfo]:
@@ -146,122 +163,133 @@ def check(scan_result: ScanResult | Manifest, *, min_size: int = 32, near_dup_di
     if isinstance(scan_result, Manifest):
         scan_result = ScanResult(scan_result, layout="csv")
     manifest = scan_result.manifest
-    paths = [str(p) for p in manifest.paths()]
-    files = analyse_files(paths, workers)
-    report = CheckReport(manifest, files=files)
-    issues = report.issues
-    records = manifest.records
+    report = CheckReport(manifest, files=analyse_files([str(p) for p in manifest.paths()], workers))
+    _file_findings(report, min_size)
+    counts = _class_findings(report, scan_result, imbalance_warn)
+    pairs, exact = _duplicate_pairs(report, near_dup_distance)
+    report.near_pairs = pairs
+    conflicts, within_exact = _duplicate_findings(report, pairs, exact, near_dup_distance)
+    leaks = _leak_findings(report, pairs)
+    report.summary = _summary(report, scan_result, counts, len(exact), within_exact, conflicts, leaks,
+                              near_dup_distance)
+    return report
 
-    for r, f in zip(records, files):
+
+def _file_findings(report: CheckReport, min_size: int) -> None:
+    """Bad and too-small files are errors (and unusable from here on); converted modes and EXIF turns are noted."""
+    for i, (r, f) in enumerate(zip(report.manifest.records, report.files)):
         if not f.ok:
-            issues.append(Issue(f.error, "error", r.path, f.detail))
+            report.issues.append(Issue(f.error, "error", r.path, f.detail))
         elif min(f.width, f.height) < min_size:
-            issues.append(Issue("too-small", "error", r.path,
-                                f"{f.width}x{f.height} px is below the minimum of {min_size} px a side"))
+            detail = f"{f.width}x{f.height} px is below the minimum of {min_size} px a side"
+            report.issues.append(Issue("too-small", "error", r.path, detail))
+            report.files[i] = replace(f, ok=False, error="too-small", detail=detail)
         else:
             if f.mode != "RGB" and f.mode in _MODE_NOTES:
-                issues.append(Issue("mode-converted", "info", r.path, f"mode {f.mode}: {_MODE_NOTES[f.mode]}"))
+                report.issues.append(Issue("mode-converted", "info", r.path, f"mode {f.mode}: {_MODE_NOTES[f.mode]}"))
             if f.exif_rotated:
-                issues.append(Issue("exif-rotated", "info", r.path, "EXIF orientation set: the image is rotated upright when loaded"))
-    # too-small images are unusable for training as well
-    usable = np.array([f.ok and min(f.width, f.height) >= min_size for f in files], dtype=bool)
-    report.files = [f if u or not f.ok else FileInfo(False, "too-small", "image too small", f.width, f.height, f.mode,
-                                                     f.exif_rotated, f.sha1, f.phash) for f, u in zip(files, usable)]
+                report.issues.append(Issue("exif-rotated", "info", r.path,
+                                           "EXIF orientation set: the image is rotated upright when loaded"))
 
+
+def _class_findings(report: CheckReport, scan_result: ScanResult, imbalance_warn: float) -> Counter:
+    """Empty, tiny and single classes, and imbalance; returns the usable images per class."""
+    usable = report.usable
+    counts = Counter(r.label for r, u in zip(report.manifest.records, usable) if u)
+    issues = report.issues
     for name in scan_result.empty_classes:
         issues.append(Issue("empty-class", "warning", name, "class folder holds no images"))
-
-    counts = Counter(r.label for r, u in zip(records, usable) if u)
-    split_counts: dict[str, dict[str, int]] = {}
-    for r, u in zip(records, usable):
-        if u:
-            split_counts.setdefault(r.split or "all", Counter())[r.label] += 1
     if counts:
         most, least = max(counts.values()), min(counts.values())
-        ratio = most / least
-        if ratio >= imbalance_warn:
+        if most / least >= imbalance_warn:
             small = [c for c, n in counts.items() if n == least]
             issues.append(Issue("imbalance", "warning", ", ".join(sorted(small)),
-                                f"classes are imbalanced: largest {most} vs smallest {least} images (ratio {ratio:.1f}); "
-                                "consider --balance weights"))
-    else:
-        ratio = float("nan")
+                                f"classes are imbalanced: largest {most} vs smallest {least} images "
+                                f"(ratio {most / least:.1f}); consider --balance weights"))
     for label, n in sorted(counts.items()):
         if n < 5:
             issues.append(Issue("tiny-class", "warning", label, f"only {n} usable image(s): too few to learn and to test"))
     if len(counts) == 1:
         issues.append(Issue("one-class", "error", next(iter(counts)), "only one class: a classifier needs at least two"))
+    return counts
 
-    # exact duplicates by content hash, near duplicates by perceptual hash
+
+def _duplicate_pairs(report: CheckReport, near_dup_distance: int) -> tuple[np.ndarray, set[tuple[int, int]]]:
+    """Index pairs of exact (content hash) and near (perceptual hash + colour) duplicates, and the exact ones."""
+    files, records = report.files, report.manifest.records
+    usable = report.usable
     by_sha: dict[str, list[int]] = {}
-    for i, f in enumerate(report.files):
+    for i, f in enumerate(files):
         if f.ok:
             by_sha.setdefault(f.sha1, []).append(i)
-    exact_pairs = [(g[0], j) for g in by_sha.values() if len(g) > 1 for j in g[1:]]
-    hashes = np.array([f.phash for f in report.files], dtype=np.uint64)
-    near = near_duplicate_pairs(hashes, near_dup_distance, usable)
+    exact = {(g[0], j) for g in by_sha.values() if len(g) > 1 for j in g[1:]}
+    near = near_duplicate_pairs(np.array([f.phash for f in files], dtype=np.uint64), near_dup_distance, usable)
     label_ids = {c: i for i, c in enumerate(sorted({r.label for r in records}))}
-    lab = np.array([label_ids[r.label] for r in records], dtype=np.int64)
-    near = near[_colour_close(report.files, near, lab)]
-    if exact_pairs:
-        near = np.unique(np.concatenate([near, np.array(exact_pairs, dtype=np.int64).reshape(-1, 2)]), axis=0)
-    report.near_pairs = near
-    exact_set = {(min(a, b), max(a, b)) for a, b in exact_pairs}
+    near = near[_colour_close(files, near, np.array([label_ids[r.label] for r in records], dtype=np.int64))]
+    if exact:
+        near = np.unique(np.concatenate([near, np.array(sorted(exact), dtype=np.int64).reshape(-1, 2)]), axis=0)
+    return near, exact
 
-    # vectorised over the pairs (Fruits-360 has ~180k); only label conflicts and exact duplicates become issues
-    split_ids = {c: i for i, c in enumerate(sorted({r.split for r in records}))}
-    spl = np.array([split_ids[r.split] for r in records], dtype=np.int64)
-    a_idx, b_idx = (near[:, 0], near[:, 1]) if len(near) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+def _duplicate_findings(report: CheckReport, pairs: np.ndarray, exact: set[tuple[int, int]],
+                        near_dup_distance: int) -> tuple[int, int]:
+    """Label conflicts, exact duplicates within a split, a note on near duplicates; vectorised over the pairs
+    (Fruits-360 has ~180k). Returns (label conflicts, exact duplicates within a class and split)."""
+    records = report.manifest.records
+    labels = np.array([r.label for r in records], dtype=object)
+    splits = np.array([r.split for r in records], dtype=object)
+    a, b = (pairs[:, 0], pairs[:, 1]) if len(pairs) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     n = len(records)
-    is_exact = np.isin(a_idx * n + b_idx, np.array([a * n + b for a, b in exact_set], dtype=np.int64))
-    differ = lab[a_idx] != lab[b_idx]
-    same_split = spl[a_idx] == spl[b_idx]
-    conflict = int(differ.sum())
-    for a, b, exact in zip(a_idx[differ].tolist(), b_idx[differ].tolist(), is_exact[differ].tolist()):
-        ra, rb = records[a], records[b]
-        kind = "identical" if exact else "near-duplicate"
-        issues.append(Issue("label-conflict", "warning", rb.path, f"{kind} of {ra.path} but labelled '{rb.label}' vs '{ra.label}'"))
+    is_exact = np.isin(a * n + b, np.array([x * n + y for x, y in exact], dtype=np.int64))
+    differ = labels[a] != labels[b]
+    same_split = splits[a] == splits[b]
+    for i, j, ex in zip(a[differ].tolist(), b[differ].tolist(), is_exact[differ].tolist()):
+        kind = "identical" if ex else "near-duplicate"
+        report.issues.append(Issue("label-conflict", "warning", records[j].path,
+                                   f"{kind} of {records[i].path} but labelled '{records[j].label}' vs '{records[i].label}'"))
     dup = ~differ & is_exact & same_split
-    within_exact = int(dup.sum())
-    for a, b in zip(a_idx[dup].tolist(), b_idx[dup].tolist()):
-        issues.append(Issue("duplicate", "warning", records[b].path, f"identical to {records[a].path}"))
+    for i, j in zip(a[dup].tolist(), b[dup].tolist()):
+        report.issues.append(Issue("duplicate", "warning", records[j].path, f"identical to {records[i].path}"))
     near_mask = ~differ & ~is_exact & same_split
-    near_within = np.unique(np.concatenate([a_idx[near_mask], b_idx[near_mask]]))
+    near_within = np.unique(np.concatenate([a[near_mask], b[near_mask]]))
+    if len(near_within):
+        report.issues.append(Issue("near-duplicates", "info", "",
+                                   f"{len(near_within)} images have a near duplicate in the same class and split "
+                                   f"(perceptual-hash distance <= {near_dup_distance}); the split keeps such groups "
+                                   "together"))
+    return int(differ.sum()), int(dup.sum())
 
-    split_sizes = Counter(r.split for r, u in zip(records, usable) if u)
-    leaks = find_leaks([r.split for r in records], near, split_sizes)
+
+def _leak_findings(report: CheckReport, pairs: np.ndarray) -> dict[str, dict[str, float]]:
+    records = report.manifest.records
+    split_sizes = Counter(r.split for r, u in zip(records, report.usable) if u)
+    leaks = find_leaks([r.split for r in records], pairs, split_sizes)
     for key, v in leaks.items():
         split, other = key.split("<-")
-        issues.append(Issue("split-leak", "warning", split,
-                            f"{v['images']} of {split_sizes[split]} {split} images ({v['share']:.1%}) have an identical or "
-                            f"near-duplicate image in {other}: accuracy on {split} overstates accuracy on new photos. "
-                            f"Run 'fruitlens split' for a leak-free split"))
-    if len(near_within):
-        issues.append(Issue("near-duplicates", "info", "",
-                            f"{len(near_within)} images have a near duplicate in the same class and split "
-                            f"(perceptual-hash distance <= {near_dup_distance}); the split keeps such groups together"))
+        report.issues.append(Issue("split-leak", "warning", split,
+                                   f"{v['images']} of {split_sizes[split]} {split} images ({v['share']:.1%}) have an "
+                                   f"identical or near-duplicate image in {other}: accuracy on {split} overstates "
+                                   "accuracy on new photos. Run 'fruitlens split' for a leak-free split"))
+    return leaks
 
-    report.summary = {
-        "images": len(records),
-        "usable": int(usable.sum()),
-        "bad": int((~usable).sum()),
-        "classes": len(counts),
-        "layout": scan_result.layout,
-        "counts": {s: dict(sorted(c.items())) for s, c in split_counts.items()},
-        "class_totals": dict(sorted(counts.items())),
-        "imbalance_ratio": ratio,
-        "exact_duplicate_pairs": len(exact_pairs),
-        "within_class_exact_duplicates": within_exact,
-        "label_conflicts": conflict,
-        "near_duplicate_pairs": int(len(near)),
-        "near_duplicate_distance": near_dup_distance,
-        "leaks": leaks,
-        "skipped_hidden": len(scan_result.skipped_hidden),
-        "skipped_non_image": len(scan_result.skipped_non_image),
-        "errors": sum(i.severity == "error" for i in issues),
-        "warnings": sum(i.severity == "warning" for i in issues),
-    }
-    return report
+
+def _summary(report: CheckReport, scan_result: ScanResult, counts: Counter, exact_pairs: int, within_exact: int,
+             conflicts: int, leaks: dict, near_dup_distance: int) -> CheckSummary:
+    usable = report.usable
+    split_counts: dict[str, Counter] = {}
+    for r, u in zip(report.manifest.records, usable):
+        if u:
+            split_counts.setdefault(r.split or "all", Counter())[r.label] += 1
+    return CheckSummary(
+        images=len(usable), usable=int(usable.sum()), bad=int((~usable).sum()), classes=len(counts),
+        layout=scan_result.layout, counts={s: dict(sorted(c.items())) for s, c in split_counts.items()},
+        class_totals=dict(sorted(counts.items())),
+        imbalance_ratio=max(counts.values()) / min(counts.values()) if counts else float("nan"),
+        exact_duplicate_pairs=exact_pairs, within_class_exact_duplicates=within_exact, label_conflicts=conflicts,
+        near_duplicate_pairs=int(len(report.near_pairs)), near_duplicate_distance=near_dup_distance, leaks=leaks,
+        skipped_hidden=len(scan_result.skipped_hidden), skipped_non_image=len(scan_result.skipped_non_image),
+        errors=sum(i.severity == "error" for i in report.issues),
+        warnings=sum(i.severity == "warning" for i in report.issues))
 
 
 _SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}

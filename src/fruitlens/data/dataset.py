@@ -1,24 +1,28 @@
-"""A torch Dataset over one split of a Manifest; a bad image mid-training is skipped and logged, not fatal."""
+"""A torch Dataset over one split of a Manifest: uint8 images in the model's evaluation geometry.
+
+Augmentation and normalisation run on whole batches (``training/augment.py``), the same for both training paths. A
+bad image mid-training is skipped and logged, not fatal.
+"""
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from fruitlens.data.images import load_image
 from fruitlens.data.manifest import Manifest
-from fruitlens.errors import DataError
+from fruitlens.errors import DataError, ImageError
+from fruitlens.models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    """Images of ``manifest`` with integer targets from ``classes``; optional in-memory cache of decoded images."""
+    """``(uint8 (3, H, W) tensor, class index)`` for each record of ``manifest``: ``Preprocessing.pixels``, the
+    decode and geometry that predict and serve use too. ``cache`` keeps the decoded pixels in memory."""
 
-    def __init__(self, manifest: Manifest, classes: list[str], transform: Callable, cache: bool = False,
-                 min_side: int = 0) -> None:
+    def __init__(self, manifest: Manifest, classes: list[str], pre: Preprocessing, cache: bool = False) -> None:
         self.paths = [str(p) for p in manifest.paths()]
         index = {c: i for i, c in enumerate(classes)}
         unknown = sorted({r.label for r in manifest} - set(index))
@@ -26,33 +30,32 @@ class ImageDataset(Dataset):
             raise DataError(f"class(es) {', '.join(unknown)} are not among the model's classes {', '.join(classes)}",
                             "use --class-map FILE to map them, or evaluate on data with the model's classes")
         self.targets = [index[r.label] for r in manifest]
-        self.transform = transform
-        self.cache: dict[int, object] | None = {} if cache else None
+        self.pre = pre
+        self.cache: dict[int, np.ndarray] | None = {} if cache else None
         self.skipped: set[str] = set()
-        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _image(self, i: int):
+    def pixels(self, i: int) -> np.ndarray:
         if self.cache is not None and i in self.cache:
             return self.cache[i]
-        img = load_image(self.paths[i], self.min_side)
+        px = self.pre.pixels(self.paths[i])
         if self.cache is not None:
-            self.cache[i] = img
-        return img
+            self.cache[i] = px
+        return px
 
     def __getitem__(self, i: int):
         for attempt in range(len(self.paths)):
             j = (i + attempt) % len(self.paths)
             try:
-                img = self._image(j)
-            except DataError as exc:
+                px = self.pixels(j)
+            except ImageError as exc:
                 if self.paths[j] not in self.skipped:
                     self.skipped.add(self.paths[j])
                     log.warning("skipping %s", exc.message)
                 continue
-            return self.transform(img), self.targets[j]
+            return torch.from_numpy(px).permute(2, 0, 1), self.targets[j]
         raise DataError("no image of this split can be decoded", "run 'fruitlens check' on the data")
 
 

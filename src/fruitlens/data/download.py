@@ -1,7 +1,6 @@
 """Data sets fetched on first use: resumable download, checksum, extraction, and a check against published counts."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -16,6 +15,7 @@ from typing import Callable
 
 from fruitlens.data.scan import is_image_file
 from fruitlens.errors import DownloadError
+from fruitlens.filehash import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,11 @@ def download(url: str, dest: Path, *, sha256: str = "", progress: Progress | Non
 def _verify(path: Path, sha256: str) -> None:
     if not sha256:
         return
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != sha256.lower():
+    digest = sha256_file(path)
+    if digest != sha256.lower():
         bad = path.with_name(path.name + ".bad")
         path.replace(bad)
-        raise DownloadError(f"{path.name}: SHA-256 {h.hexdigest()[:16]}... does not match the expected "
+        raise DownloadError(f"{path.name}: SHA-256 {digest[:16]}... does not match the expected "
                             f"{sha256[:16]}... (moved aside as {bad.name})",
                             "download again, or check the mirror's checksum")
 

@@ -21,6 +21,24 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class SplitFacts:
+    """What a split achieved, as the run's facts and the report show it."""
+
+    totals: dict[str, int] = field(default_factory=dict)
+    per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # class -> split -> images
+    warnings: list[str] = field(default_factory=list)
+    excluded: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+    leaks: dict[str, dict[str, float]] = field(default_factory=dict)  # "test<-train" -> {"images", "share"}
+    kept_existing_split: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def test_leak(self) -> dict[str, float]:
+        """``{"images": n, "share": f}`` of test images with a near duplicate in train (empty when none)."""
+        return self.leaks.get("test<-train", {})
+
+
+@dataclass
 class SplitResult:
     """The split manifest and what the split achieved, warned about and left out."""
 
@@ -32,11 +50,10 @@ class SplitResult:
     kept_existing: bool = False
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        totals = Counter(r.split for r in self.manifest)
-        return {"totals": dict(totals), "per_class": self.table, "warnings": self.warnings,
-                "excluded": [{"path": p, "reason": r} for p, r in self.excluded], "leaks": self.leaks,
-                "kept_existing_split": self.kept_existing, "notes": self.notes}
+    def facts(self) -> SplitFacts:
+        return SplitFacts(dict(Counter(r.split for r in self.manifest)), self.table, self.warnings,
+                          [{"path": p, "reason": r} for p, r in self.excluded], self.leaks, self.kept_existing,
+                          self.notes)
 
 
 def _group_ids(report: CheckReport, usable: list[int], group: str, pattern: str) -> dict[int, str]:
@@ -117,9 +134,8 @@ def split(report: CheckReport, *, val: float = 0.15, test: float = 0.15, seed: i
     """Splits the checked images. Keeps a split the data already has; bad images are left out and listed."""
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ConfigError(f"--val {val} and --test {test} must be fractions that add up to less than 1")
-    manifest = report.manifest
-    records = manifest.records
-    result = SplitResult(manifest)
+    records = report.manifest.records
+    result = SplitResult(report.manifest)
     usable = [i for i, f in enumerate(report.files) if f.ok]
     result.excluded = [(records[i].path, f"{report.files[i].error}: {report.files[i].detail}")
                        for i, f in enumerate(report.files) if not f.ok]
@@ -127,61 +143,63 @@ def split(report: CheckReport, *, val: float = 0.15, test: float = 0.15, seed: i
         raise DataError("no usable images to split", "run 'fruitlens check' to see why every image was rejected")
     gid = _group_ids(report, usable, group, group_pattern)
     existing = {records[i].split for i in usable} - {""}
-    splits = {i: records[i].split for i in usable}
-
     if existing:
-        result.kept_existing = True
-        unknown = existing - set(SPLITS)
-        if unknown:
-            raise DataError(f"unknown split name(s) {', '.join(sorted(unknown))} in the data",
-                            "use train, val and test (or training, validation, testing)")
-        if "train" not in existing:
-            raise DataError("the data has split folders but no train split", "add a train/ (or Training/) folder")
-        if "test" not in existing and "val" in existing:
-            for i in usable:
-                if splits[i] == "val":
-                    splits[i] = "test"
-            result.notes.append("the data's own validation split is held out as the test split; "
-                                "a validation split is carved out of train")
-            existing = (existing - {"val"}) | {"test"}
-        fractions = {"train": 1.0}
-        if "val" not in existing and val > 0:
-            fractions["val"] = val
-        if "test" not in existing and test > 0:
-            fractions["test"] = test
-        fractions["train"] = 1.0 - sum(v for k, v in fractions.items() if k != "train")
-        if len(fractions) > 1:
-            pool = [i for i in usable if splits[i] == "train"]
-            groups: dict[str, list[int]] = defaultdict(list)
-            for i in pool:
-                groups[gid[i]].append(i)
-            carved = ", ".join(s for s in fractions if s != "train")
-            result.notes.append(f"kept the data's own {', '.join(sorted(existing))} split; carved {carved} out of train")
-            splits.update(_assign(groups, lambda i: records[i].label, fractions, seed, result.warnings))
-        else:
-            result.notes.append(f"kept the data's own {', '.join(sorted(existing))} split")
+        splits = _keep_existing(records, usable, existing, gid, val, test, seed, result)
     else:
-        groups = defaultdict(list)
+        groups: dict[str, list[int]] = defaultdict(list)
         for i in usable:
             groups[gid[i]].append(i)
-        fractions = {"train": 1 - val - test, "val": val, "test": test}
-        splits = _assign(groups, lambda i: records[i].label, fractions, seed, result.warnings)
-
-    hashes = {i: report.files[i].sha1 for i in usable}
-    new_records = [replace(records[i], split=splits[i], group=gid[i], hash=hashes[i]) for i in usable]
-    result.manifest = manifest.with_records(new_records)
+        splits = _assign(groups, lambda i: records[i].label, {"train": 1 - val - test, "val": val, "test": test},
+                         seed, result.warnings)
+    new_records = [replace(records[i], split=splits[i], group=gid[i], hash=report.files[i].sha1) for i in usable]
+    result.manifest = report.manifest.with_records(new_records)
     for r in new_records:
         result.table.setdefault(r.label, {s: 0 for s in SPLITS})[r.split] += 1
-    # leaks after splitting, on the same duplicate graph the check found
-    split_of = [""] * len(records)
+    _report_leaks(report, splits, existing, result)
+    return result
+
+
+def _keep_existing(records, usable: list[int], existing: set[str], gid: dict[int, str], val: float, test: float,
+                   seed: int, result: SplitResult) -> dict[int, str]:
+    """The data's own split, with the missing held-out splits carved out of its train split."""
+    result.kept_existing = True
+    unknown = existing - set(SPLITS)
+    if unknown:
+        raise DataError(f"unknown split name(s) {', '.join(sorted(unknown))} in the data",
+                        "use train, val and test (or training, validation, testing)")
+    if "train" not in existing:
+        raise DataError("the data has split folders but no train split", "add a train/ (or Training/) folder")
+    splits = {i: records[i].split for i in usable}
+    if "test" not in existing and "val" in existing:
+        splits = {i: "test" if s == "val" else s for i, s in splits.items()}
+        result.notes.append("the data's own validation split is held out as the test split; "
+                            "a validation split is carved out of train")
+        existing.discard("val")
+        existing.add("test")
+    fractions = {s: f for s, f in (("val", val), ("test", test)) if s not in existing and f > 0}
+    if not fractions:
+        result.notes.append(f"kept the data's own {', '.join(sorted(existing))} split")
+        return splits
+    fractions["train"] = 1.0 - sum(fractions.values())
+    groups: dict[str, list[int]] = defaultdict(list)
     for i in usable:
-        split_of[i] = splits[i]
-    sizes = Counter(splits.values())
-    result.leaks = find_leaks(split_of, report.near_pairs, sizes)
+        if splits[i] == "train":
+            groups[gid[i]].append(i)
+    carved = ", ".join(s for s in ("val", "test") if s in fractions)
+    result.notes.append(f"kept the data's own {', '.join(sorted(existing))} split; carved {carved} out of train")
+    splits.update(_assign(groups, lambda i: records[i].label, fractions, seed, result.warnings))
+    return splits
+
+
+def _report_leaks(report: CheckReport, splits: dict[int, str], existing: set[str], result: SplitResult) -> None:
+    """Leaks after splitting, on the same duplicate graph the check found."""
+    split_of = [""] * len(report.manifest.records)
+    for i, s in splits.items():
+        split_of[i] = s
+    result.leaks = find_leaks(split_of, report.near_pairs, Counter(splits.values()))
     for key, v in result.leaks.items():
         s, other = key.split("<-")
         if v["images"]:
             why = "the data's own split" if result.kept_existing and s in existing else "groups linked across classes"
             result.warnings.append(f"{v['images']} {s} images ({v['share']:.1%}) have a near duplicate in {other} "
                                    f"({why}); {s} accuracy overstates accuracy on new photos")
-    return result

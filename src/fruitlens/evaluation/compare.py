@@ -1,19 +1,47 @@
-"""``fruitlens compare``: one table across runs (and a bar chart)."""
+"""``fruitlens compare``: one table across runs (and a bar chart); a run folder or one of its ``eval/<data>/``
+reports, so that each row says what it was evaluated on."""
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fruitlens.errors import RunDirError
 from fruitlens.evaluation import plots
-from fruitlens.rundir import RunDir, load_model
+from fruitlens.evaluation.metrics import ci_text
+from fruitlens.evaluation.report import Report
+from fruitlens.models.checkpoint import load_model
+from fruitlens.rundir import RunDir
 
 
-def cpu_latency_ms(run: RunDir, repeats: int = 20) -> float:
+@dataclass
+class CompareRow:
+    run: str
+    model: str | None
+    parameters: int
+    size_mb: float
+    image_size: int
+    evaluated_on: str
+    accuracy: float
+    accuracy_ci95: list[float] | None
+    macro_f1: float
+    ece: float
+    train_seconds: float | None
+    latency_ms: float
+
+    @property
+    def ci(self) -> str:
+        """``65.7-82.1%``: runs whose intervals overlap are not told apart by this test set; ``-`` for old reports."""
+        ci = self.accuracy_ci95
+        return "-" if not ci or ci[0] != ci[0] else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"
+
+
+def cpu_latency_ms(checkpoint: Path, repeats: int = 20) -> float:
     """Median PyTorch latency for one image at the run's input size on this CPU."""
-    model, _, _ = load_model(run.best_ckpt)
+    model = load_model(checkpoint).model
     size = model.preprocessing.image_size
     x = torch.zeros(1, 3, size, size)
     times = []
@@ -26,43 +54,46 @@ def cpu_latency_ms(run: RunDir, repeats: int = 20) -> float:
     return 1000 * statistics.median(times)
 
 
-def compare_runs(paths: list[str | Path], chart: Path | None = None) -> list[dict]:
-    """One row per run: model, parameters, size, accuracy and its 95% interval, macro F1, ECE, training time, CPU
-    latency."""
+def locate(path: str | Path) -> tuple[RunDir, Path]:
+    """(the run, the folder of the report): a run folder, or a report folder ``RUN/eval/<data>/`` inside one."""
+    path = Path(path)
+    if path.parent.name == "eval" and (path / "report.json").is_file():
+        return RunDir(path.parent.parent).require("checkpoints/best.ckpt"), path
+    run = RunDir(path).require("report.json", "checkpoints/best.ckpt")
+    return run, run.path
+
+
+def compare_runs(paths: list[str | Path], chart: Path | None = None) -> list[CompareRow]:
+    """One row per run (or report folder): model, parameters, size, what it was evaluated on, accuracy and its 95%
+    interval, macro F1, ECE, training time, CPU latency."""
     rows = []
     for p in paths:
-        run = RunDir(Path(p)).require("report.json", "checkpoints/best.ckpt")
-        rep = run.read_json("report.json")
-        m = rep["metrics"]
-        rows.append({
-            "run": str(run.path), "model": rep["model"]["name"], "parameters": rep["model"]["parameters"],
-            "size_mb": rep["model"]["checkpoint_mb"], "image_size": rep["model"]["preprocessing"]["image_size"],
-            "evaluated_on": rep["evaluated_on"], "accuracy": m["accuracy"],
-            "accuracy_ci95": m.get("accuracy_ci95"), "macro_f1": m["macro_f1"],
-            "ece": m["ece"], "train_seconds": rep["timing"].get("train_seconds"),
-            "latency_ms": round(cpu_latency_ms(run), 2),
-        })
+        run, folder = locate(p)
+        try:
+            rep = Report.from_json(folder / "report.json")
+        except ValueError as exc:
+            raise RunDirError(f"{folder / 'report.json'}: not a readable report ({exc})",
+                              f"write it again with: fruitlens evaluate {run.path}") from None
+        m = rep.metrics
+        rows.append(CompareRow(str(folder), rep.model.name, rep.model.parameters, rep.model.checkpoint_mb,
+                               int(rep.model.preprocessing.get("image_size", 0)), rep.evaluated_on, m.accuracy,
+                               m.accuracy_ci95, m.macro_f1, m.ece, rep.timing.train_seconds,
+                               round(cpu_latency_ms(run.best_ckpt), 2)))
     if chart is not None and rows:
-        names = [f"{Path(r['run']).name}\n({r['model']})" for r in rows]
-        plots.bar_chart(names, [r["accuracy"] for r in rows], chart, "test accuracy by run (95% intervals)",
-                        "accuracy", [r["accuracy_ci95"] for r in rows])
+        names = [f"{Path(r.run).name}\n({r.model}, {r.evaluated_on})" for r in rows]
+        plots.bar_chart(names, [r.accuracy for r in rows], chart, "accuracy by run (95% intervals)", "accuracy",
+                        [r.accuracy_ci95 for r in rows])
     return rows
 
 
-def ci_cell(row: dict) -> str:
-    """``65.7-82.1%``: runs whose intervals overlap are not told apart by this test set; ``-`` for old reports."""
-    ci = row.get("accuracy_ci95")
-    return "-" if not ci or ci[0] != ci[0] else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"
-
-
-def markdown(rows: list[dict]) -> str:
-    head = "| run | model | params | size MB | px | accuracy | 95% CI | macro F1 | ECE | train s | CPU ms/img |"
-    lines = [head, "|" + "---|" * 11]
+def markdown(rows: list[CompareRow]) -> str:
+    head = "| run | model | evaluated on | params | size MB | px | accuracy | 95% CI | macro F1 | ECE | train s | CPU ms/img |"
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['model']} | {r['parameters']:,} | {r['size_mb']} | {r['image_size']} | "
-                     f"{r['accuracy']:.4f} | {ci_cell(r)} | {r['macro_f1']:.4f} | {r['ece']:.4f} | "
-                     f"{r['train_seconds'] if r['train_seconds'] is not None else '-'} | {r['latency_ms']} |")
+        lines.append(f"| {r.run} | {r.model} | {r.evaluated_on} | {r.parameters:,} | {r.size_mb} | {r.image_size} | "
+                     f"{r.accuracy:.4f} | {r.ci} | {r.macro_f1:.4f} | {r.ece:.4f} | "
+                     f"{r.train_seconds if r.train_seconds is not None else '-'} | {r.latency_ms} |")
     return "\n".join(lines)
 
 
-__all__ = ["compare_runs", "markdown", "ci_cell", "cpu_latency_ms"]
+__all__ = ["CompareRow", "compare_runs", "markdown", "cpu_latency_ms", "ci_text"]

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fruitlens.evaluation.metrics import ci_text, gap_text
+
+if TYPE_CHECKING:
+    from fruitlens.evaluation.report import Report
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
@@ -54,54 +57,60 @@ def _gallery(items: list[dict]) -> str:
     return f'<div class="gallery">{figs}</div>'
 
 
-def render_html(report: dict, images: dict[str, str]) -> str:
+def _leak_html(report: "Report") -> str:
+    leak = report.leak
+    out = ""
+    if leak.applies and leak.test_images_with_train_duplicate:
+        out = (f"<div class='warn'><b>Leak:</b> {leak.test_images_with_train_duplicate} test images "
+               f"({_pct(leak.share)}) have a near duplicate in the training images (the data's own split). "
+               "The test accuracy above overstates accuracy on new photos. "
+               "Use <code>fruitlens split</code> (the default for data without a split) for a leak-free figure.</div>")
+    elif leak.applies and leak.leak_free:
+        out = ("<div class='ok'>The split is leak-free: no test image has a near copy (perceptual hash) in train or "
+               "validation.</div>")
+    if gap := gap_text(report.validation_gap, report.evaluated_on):
+        out += f"<div class='warn' id='validation-gap'><b>Validation overstates:</b> {_e(gap)}</div>"
+    return out
+
+
+def _notes_html(report: "Report") -> str:
+    out = ""
+    if report.unmapped_images:
+        out += f"<div class='warn'>Images of classes the model does not know, counted apart: {_e(report.unmapped_images)}</div>"
+    if report.bad_images:
+        out += f"<div class='warn'>{len(report.bad_images)} image(s) could not be decoded and were skipped.</div>"
+    if report.metrics.classes_absent_from_data:
+        out += (f"<p class='sub'>Classes without images in this evaluation (no recall for them): "
+                f"{_e(', '.join(report.metrics.classes_absent_from_data))}</p>")
+    return out
+
+
+def render_html(report: "Report", images: dict[str, str]) -> str:
     """The report page; every value is escaped (class names come from folder names)."""
-    m = report["metrics"]
-    model = report["model"]
+    m, model, ds, t, env = report.metrics, report.model, report.dataset, report.timing, report.environment
     ci = ci_text(m)
-    cards = [(f"accuracy ({ci})" if ci else "accuracy", _pct(m["accuracy"])),
-             ("balanced accuracy", _pct(m["balanced_accuracy"])), ("macro F1", _pct(m["macro_f1"])),
-             ("weighted F1", _pct(m["weighted_f1"]))]
-    cards += [(f"top-{k} accuracy", _pct(v)) for k, v in m["top_k_accuracy"].items()]
-    cards += [("log loss", f"{m['log_loss']:.4f}" if m["log_loss"] is not None else "-"), ("ECE", f"{m['ece']:.4f}"),
-              ("images", m["n"])]
+    cards = [(f"accuracy ({ci})" if ci else "accuracy", _pct(m.accuracy)),
+             ("balanced accuracy", _pct(m.balanced_accuracy)), ("macro F1", _pct(m.macro_f1)),
+             ("weighted F1", _pct(m.weighted_f1))]
+    cards += [(f"top-{k} accuracy", _pct(v)) for k, v in m.top_k_accuracy.items()]
+    cards += [("log loss", f"{m.log_loss:.4f}" if m.log_loss is not None else "-"), ("ECE", f"{m.ece:.4f}"),
+              ("images", m.n)]
     card_html = "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in cards)
-    leak = report["leak"]
-    if leak.get("applies") and leak.get("test_images_with_train_duplicate"):
-        leak_html = (f"<div class='warn'><b>Leak:</b> {leak['test_images_with_train_duplicate']} test images "
-                     f"({_pct(leak['share'])}) have a near duplicate in the training images (the data's own split). "
-                     "The test accuracy above overstates accuracy on new photos. "
-                     "Use <code>fruitlens split</code> (the default for data without a split) for a leak-free figure.</div>")
-    elif leak.get("applies") and leak.get("leak_free"):
-        leak_html = "<div class='ok'>The split is leak-free: no test image has a near copy (perceptual hash) in train or validation.</div>"
-    else:
-        leak_html = ""
-    if gap := gap_text(report):
-        leak_html += f"<div class='warn' id='validation-gap'><b>Validation overstates:</b> {_e(gap)}</div>"
     per_class = [[c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", v["support"]]
-                 for c, v in m["per_class"].items()]
-    confused = [[p["true"], p["predicted"], p["count"]] for p in m["most_confused"]]
-    ds = report["dataset"]
-    count_rows = [[c, v.get("train", 0), v.get("val", 0), v.get("test", 0)] for c, v in sorted(ds["counts"].items())]
-    notes = "".join(f"<li>{_e(n)}</li>" for n in ds["split_notes"] + ds["split_warnings"])
-    findings = "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in ds["check_findings"].items())
+                 for c, v in m.per_class.items()]
+    confused = [[p["true"], p["predicted"], p["count"]] for p in m.most_confused]
+    count_rows = [[c, v.get("train", 0), v.get("val", 0), v.get("test", 0)] for c, v in sorted(ds.counts.items())]
+    notes = "".join(f"<li>{_e(n)}</li>" for n in ds.split_notes + ds.split_warnings)
+    findings = "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in ds.check_findings.items())
     img = lambda key, alt: f'<img class="plot" src="{images[key]}" alt="{alt}">' if key in images else "<p>not available</p>"
-    pre = model["preprocessing"]
-    t = report["timing"]
-    extra = ""
-    if report.get("unmapped_images"):
-        extra += f"<div class='warn'>Images of classes the model does not know, counted apart: {_e(report['unmapped_images'])}</div>"
-    if report.get("bad_images"):
-        extra += f"<div class='warn'>{len(report['bad_images'])} image(s) could not be decoded and were skipped.</div>"
-    if m.get("classes_absent_from_data"):
-        extra += (f"<p class='sub'>Classes without images in this evaluation (no recall for them): "
-                  f"{_e(', '.join(m['classes_absent_from_data']))}</p>")
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>fruitlens report: {_e(report['run'])}</title>
+    pre = model.preprocessing
+    galleries = report.gallery
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>fruitlens report: {_e(report.run)}</title>
 <meta name="viewport" content="width=device-width,initial-scale=1"><style>{_CSS}</style></head><body><main>
 <h1>fruitlens report</h1>
-<p class="sub">run <code>{_e(report['run'])}</code> · model <b>{_e(model['name'])}</b> · evaluated on <b>{_e(report['evaluated_on'])}</b>
-({m['n']} images) · data <code>{_e(report.get('data'))}</code></p>
-{leak_html}{extra}
+<p class="sub">run <code>{_e(report.run)}</code> · model <b>{_e(model.name)}</b> · evaluated on <b>{_e(report.evaluated_on)}</b>
+({m.n} images) · data <code>{_e(report.data)}</code></p>
+{_leak_html(report)}{_notes_html(report)}
 <div class="cards" id="headline">{card_html}</div>
 <h2>Confusion matrix</h2>
 <div id="confusion">{img('confusion_normalised', 'row-normalised confusion matrix')}
@@ -109,21 +118,21 @@ def render_html(report: dict, images: dict[str, str]) -> str:
 <h3>Most confused pairs</h3>{_table(['true', 'predicted as', 'images'], confused) if confused else '<p>none: no mistakes</p>'}
 <h2>Classification report</h2>
 <div id="classification-report">{_table(['class', 'precision', 'recall', 'F1', 'support'], per_class)}</div>
-<p class="sub">macro precision {_pct(m['macro_precision'])}, recall {_pct(m['macro_recall'])}, F1 {_pct(m['macro_f1'])};
-weighted precision {_pct(m['weighted_precision'])}, recall {_pct(m['weighted_recall'])}, F1 {_pct(m['weighted_f1'])}</p>
+<p class="sub">macro precision {_pct(m.macro_precision)}, recall {_pct(m.macro_recall)}, F1 {_pct(m.macro_f1)};
+weighted precision {_pct(m.weighted_precision)}, recall {_pct(m.weighted_recall)}, F1 {_pct(m.weighted_f1)}</p>
 <h2>Training curves</h2>{img('curves', 'training curves')}
 <h2>Calibration</h2>{img('reliability', 'reliability diagram')}
-<h2>Worst mistakes</h2><p class="sub">wrong answers given with the highest confidence, one image per near-duplicate group</p>{_gallery(report['gallery']['worst_mistakes'])}
-<h2>Least confident correct answers</h2><p class="sub">one image per near-duplicate group</p>{_gallery(report['gallery']['least_confident_correct'])}
+<h2>Worst mistakes</h2><p class="sub">wrong answers given with the highest confidence, one image per near-duplicate group</p>{_gallery(galleries.get('worst_mistakes', []))}
+<h2>Least confident correct answers</h2><p class="sub">one image per near-duplicate group</p>{_gallery(galleries.get('least_confident_correct', []))}
 <h2>Data</h2>{_table(['class', 'train', 'val', 'test'], count_rows) if count_rows else ''}
 <ul>{notes}</ul><p>check findings:</p><ul>{findings or '<li>none</li>'}</ul>
 <h2>Model and run</h2>
-<ul><li>model {_e(model['name'])}, {model['parameters']:,} parameters, checkpoint {model['checkpoint_mb']} MB, engine {_e(model['engine'])}</li>
-<li>preprocessing: resize {pre['resize_size']} px, centre crop {pre['image_size']} px, mean {_e(pre['mean'])}, std {_e(pre['std'])}</li>
-<li>training time {_e(t.get('train_seconds'))} s (fitting {_e(t.get('fit_seconds'))} s); evaluation {_e(t.get('eval_seconds'))} s</li>
-<li>seed {_e(report.get('seed'))}; Python {_e(report['environment']['python'])};
-{_e(', '.join(f'{k} {v}' for k, v in report['environment'].get('libraries', {}).items()))}</li>
-<li>hardware: {_e(report['environment'].get('machine'))}; GPU {_e(report['environment'].get('gpu') or 'none')}</li></ul>
-<details><summary>config.yaml</summary><pre>{_e(json.dumps(report['config'], indent=2))}</pre></details>
-<details><summary>classification report (text)</summary><pre>{_e(m['classification_report'])}</pre></details>
+<ul><li>model {_e(model.name)}, {model.parameters:,} parameters, checkpoint {model.checkpoint_mb} MB, engine {_e(model.engine)}</li>
+<li>preprocessing: resize {_e(pre.get('resize_size'))} px, centre crop {_e(pre.get('image_size'))} px, mean {_e(pre.get('mean'))}, std {_e(pre.get('std'))}</li>
+<li>training time {_e(t.train_seconds)} s (fitting {_e(t.fit_seconds)} s); evaluation {_e(t.eval_seconds)} s</li>
+<li>seed {_e(report.seed)}; Python {_e(env.python)};
+{_e(', '.join(f'{k} {v}' for k, v in env.libraries.items()))}</li>
+<li>hardware: {_e(env.machine)}; GPU {_e(env.gpu or 'none')}</li></ul>
+<details><summary>config.yaml</summary><pre>{_e(json.dumps(report.config, indent=2))}</pre></details>
+<details><summary>classification report (text)</summary><pre>{_e(m.classification_report)}</pre></details>
 </main></body></html>"""

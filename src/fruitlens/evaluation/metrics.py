@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -71,18 +72,55 @@ def grouped_interval(correct: np.ndarray, groups: Sequence[str] | None) -> dict[
     return out
 
 
-def ci_text(metrics: dict[str, Any]) -> str:
+@dataclass
+class Metrics:
+    """Every figure of one evaluation; they agree with each other (accuracy = trace / sum of the confusion matrix)."""
+
+    n: int = 0
+    accuracy: float = float("nan")
+    accuracy_ci95: list[float] | None = None  # 95% interval, counting near-duplicate groups as one try each
+    accuracy_groups: int = 0
+    accuracy_effective_n: float = 0.0
+    balanced_accuracy: float = float("nan")
+    top_k_accuracy: dict[str, float] = field(default_factory=dict)  # "3", "5" -> accuracy
+    confusion_matrix: list[list[int]] = field(default_factory=list)  # rows true, columns predicted
+    classes_absent_from_data: list[str] = field(default_factory=list)
+    macro_precision: float = float("nan")
+    macro_recall: float = float("nan")
+    macro_f1: float = float("nan")
+    weighted_precision: float = float("nan")
+    weighted_recall: float = float("nan")
+    weighted_f1: float = float("nan")
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # precision, recall, f1, support
+    classification_report: str = ""
+    log_loss: float | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)  # ece and the bins of the reliability diagram
+    ece: float = float("nan")
+    most_confused: list[dict[str, Any]] = field(default_factory=list)  # true, predicted, count
+
+
+def ci_text(metrics: Metrics) -> str:
     """``95% CI 66.0-82.1%`` for a report's accuracy, naming the groups when near duplicates widened it; empty for
     reports written before it was recorded."""
-    lo, hi = metrics.get("accuracy_ci95") or (None, None)
+    lo, hi = metrics.accuracy_ci95 or (None, None)
     if lo is None or np.isnan(lo):
         return ""
-    groups = metrics.get("accuracy_groups") or metrics.get("n")
-    where = f" over {groups} near-duplicate groups" if groups and groups < metrics.get("n", 0) else ""
+    groups = metrics.accuracy_groups or metrics.n
+    where = f" over {groups} near-duplicate groups" if groups and groups < metrics.n else ""
     return f"95% CI {100 * lo:.1f}-{100 * hi:.1f}%{where}"
 
 
-def validation_gap(history: list[dict], metrics: dict[str, Any], n_val: int) -> dict[str, Any] | None:
+@dataclass
+class ValidationGap:
+    """The kept model's validation accuracy next to the accuracy of an evaluation."""
+
+    val_accuracy: float
+    val_images: int
+    accuracy: float
+    significant: bool  # the two 95% intervals are apart, validation above
+
+
+def validation_gap(history: list[dict], metrics: Metrics, n_val: int) -> ValidationGap | None:
     """The kept model's validation accuracy next to the accuracy measured here; ``significant`` when their 95%
     intervals do not overlap (validation above).
 
@@ -91,29 +129,27 @@ def validation_gap(history: list[dict], metrics: dict[str, Any], n_val: int) -> 
     will score near the test figure, not the validation one. ``None`` without validation figures.
     """
     rows = [r for r in history if isinstance(r.get("val_loss"), float) and isinstance(r.get("val_acc"), float)]
-    hi = (metrics.get("accuracy_ci95") or [None, None])[1]
+    hi = (metrics.accuracy_ci95 or [None, None])[1]
     if not rows or not n_val or hi is None or np.isnan(hi):
         return None
     val_acc = min(rows, key=lambda r: r["val_loss"])["val_acc"]  # the kept checkpoint: best validation loss
     val_lo = wilson_interval(round(val_acc * n_val), n_val)[0]
-    return {"val_accuracy": val_acc, "val_images": n_val, "accuracy": metrics["accuracy"],
-            "significant": bool(val_lo > hi)}
+    return ValidationGap(val_acc, n_val, metrics.accuracy, bool(val_lo > hi))
 
 
-def gap_text(report: dict[str, Any]) -> str:
-    """One warning sentence for a report with a significant validation gap, else empty."""
-    gap = report.get("validation_gap")
-    if not gap or not gap["significant"]:
+def gap_text(gap: ValidationGap | None, evaluated_on: str) -> str:
+    """One warning sentence for a significant validation gap, else empty."""
+    if not gap or not gap.significant:
         return ""
-    what = "test" if report["evaluated_on"] == "test" else "evaluation"
-    return (f"validation accuracy {100 * gap['val_accuracy']:.1f}% is far above this {what} accuracy "
-            f"({100 * gap['accuracy']:.1f}%): the validation images, carved from the training images, resemble them "
+    what = "test" if evaluated_on == "test" else "evaluation"
+    return (f"validation accuracy {100 * gap.val_accuracy:.1f}% is far above this {what} accuracy "
+            f"({100 * gap.accuracy:.1f}%): the validation images, carved from the training images, resemble them "
             f"more than these {what} images do (photos of the same shelf or session on both sides). Expect new photos "
             f"to score near the {what} figure, not the validation one.")
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
-                    groups: Sequence[str] | None = None) -> dict[str, Any]:
+                    groups: Sequence[str] | None = None) -> Metrics:
     """Accuracy (with a 95% interval that counts near-duplicate ``groups`` as such), balanced/top-k accuracy, P/R/F1
     (macro, weighted, per class), log loss, ECE, confusion matrix."""
     with warnings.catch_warnings():  # a prediction of a class absent from the data is an error already counted
@@ -123,7 +159,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
 
 
 def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
-                     groups: Sequence[str] | None) -> dict[str, Any]:
+                     groups: Sequence[str] | None) -> Metrics:
     n_cls = len(classes)
     labels = list(range(n_cls))
     y_true = np.asarray(y_true, dtype=int)
@@ -162,4 +198,4 @@ def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
     out["ece"] = out["calibration"]["ece"]
     pairs = [(int(cm[i, j]), classes[i], classes[j]) for i in range(n_cls) for j in range(n_cls) if i != j and cm[i, j]]
     out["most_confused"] = [{"true": t, "predicted": pr, "count": n} for n, t, pr in sorted(pairs, reverse=True)[:15]]
-    return out
+    return Metrics(**out)

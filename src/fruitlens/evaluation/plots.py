@@ -99,7 +99,8 @@ def bar_chart(names: list[str], values: list[float], path: Path, title: str, yla
     intervals = intervals or [None] * len(values)
     for i, (v, ci) in enumerate(zip(values, intervals)):
         if ci is not None:
-            ax.errorbar(i, v, yerr=[[v - ci[0]], [ci[1] - v]], color="k", capsize=4, lw=1)
+            # max(0, ...): at 100% the interval's upper end is 1 up to rounding
+            ax.errorbar(i, v, yerr=[[max(0.0, v - ci[0])], [max(0.0, ci[1] - v)]], color="k", capsize=4, lw=1)
         ax.text(i, ci[1] if ci is not None else v, f"{v:.3f}", ha="center", va="bottom", fontsize=9)
     ax.set_title(title)
     ax.set_ylabel(ylabel)

@@ -17,6 +17,7 @@ from torchvision.models import WeightsEnum
 from fruitlens.errors import ModelError, WeightsError, did_you_mean
 from fruitlens.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from fruitlens.models.small_cnn import SmallCNN
+from fruitlens.models.weights import load_state_dict, pick
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class FruitNet(nn.Module):
         self.name = name
         self.backbone = backbone
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+        self.dropout = float(dropout)
         self.preprocessing = preprocessing
         self.feature_dim = feature_dim
         self.num_classes = num_classes
@@ -72,6 +74,16 @@ def list_models() -> list[ModelSpec]:
     return [MODELS[k] for k in sorted(MODELS)]
 
 
+def pretrained_enums() -> list[type[WeightsEnum]]:
+    """The weights enums of every registered model that has pretrained weights (for ``fruitlens weights``)."""
+    return [spec.weights_enum for spec in list_models() if spec.weights_enum is not None]
+
+
+def has_pretrained_weights(name: str) -> bool:
+    """``name`` has ImageNet weights in torchvision (small_cnn has none)."""
+    return get_spec(name).weights_enum is not None
+
+
 def get_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ModelError(did_you_mean(name, MODELS, "model"), "'fruitlens models' lists them")
@@ -80,8 +92,6 @@ def get_spec(name: str) -> ModelSpec:
 
 def _preprocessing(spec: ModelSpec, img_size: int) -> Preprocessing:
     if spec.weights_enum is not None:
-        from fruitlens.models.weights import pick
-
         t = pick(spec.weights_enum).transforms()
         pre = Preprocessing(int(t.crop_size[0]), int(t.resize_size[0]), tuple(t.mean), tuple(t.std))
     else:
@@ -107,10 +117,6 @@ def build_model(name: str, num_classes: int, *, weights: str = "imagenet", img_s
         if spec.weights_enum is None:
             log.info("%s has no pretrained weights: it trains from scratch", name)
         else:
-            from fruitlens.models.weights import load_state_dict
-
-            from fruitlens.models.weights import pick
-
             net.load_state_dict(load_state_dict(pick(spec.weights_enum)))
     elif weights not in ("none", "", None):
         _load_file(net, Path(weights), spec)

@@ -6,18 +6,19 @@ name carries and copies it into that cache, so the normal loader finds it.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 from urllib.parse import urlparse
 
 import torch
 from torchvision.models import WeightsEnum
 
 from fruitlens.errors import WeightsError
+from fruitlens.filehash import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -50,42 +51,31 @@ class WeightsRow:
     url: str
 
 
-def list_weights() -> list[WeightsRow]:
-    """One row per (registered model, weights entry) with whether its file is in the cache."""
-    from fruitlens.models.registry import MODELS
-
+def list_weights(models: dict[str, type[WeightsEnum] | None]) -> list[WeightsRow]:
+    """One row per (model, weights entry) of ``models`` (name -> weights enum, None: no pretrained weights) with
+    whether its file is in the cache."""
     rows = []
-    for name, spec in sorted(MODELS.items()):
-        if spec.weights_enum is None:
+    for name, enum in sorted(models.items()):
+        if enum is None:
             rows.append(WeightsRow(name, "-", "-", False, "(trains from scratch)"))
             continue
-        for w in spec.weights_enum:
-            rows.append(WeightsRow(name, f"{spec.weights_enum.__name__}.{w.name}", file_name(w), is_cached(w), w.url))
+        for w in enum:
+            rows.append(WeightsRow(name, f"{enum.__name__}.{w.name}", file_name(w), is_cached(w), w.url))
     return rows
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def import_weights(path: str | Path) -> Path:
-    """Verifies ``path`` against the hash of every known weights file and copies it into the cache.
+def import_weights(path: str | Path, enums: Iterable[type[WeightsEnum]]) -> Path:
+    """Verifies ``path`` against the hash of every weights file of ``enums`` and copies it into the cache.
 
     The file's own name does not matter: its SHA-256 decides which torchvision file it is.
     """
-    from fruitlens.models.registry import MODELS
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file", "pass the .pth file you downloaded")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     known = []
-    for spec in MODELS.values():
-        for w in spec.weights_enum or []:
+    for enum in enums:
+        for w in enum:
             name = file_name(w)
             m = _HASH_IN_NAME.search(name)
             known.append(name)

@@ -8,18 +8,15 @@ import numpy as np
 
 
 class Batcher:
-    """``await batcher.submit(x)`` -> logits row. Runs ``forward`` (blocking) in a worker thread, one batch at a time."""
+    """``await batcher.submit(x)`` -> logits rows. Runs ``forward`` (blocking) in a worker thread, one batch at a time,
+    at most ``max_batch`` images per call (a larger request runs in several), so that memory stays bounded."""
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch: int = 32, wait_ms: float = 2.0) -> None:
         self.forward, self.max_batch, self.wait = forward, max_batch, wait_ms / 1000
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
-        self.batches = 0
-        self.items = 0
-
-    async def start(self) -> None:
-        self.queue = asyncio.Queue()
-        self.task = asyncio.create_task(self._loop())
+        self.batches = 0  # model calls
+        self.items = 0  # images
 
     async def stop(self) -> None:
         if self.task:
@@ -30,21 +27,28 @@ class Batcher:
                 pass
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
-        """``x``: (n, 3, H, W) preprocessed images of one request; returns their (n, classes) logits."""
-        if self.queue is None:  # not started (e.g. used outside the lifespan): run directly
-            return await asyncio.to_thread(self.forward, x)
+        """``x``: (n, H, W, 3) uint8 pixels of one request; returns their (n, classes) logits."""
+        if self.task is None:  # started on first use, inside the running event loop
+            self.queue = asyncio.Queue()
+            self.task = asyncio.create_task(self._loop())
         fut = asyncio.get_running_loop().create_future()
         await self.queue.put((x, fut))
         return await fut
 
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        out = [self.forward(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+        self.batches += len(out)
+        return np.concatenate(out)
+
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             first = await self.queue.get()
             items = [first]
             n = len(first[0])
-            deadline = asyncio.get_running_loop().time() + self.wait
+            deadline = loop.time() + self.wait
             while n < self.max_batch:
-                timeout = deadline - asyncio.get_running_loop().time()
+                timeout = deadline - loop.time()
                 try:
                     item = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout)
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):
@@ -53,13 +57,12 @@ class Batcher:
                 n += len(item[0])
             batch = np.concatenate([x for x, _ in items])
             try:
-                out = await asyncio.to_thread(self.forward, batch)
+                out = await asyncio.to_thread(self._run, batch)
             except Exception as exc:  # hand the failure to every waiting request
                 for _, fut in items:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            self.batches += 1
             self.items += len(batch)
             i = 0
             for x, fut in items:

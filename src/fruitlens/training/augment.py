@@ -64,19 +64,6 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> to
     return out.view_as(img).clamp_(0, 1)
 
 
-def normalise(img: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    """[0, 1] floats -> the model's normalisation (from its Preprocessing, never literals), in place."""
-    mean = torch.tensor(pre.mean, device=img.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=img.device).view(1, 3, 1, 1)
-    return img.sub_(mean).div_(std)
-
-
-def uint8_to_input(x: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> the model's normalised float input in two passes (x / 255 - mean) / std."""
-    scale, shift = (torch.from_numpy(v).to(x.device).view(1, 3, 1, 1) for v in pre.scale_shift())
-    return torch.mul(x, scale).sub_(shift)
-
-
 class BatchInput:
     """uint8 image batches -> the model's input, on the batch's device: augmented views while training (the same
     warps and jitter as the feature cache's views, so both training paths see the same images), clean otherwise."""
@@ -87,7 +74,7 @@ class BatchInput:
 
     def __call__(self, x: torch.Tensor, train: bool, rank: int = 0) -> torch.Tensor:
         if not train or self.aug is None:
-            return uint8_to_input(x, self.pre)
+            return self.pre.normalise(x)
         if self.g is None:  # per process: DDP ranks draw different augmentations
             self.g = torch.Generator().manual_seed(self.seed + 1000 * rank)
-        return normalise(augment_batch(x, self.aug, self.g), self.pre)
+        return self.pre.normalise(augment_batch(x, self.aug, self.g))

@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fruitlens.config import AugmentConfig
+from fruitlens.inference import onnx as onnx_io
 from fruitlens.models.preprocessing import Preprocessing
-from fruitlens.training.augment import augment_batch, normalise, uint8_to_input
+from fruitlens.training.augment import augment_batch
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,10 @@ class Engine:
 
 
 def _onnx_session(backbone: nn.Module, image_size: int):
-    import onnxruntime as ort
-
-    from fruitlens.inference.export import export_onnx_module
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, os.cpu_count() or 1)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave the cores to the decoders
     with tempfile.TemporaryDirectory(prefix="fruitlens-feat-") as tmp:  # the session holds the model in memory
         path = Path(tmp) / "backbone.onnx"
-        export_onnx_module(backbone, path, image_size)
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        onnx_io.export_module(backbone, path, image_size)
+        return onnx_io.session(path)
 
 
 def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, views: int = 0,
@@ -78,9 +72,9 @@ def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, v
     t0, n = time.perf_counter(), 0
     for x, y in loader:
         x = x.to(engine.device, non_blocking=True)
-        clean.append(engine(uint8_to_input(x, pre)))
+        clean.append(engine(pre.normalise(x)))
         for _ in range(views):
-            aug_feats.append(engine(normalise(augment_batch(x, aug, g), pre)))
+            aug_feats.append(engine(pre.normalise(augment_batch(x, aug, g))))
         ys.append(torch.as_tensor(y))
         n += len(y)
     dt = time.perf_counter() - t0

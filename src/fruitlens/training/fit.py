@@ -1,30 +1,30 @@
-"""``train(cfg, out)``: data -> model -> phase 1 (head, on cached features) -> phase 2 (fine-tune) -> report."""
+"""``fit``: phase 1 (the head, on cached backbone features, or on images) then phase 2 (fine-tune the top blocks).
+
+Training only: it fills the history and leaves the best weights in the model. Saving the run, exporting and evaluating
+are the pipeline's (``fruitlens.pipelines.train``).
+"""
 from __future__ import annotations
 
-import json
 import logging
-import os
-import platform
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from fruitlens.config import TrainConfig
 from fruitlens.data.dataset import class_weights, make_loader
 from fruitlens.data.manifest import Manifest
-from fruitlens.errors import FruitlensError, RunDirError
-from fruitlens.models.registry import FruitNet, build_model, get_spec
-from fruitlens.rundir import RunDir, save_model
-from fruitlens.runtime import limit_heap_growth
-from fruitlens.training import data as tdata
+from fruitlens.models.registry import FruitNet
+from fruitlens.rundir import RunDir
+from fruitlens.training import loaders
 from fruitlens.training.augment import BatchInput
+from fruitlens.training.auto import pretrained
 from fruitlens.training.callbacks import EpochSummary, FreezeBackbone, TargetAccuracy
 from fruitlens.training.features import cached_features
 from fruitlens.training.module import ClassifierModule
@@ -32,131 +32,48 @@ from fruitlens.training.module import ClassifierModule
 log = logging.getLogger(__name__)
 
 
-class TrainingInterrupted(FruitlensError):
-    """Ctrl-C during training: the run folder keeps the best model so far."""
+@dataclass
+class FitResult:
+    """What training did: the epochs of every phase, the time, and whether this process is the one that saves."""
 
-    exit_code = 130
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    phases: list[str] = field(default_factory=list)
+    is_global_zero: bool = True
+    world_size: int = 1  # processes that trained together (DDP)
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False) -> RunDir:
-    """Trains ``cfg`` into the run folder ``out`` and evaluates it on the test split."""
-    run = RunDir(Path(out))
+def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
+        history: list[dict]) -> FitResult:
+    """Trains ``model`` in place on the train split, validating on val; ``history`` gets a row per epoch (a resumed
+    run passes the rows so far). KeyboardInterrupt (Ctrl-C) leaves the best weights so far in ``model``."""
     t0 = time.perf_counter()
-    limit_heap_growth()  # else large image batches fragment glibc's heaps (GiBs at 448 px)
-    L.seed_everything(cfg.data.seed, workers=True, verbose=False)
-    if resume:
-        run.require("config.yaml", "manifest.csv", "facts.json")
-        cfg = TrainConfig.from_yaml(run.config)
-        manifest, facts = Manifest.from_csv(run.manifest), run.read_json("facts.json")
-        log.info("resuming %s", run.path)
+    result = FitResult(history)
+    if pretrained(cfg) and cfg.fit.feature_cache:
+        trainer = _fit_head_on_features(model, splits, classes, cfg, run, history)
+        result.phases.append("head")
     else:
-        if run.best_ckpt.exists():
-            raise RunDirError(f"{run.path} already holds a trained run", f"pick another --out, or continue it "
-                              f"with 'fruitlens train --resume {run.path}'")
-        cfg = replace(cfg, data=replace(cfg.data, path=tdata.resolve_data_path(cfg.data.path))).validated()
-        prepared = tdata.prepare(cfg)
-        manifest, facts = prepared.manifest, prepared.facts
-        if not cfg.model.img_size:
-            size = tdata.auto_image_size(prepared.median_side)
-            log.info("input size %d px, picked from the data (median shorter side %d px)", size, prepared.median_side)
-            cfg = replace(cfg, model=replace(cfg.model, img_size=size))
-        if not cfg.augment.crop_scale:
-            cfg = replace(cfg, augment=replace(cfg.augment, crop_scale=tdata.auto_crop_scale(prepared.median_side)))
-        if not cfg.fit.epochs:
-            cfg = replace(cfg, fit=replace(cfg.fit, epochs=auto_epochs(cfg)))
-        run.path.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(run.config)
-        manifest.to_csv(run.manifest)
-        run.write_json("facts.json", facts)
-    classes = manifest.classes
-    run.labels.write_text(json.dumps(classes, indent=2))
-    model = build_model(cfg.model.name, len(classes), weights=cfg.model.weights, img_size=cfg.model.img_size,
-                        dropout=cfg.model.dropout)
-    pretrained = _pretrained(cfg)
-    if cfg.model.weights == "none" and _has_pretrained_weights(cfg):
-        log.warning("%s trains from scratch (--weights none): expect far lower accuracy than with ImageNet weights",
-                    model.name)
-    history: list[dict] = run.read_history() if resume else []
-    splits = manifest.by_split()
-    fit_t0 = time.perf_counter()
-    try:
-        if pretrained and cfg.fit.feature_cache:
-            _fit_head_on_features(model, splits, classes, cfg, run, history)
-        else:
-            _fit_images(model, splits, classes, cfg, run, history, "head" if pretrained else "full",
-                        train_blocks=0 if pretrained else -1, lr=cfg.fit.lr, epochs=cfg.fit.epochs)
-        if pretrained and cfg.fit.fine_tune_blocks and not _target_reached(history, cfg):
-            _fit_images(model, splits, classes, cfg, run, history, "fine-tune", train_blocks=cfg.fit.fine_tune_blocks,
-                        lr=cfg.fit.fine_tune_lr, epochs=cfg.fit.fine_tune_epochs)
-    except KeyboardInterrupt:
-        _finish(run, model, classes, cfg, history, time.perf_counter() - fit_t0)
-        raise TrainingInterrupted(f"training interrupted: {run.path} keeps the best model so far",
-                                  f"continue with 'fruitlens train --resume {run.path}'") from None
-    if not _is_rank_zero():
-        return run
-    _finish(run, model, classes, cfg, history, time.perf_counter() - fit_t0)
-    _export_for_serving(run)
-    from fruitlens.evaluation.report import evaluate_run
-
-    evaluate_run(run, train_seconds=time.perf_counter() - t0)
-    return run
+        phase = "head" if pretrained(cfg) else "full"
+        trainer = _fit_images(model, splits, classes, cfg, run, history, phase,
+                              train_blocks=0 if pretrained(cfg) else -1, lr=cfg.fit.lr, epochs=cfg.fit.epochs)
+        result.phases.append(phase)
+    if pretrained(cfg) and cfg.fit.fine_tune_blocks and not _target_reached(history, cfg):
+        trainer = _fit_images(model, splits, classes, cfg, run, history, "fine-tune",
+                              train_blocks=cfg.fit.fine_tune_blocks, lr=cfg.fit.fine_tune_lr,
+                              epochs=cfg.fit.fine_tune_epochs)
+        result.phases.append("fine-tune")
+    result.is_global_zero, result.world_size = trainer.is_global_zero, trainer.world_size
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
-HEAD_EPOCHS = 200  # a linear head on cached features: about 0.1 s an epoch; early stopping ends it (GroceryStore: 90-120)
-IMAGE_EPOCHS = 30  # a phase on images: minutes an epoch on a CPU
-
-
-def auto_epochs(cfg: TrainConfig) -> int:
-    """Max epochs of the first phase where ``fit.epochs`` is 0.
-
-    A head on cached features is cheap to train to convergence, and stopping it early costs accuracy on new photos:
-    at 30 epochs GroceryStore's validation loss was still falling (0.21; 0.07 at convergence), and training on to
-    early stopping gave 76.3% instead of 75.7% test accuracy (mean of 3 seeds) with better calibration (ECE 0.11
-    instead of 0.14). Phases on images are minutes an epoch on a CPU, so they keep the original's 30.
-    """
-    return HEAD_EPOCHS if _pretrained(cfg) and cfg.fit.feature_cache else IMAGE_EPOCHS
-
-
-def _has_pretrained_weights(cfg: TrainConfig) -> bool:
-    """The model has ImageNet weights in torchvision (small_cnn has none)."""
-    return get_spec(cfg.model.name).weights_enum is not None
-
-
-def _pretrained(cfg: TrainConfig) -> bool:
-    """Starts from pretrained weights, so that phase 1 trains the head alone (else the whole network trains)."""
-    return cfg.model.weights != "none" and _has_pretrained_weights(cfg)
-
-
-def _export_for_serving(run: RunDir) -> None:
-    """Every run ships an ONNX model (parity-checked against PyTorch); evaluation then runs on ONNX Runtime."""
-    from fruitlens.errors import ExportError
-    from fruitlens.inference.export import export_run
-
-    try:
-        figures = export_run(run.path, bench=False)
-        log.info("exported %s (top-1 agreement with PyTorch %.2f%%)", figures["onnx"],
-                 100 * figures["parity"]["fp32"]["top1_agreement"])
-    except ExportError as exc:
-        log.warning("no ONNX export (%s); evaluation runs on PyTorch", exc.message)
-
-
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+def use_gpu(cfg: TrainConfig) -> bool:
+    return torch.cuda.is_available() and cfg.fit.accelerator in ("auto", "gpu", "cuda")
 
 
 def _target_reached(history: list[dict], cfg: TrainConfig) -> bool:
     key = "val_acc" if cfg.fit.target_monitor == "val" else "train_acc"
     return cfg.fit.target_acc > 0 and any((r.get(key) or 0) >= cfg.fit.target_acc for r in history)
-
-
-def _finish(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, history: list[dict],
-            seconds: float) -> None:
-    save_model(run.best_ckpt, model, classes, {"config": cfg.to_dict(), "fit_seconds": seconds})
-    run.write_history(history)
-    done = {"fit_seconds": round(seconds, 2), "torch": torch.__version__, "lightning": L.__version__,
-            "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    run.write_json("train_info.json", done)
 
 
 def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: list[dict], monitor_train: bool,
@@ -171,7 +88,7 @@ def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: li
                  LearningRateMonitor("epoch"), EpochSummary(phase, history)]
     if f.target_acc > 0:
         callbacks.append(TargetAccuracy(f.target_acc, "train/acc" if monitor_train else "val/acc"))
-    precision = f.precision if f.precision != "auto" else ("16-mixed" if _use_gpu(cfg) else "32-true")
+    precision = f.precision if f.precision != "auto" else ("16-mixed" if use_gpu(cfg) else "32-true")
     devices: int | str = int(f.devices) if f.devices.isdigit() else f.devices
     limit = f.limit_batches if f.limit_batches <= 1 else int(f.limit_batches)
     trainer = L.Trainer(max_epochs=epochs, accelerator=f.accelerator, devices=devices, num_nodes=f.num_nodes,
@@ -183,27 +100,27 @@ def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: li
     return trainer, ckpt
 
 
-def _use_gpu(cfg: TrainConfig) -> bool:
-    return torch.cuda.is_available() and cfg.fit.accelerator in ("auto", "gpu", "cuda")
+def _load_state(module: ClassifierModule, path: Path) -> None:
+    """Weights from a Lightning checkpoint this run wrote, read as tensors only (no pickled objects)."""
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
 
 
 def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModule, train_dl, val_dl,
-               run: RunDir, phase: str) -> None:
+               run: RunDir, phase: str) -> L.Trainer:
     """Fits (resuming from the phase's last.ckpt if present) and loads the best weights back into the module."""
     done = run.checkpoints / phase / "done"
     last = run.checkpoints / phase / "last.ckpt"
     if done.exists():
-        best = run.checkpoints / phase / "best.ckpt"
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        _load_state(module, run.checkpoints / phase / "best.ckpt")
         log.info("[%s] already done; loaded its best weights", phase)
-        return
+        return trainer
+
     def load_best() -> None:
         if ckpt.best_model_path and Path(ckpt.best_model_path).is_file():
-            state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-            module.load_state_dict(state)
+            _load_state(module, Path(ckpt.best_model_path))
 
     try:
-        trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.exists() else None)
+        trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     except SystemExit:  # Lightning turns Ctrl-C into exit(1) after its graceful shutdown
         if trainer.interrupted:
             load_best()  # so that the run folder keeps the best model so far
@@ -216,10 +133,11 @@ def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModu
     if trainer.is_global_zero:
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(f"best {ckpt.best_model_score}\n")
+    return trainer
 
 
 def _module(net, cfg: TrainConfig, targets: list[int], n_classes: int, lr: float, channels_last: bool,
-            batch_input: BatchInput | None = None):
+            batch_input: BatchInput | None = None) -> ClassifierModule:
     f = cfg.fit
     weights = class_weights(targets, n_classes) if f.balance == "weights" else None
     return ClassifierModule(net, batch_input=batch_input, lr=lr, weight_decay=f.weight_decay,
@@ -228,47 +146,45 @@ def _module(net, cfg: TrainConfig, targets: list[int], n_classes: int, lr: float
 
 
 def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig,
-                          run: RunDir, history: list[dict]) -> None:
+                          run: RunDir, history: list[dict]) -> L.Trainer:
     """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone."""
     pre, f = model.preprocessing, cfg.fit
     views = f.feature_views if cfg.augment.enabled else 0
-    gpu = _use_gpu(cfg)
+    gpu = use_gpu(cfg)
     # CPU: one decoding process keeps up with the backbone; more would only compete with it for the cores. 32 images
     # a batch at 96 px, fewer at larger sizes so that activations stay small (8 at 448 px). GPU: decoding is the
     # bottleneck (one process: 170 images/s at 448 px on an H200), so all workers, and larger batches
     batch = 64 if gpu else max(8, min(32, int(32 * (96 / pre.image_size) ** 2)))
-    loaders = {split: make_loader(tdata.dataset(splits[split], classes, pre, cfg), batch_size=batch, shuffle=False,
-                                  workers=tdata.workers(cfg) if gpu else min(1, tdata.workers(cfg)))
-               for split in ("train", "val")}
-    feats = cached_features(model.backbone, pre, loaders, views=views, aug=cfg.augment, seed=cfg.data.seed,
-                            cache_file=run.path / "cache" / "features.pt", gpu=gpu)
+    feature_loaders = {split: make_loader(loaders.dataset(splits[split], classes, pre, cfg), batch_size=batch,
+                                          shuffle=False,
+                                          workers=loaders.workers(cfg) if gpu else min(1, loaders.workers(cfg)))
+                       for split in ("train", "val")}
+    feats = cached_features(model.backbone, pre, feature_loaders, views=views, aug=cfg.augment, seed=cfg.data.seed,
+                            cache_file=run.cache / "features.pt", gpu=gpu)
     xs = [feats["train"][0]] + ([feats["train_aug"][0]] if "train_aug" in feats else [])
     ys = [feats["train"][1]] + ([feats["train_aug"][1]] if "train_aug" in feats else [])
     train_ds = TensorDataset(torch.cat(xs), torch.cat(ys))
-    val_ds = TensorDataset(*feats["val"])
     gen = torch.Generator().manual_seed(cfg.data.seed)
     if f.balance == "sampler":
-        from torch.utils.data import WeightedRandomSampler
-
         w = class_weights(train_ds.tensors[1].tolist(), len(classes))[train_ds.tensors[1]]
         train_dl = DataLoader(train_ds, batch_size=max(f.batch_size, 256),
                               sampler=WeightedRandomSampler(w.double(), len(train_ds), generator=gen))
     else:
         train_dl = DataLoader(train_ds, batch_size=max(f.batch_size, 256), shuffle=True, generator=gen)
-    val_dl = DataLoader(val_ds, batch_size=1024)
+    val_dl = DataLoader(TensorDataset(*feats["val"]), batch_size=1024)
     module = _module(model.head, cfg, train_ds.tensors[1].tolist(), len(classes), f.lr, channels_last=False)
     trainer, ckpt = _trainer(cfg, run, "head", f.epochs, history, f.target_monitor == "train", progress=False)
     log.info("[head] training the classifier head on %d cached feature vectors (%d classes)", len(train_ds), len(classes))
-    _run_phase(trainer, ckpt, module, train_dl, val_dl, run, "head")
+    return _run_phase(trainer, ckpt, module, train_dl, val_dl, run, "head")
 
 
 def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
-                history: list[dict], phase: str, *, train_blocks: int, lr: float, epochs: int) -> None:
+                history: list[dict], phase: str, *, train_blocks: int, lr: float, epochs: int) -> L.Trainer:
     """A phase on images with augmentation: the head alone, the top blocks (fine-tune), or everything (-1)."""
     pre, f = model.preprocessing, cfg.fit
-    train_ds, val_ds = (tdata.dataset(splits[s], classes, pre, cfg) for s in ("train", "val"))
-    train_dl = tdata.loader(train_ds, cfg, shuffle=True, balance=f.balance == "sampler")
-    val_dl = tdata.loader(val_ds, cfg, shuffle=False)
+    train_ds, val_ds = (loaders.dataset(splits[s], classes, pre, cfg) for s in ("train", "val"))
+    train_dl = loaders.loader(train_ds, cfg, shuffle=True, balance=f.balance == "sampler")
+    val_dl = loaders.loader(val_ds, cfg, shuffle=False)
     model.to(memory_format=torch.channels_last)
     module = _module(model, cfg, train_ds.targets, len(classes), lr, channels_last=True,
                      batch_input=BatchInput(pre, cfg.augment, cfg.data.seed))
@@ -286,6 +202,7 @@ def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str]
         log.info("[%s] did not improve the validation loss (%.4f vs %.4f): keeping the earlier weights",
                  phase, float(after), before)
         model.load_state_dict(state)
+    return trainer
 
 
 def _val_loss(history: list[dict]) -> float | None:

@@ -11,6 +11,9 @@ from fruitlens.config import TrainConfig, apply_overrides
 from fruitlens.data.download import FRUITS360, Progress, fetch_dataset
 from fruitlens.data.scan import scan
 from fruitlens.errors import ConfigError, DataError, did_you_mean
+from fruitlens.evaluation.report import Report
+from fruitlens.pipelines.export import ExportResult, export
+from fruitlens.pipelines.train import train
 from fruitlens.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -23,8 +26,8 @@ class DemoResult:
     run: RunDir
     data_root: Path
     classes: list[str]
-    report: dict
-    export: dict
+    report: Report
+    export: ExportResult
     seconds: float
 
 
@@ -59,13 +62,10 @@ def demo_config(data: str, overrides: dict[str, str] | None = None) -> TrainConf
     return cfg.validated()
 
 
-def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, data_url: str | None = None,
+def demo(out: str | Path = "runs/demo", *, data: str | None = None, data_url: str | None = None,
              sha256: str = "", classes: str = str(DEFAULT_CLASSES), overrides: dict[str, str] | None = None,
              progress: Progress | None = None, int8: bool = True) -> DemoResult:
     """Runs the whole job and returns where everything is plus the headline figures."""
-    from fruitlens.inference.export import export_run
-    from fruitlens.training.fit import train
-
     t0 = time.perf_counter()
     out = Path(out)
     if RunDir(out).best_ckpt.exists():
@@ -89,10 +89,9 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, data_url
     source_csv = out / "source-manifest.csv"
     subset.to_csv(source_csv)
     log.info("step 3/5: check, leak-free split and training (pretrained MobileNetV2, cached features, short fine-tune)")
-    run = train(demo_config(str(source_csv), overrides), out)
+    trained = train(demo_config(str(source_csv), overrides), out)
     log.info("step 4/5: export to ONNX with a parity check")
-    exported = export_run(run.path, int8=int8)
-    report = run.read_json("report.json")
+    exported = export(trained.run, int8=int8)
     log.info("step 5/5: done")
-    return DemoResult(run, root, chosen, report, exported, time.perf_counter() - t0)
+    return DemoResult(trained.run, root, chosen, trained.report, exported, time.perf_counter() - t0)
 

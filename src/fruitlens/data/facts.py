@@ -1,0 +1,20 @@
+"""``DataFacts``: what data preparation found out about the data (check summary, findings, split), written to the run's
+``facts.json`` and shown in the report."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fruitlens.data.check import CheckSummary
+from fruitlens.data.split import SplitFacts
+
+
+@dataclass
+class DataFacts:
+    """The check and split of the data a run was trained on."""
+
+    data: str = ""
+    check: CheckSummary = field(default_factory=CheckSummary)
+    check_findings: dict[str, int] = field(default_factory=dict)  # "severity:code" -> count
+    split: SplitFacts = field(default_factory=SplitFacts)
+    leak_free: bool | None = None
+    median_side: int = 0  # the median shorter side of the usable images: the input size and crop range follow it

@@ -1,0 +1,143 @@
+"""ONNX: every ONNX Runtime session of fruitlens, export of a module, its metadata, the parity check against PyTorch,
+int8 quantisation and the speed figures."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fruitlens.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+
+def session(path: Path, threads: int = 0):
+    """An ONNX Runtime CPU session; ``threads`` 0 = all cores. Idle threads sleep instead of spinning, so that
+    decoding threads and other processes get the cores."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3  # errors only: its warnings say nothing a fruitlens user can act on
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def export_module(module: nn.Module, path: Path, image_size: int, *, output_names: Sequence[str] = ("output",),
+                  opset: int = 17) -> Path:
+    """Exports ``module`` (input ``input`` (N, 3, H, W), a dynamic batch dimension) to ``path``."""
+    module = module.eval()
+    dummy = torch.zeros(2, 3, image_size, image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes = {name: {0: "batch"} for name in ("input", *output_names)}
+    kwargs = dict(input_names=["input"], output_names=list(output_names), dynamic_axes=axes, opset_version=opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, (dummy,), str(path), dynamo=False, **kwargs)
+        except TypeError:  # older torch without the dynamo switch
+            torch.onnx.export(module, (dummy,), str(path), **kwargs)
+        except Exception as exc:
+            raise ExportError(f"ONNX export to {path} failed: {exc}") from None
+    return path
+
+
+def write_metadata(path: Path, meta: dict[str, object]) -> None:
+    """Stores ``meta`` (JSON-encoded values) in the model's metadata_props and checks the model."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v if isinstance(v, str) else json.dumps(v)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def read_metadata(sess) -> dict[str, str]:
+    return dict(sess.get_modelmeta().custom_metadata_map)
+
+
+def _chunked(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
+    step = max(4, min(64, int(64 * (96 / batch.shape[-1]) ** 2)))  # small chunks for large inputs
+    return np.concatenate([fn(batch[i:i + step]) for i in range(0, len(batch), step)])
+
+
+def parity(model: nn.Module, path: Path, batch: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement and the largest logit difference between PyTorch ``model`` and the ONNX model at ``path``,
+    on ``batch`` (the normalised input of real images, made by the predictor's own preprocessing)."""
+    with torch.inference_mode():
+        ref = _chunked(lambda x: model(torch.from_numpy(x)).float().numpy(), batch)
+    sess = session(path)
+    name = sess.get_inputs()[0].name
+    got = _chunked(lambda x: sess.run(None, {name: x})[0], batch)
+    return {"images": int(len(batch)), "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+            "max_abs_logit_diff": float(np.abs(ref - got).max())}
+
+
+def quantize_int8(path: Path, calibration: np.ndarray, out: Path) -> Path:
+    """Static int8 quantisation (QDQ, per-channel) with ONNX Runtime, calibrated on ``calibration`` inputs; the
+    metadata is carried over."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": calibration[i:i + 16]} for i in range(0, len(calibration), 16)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    prep = out.with_name(out.stem + ".prep.onnx")
+    try:
+        quant_pre_process(str(path), str(prep))
+    except Exception as exc:  # pre-processing is an optimisation; quantise the plain model without it
+        log.info("int8 pre-processing skipped (%s)", exc)
+        prep = path
+    try:
+        quantize_static(str(prep), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        if prep != path:
+            prep.unlink(missing_ok=True)
+    write_metadata(out, read_metadata(session(path)))
+    return out
+
+
+def benchmark(model: nn.Module, onnx_paths: list[Path], image_size: int, seconds: float = 3.0) -> dict:
+    """Images/s at batch 32 and median latency at batch 1: PyTorch eager vs each ONNX model, on this CPU."""
+
+    def measure(fn, batch):
+        fn(batch)
+        times, t_end = [], time.perf_counter() + seconds / 2
+        while time.perf_counter() < t_end or len(times) < 3:
+            t = time.perf_counter()
+            fn(batch)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    b32 = np.random.default_rng(0).standard_normal((32, 3, image_size, image_size)).astype(np.float32)
+    out = {}
+
+    @torch.inference_mode()
+    def torch_fn(x):
+        return model(torch.from_numpy(x))
+
+    fns = {"pytorch": torch_fn}
+    for p in onnx_paths:
+        sess = session(p)
+        fns[p.name] = lambda x, s=sess: s.run(None, {"input": x})
+    for name, fn in fns.items():
+        out[name] = {"batch32_img_per_s": round(32 / measure(fn, b32), 1),
+                     "batch1_ms": round(1000 * measure(fn, b32[:1]), 2)}
+    return out

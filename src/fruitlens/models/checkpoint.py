@@ -1,0 +1,84 @@
+"""fruitlens's own checkpoint: everything needed to rebuild the model (nanoGPT style), as tensors and plain data only.
+
+It is read with ``torch.load(weights_only=True)``: a run folder someone sent you cannot run code on your machine
+through it (a pickled object in the file is refused, not executed).
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fruitlens.errors import RunDirError
+from fruitlens.models.preprocessing import Preprocessing
+from fruitlens.models.registry import FruitNet, build_model
+
+log = logging.getLogger(__name__)
+
+FORMAT = 2  # 2: the head's temperature and the out-of-distribution statistics may be present
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model (eval mode), its classes and the plain data saved beside it."""
+
+    model: FruitNet
+    classes: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_model(path: Path, model: FruitNet, classes: list[str], extra: dict[str, Any] | None = None) -> Path:
+    """Writes ``model`` with its name, sizes, preprocessing, classes and ``extra`` (plain data or tensors only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "fruitlens_format": FORMAT,
+        "model_name": model.name,
+        "num_classes": model.num_classes,
+        "dropout": model.dropout,
+        "preprocessing": model.preprocessing.to_dict(),
+        "classes": list(classes),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **(extra or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The raw payload, loaded without unpickling code; a file that needs more than tensors and plain data is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: checkpoint not found", "train a model first: fruitlens train DATA --out RUN") from None
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunDirError(f"{path}: refused to load: the checkpoint holds Python objects that could run code "
+                          f"({first[:160]})",
+                          "only open run folders you trust; retrain, or ask the sender for the run's export/model.onnx"
+                          ) from None
+    except Exception as exc:
+        raise RunDirError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def load_model(path: Path) -> Checkpoint:
+    """Rebuilds the FruitNet from ``save_model``'s file, without touching any weights cache."""
+    ckpt = read_checkpoint(Path(path))
+    if not isinstance(ckpt, dict) or "fruitlens_format" not in ckpt:
+        raise RunDirError(f"{path}: not a fruitlens checkpoint")
+    pre = Preprocessing.from_dict(ckpt["preprocessing"])
+    model = build_model(ckpt["model_name"], ckpt["num_classes"], weights="none", img_size=pre.image_size,
+                        dropout=ckpt.get("dropout", 0.2))
+    model.preprocessing = pre
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise RunDirError(f"{path}: the weights do not fit {ckpt['model_name']} ({str(exc).splitlines()[0]})") from None
+    extra = {k: v for k, v in ckpt.items() if k not in ("state_dict", "preprocessing", "classes")}
+    return Checkpoint(model.eval(), list(ckpt["classes"]), extra)

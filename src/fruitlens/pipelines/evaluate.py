@@ -1,0 +1,180 @@
+"""``evaluate``: a run's model on its test split (the run's own report) or on other data (``RUN/eval/<data>/``)."""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from fruitlens.data.check import check, duplicate_groups
+from fruitlens.data.facts import DataFacts
+from fruitlens.data.manifest import Manifest
+from fruitlens.data.scan import scan
+from fruitlens.errors import DataError, ImageError
+from fruitlens.evaluation.classmap import ClassMapping
+from fruitlens.evaluation.metrics import compute_metrics, validation_gap
+from fruitlens.evaluation.report import (DatasetNote, Environment, LeakNote, ModelNote, Report, Timing, gallery,
+                                         write_report)
+from fruitlens.inference.predictor import Predictor, softmax
+from fruitlens.jsonio import read_json
+from fruitlens.models.checkpoint import read_checkpoint
+from fruitlens.rundir import RunDir
+from fruitlens.training.history import read_history
+from fruitlens.training.info import TrainInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalTarget:
+    """What to evaluate on and where the report goes."""
+
+    manifest: Manifest
+    name: str  # "test", "val", or the other data's name
+    out: Path  # the run folder for its own splits, RUN/eval/<name>/ for other data
+    data: str | None = None  # the other data, None for the run's own split
+
+
+@dataclass
+class Scored:
+    """The evaluated images with their labels (as column indices) and collapsed probabilities."""
+
+    paths: list[str] = field(default_factory=list)
+    y: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    groups: list[str] = field(default_factory=list)
+    bad: list[dict[str, str]] = field(default_factory=list)
+    unmapped: dict[str, int] = field(default_factory=dict)
+
+
+def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = "test", class_map: str | None = None,
+             batch_size: int = 64, gallery_size: int = 12, train_info: TrainInfo | None = None,
+             predictor: Predictor | None = None) -> Report:
+    """Evaluates the run's model and writes report.json, report.html and plots/ (for other data under
+    ``RUN/eval/<name>/``, leaving the run's own report as it is). Returns the Report."""
+    run = run if isinstance(run, RunDir) else RunDir(Path(run))
+    run.require("checkpoints/best.ckpt", "labels.json", "manifest.csv")
+    t0 = time.perf_counter()
+    predictor = predictor or Predictor.load(run.path)  # its parity-checked ONNX export when there is one
+    target = eval_target(run, data, split)
+    mapping = ClassMapping.load(class_map, predictor.classes)
+    scored = score(predictor, target.manifest, mapping, batch_size)
+    metrics = compute_metrics(scored.y, scored.probs, mapping.columns, scored.groups)
+    report = _assemble(run, target, mapping, scored, metrics, predictor, train_info)
+    report.timing.eval_seconds = round(time.perf_counter() - t0, 2)
+    report.gallery = gallery(scored.paths, scored.y, scored.probs, mapping.columns, gallery_size, scored.groups)
+    page = write_report(report, target.out)
+    log.info("evaluated %d images (%s) in %.1fs: accuracy %.4f, macro F1 %.4f -> %s", metrics.n, target.name,
+             report.timing.eval_seconds, metrics.accuracy, metrics.macro_f1, page)
+    return report
+
+
+def eval_target(run: RunDir, data: str | None, split: str) -> EvalTarget:
+    """The run's ``split`` (its test split by default), or the folder/manifest ``data`` (its ``split`` folder if it
+    has one) with the near-duplicate groups of a check of it."""
+    if data is None:
+        m = Manifest.from_csv(run.manifest)
+        part = m.split(split)
+        if not len(part):
+            if split == "test" and len(m.split("val")):
+                log.warning("the run has no test images: evaluating on the validation split (an optimistic figure)")
+                return EvalTarget(m.split("val"), "val", run.path)
+            raise DataError(f"{run.path}: the run's manifest has no '{split}' images", "pass --split val or a DATA folder")
+        return EvalTarget(part, split, run.path)
+    m = scan(data).manifest
+    name = Path(data).stem if Path(data).is_file() else Path(data).name
+    if m.splits and split in m.splits:
+        m, name = m.split(split), f"{name}/{split}"
+    return EvalTarget(_with_groups(m), name, run.eval_dir(name), str(data))
+
+
+def _with_groups(manifest: Manifest) -> Manifest:
+    """The records with the folder's near-duplicate groups (bursts, frames of one fruit), so that the accuracy's
+    interval counts each group as the one try it is; a run's own manifest has them from its split."""
+    comp = duplicate_groups(check(manifest))
+    return Manifest(tuple(replace(r, group=f"g{c}") for r, c in zip(manifest.records, comp)), manifest.root)
+
+
+def score(predictor: Predictor, manifest: Manifest, mapping: ClassMapping, batch_size: int = 64) -> Scored:
+    """Predicts every image of a mapped class; images that fail to decode are listed, the rest go on."""
+    keep = [r for r in manifest if r.label in mapping.mapping]
+    out = Scored()
+    for r in manifest:
+        if r.label not in mapping.mapping:
+            out.unmapped[r.label] = out.unmapped.get(r.label, 0) + 1
+    if out.unmapped:
+        log.warning("%d images of classes the model does not know are counted apart: %s", sum(out.unmapped.values()),
+                    ", ".join(sorted(out.unmapped)))
+    if not keep:
+        raise DataError(f"no images of the model's classes in {manifest.root or 'the data'}",
+                        "pass --class-map FILE to map the data's class names onto the model's")
+    size = predictor.preprocessing.image_size
+    batch_size = max(4, min(batch_size, int(batch_size * (96 / size) ** 2)))  # keeps activations small at 448 px
+    logits, labels = [], []
+    rows = (item for batch in predictor.logits_many([str(manifest.resolve(r)) for r in keep], batch_size)
+            for item in batch)
+    for r, (path, row) in zip(keep, rows):
+        if isinstance(row, ImageError):
+            out.bad.append({"path": path, "error": row.message})
+            continue
+        out.paths.append(path)
+        labels.append(r.label)
+        out.groups.append(r.group)
+        logits.append(row)
+    if not logits:
+        raise DataError(f"none of the {len(keep)} images to evaluate can be decoded (e.g. {out.bad[0]['error']})",
+                        "run 'fruitlens check' on the data to list every bad file")
+    columns = mapping.columns
+    out.probs = mapping.collapse(softmax(np.stack(logits)))
+    out.y = np.array([columns.index(lab) for lab in labels])
+    return out
+
+
+def _assemble(run: RunDir, target: EvalTarget, mapping: ClassMapping, scored: Scored, metrics, predictor: Predictor,
+              train_info: TrainInfo | None) -> Report:
+    import torch
+    import yaml
+
+    facts = read_json(run.facts, DataFacts) if run.facts.exists() else DataFacts()
+    info = train_info or (read_json(run.train_info, TrainInfo) if run.train_info.exists() else TrainInfo())
+    config = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
+    leak = facts.split.test_leak
+    history = read_history(run.history)
+    split_facts = facts.split
+    report = Report(
+        run=str(run.path), folder=str(target.out), evaluated_on=target.name, data=target.data or facts.data, class_map=mapping.source,
+        classes=mapping.columns, metrics=metrics, unmapped_images=scored.unmapped, bad_images=scored.bad,
+        leak=LeakNote(facts.leak_free, int(leak.get("images", 0)), float(leak.get("share", 0.0)), target.data is None),
+        dataset=DatasetNote(split_facts.per_class, split_facts.totals, split_facts.notes, split_facts.warnings,
+                            split_facts.excluded, facts.check_findings,
+                            {k: v for k, v in vars(facts.check).items() if k not in ("counts", "class_totals")}),
+        model=ModelNote(config.get("model", {}).get("name"), predictor.engine, predictor.preprocessing.to_dict(),
+                        _param_count(run), round(run.best_ckpt.stat().st_size / 2**20, 2)),
+        config=config, history=history,
+        timing=Timing(None, info.train_seconds, info.fit_seconds),
+        environment=Environment(platform.python_version(), torch.__version__, platform.platform(), info.machine,
+                                info.gpu, _versions()),
+        seed=config.get("data", {}).get("seed"))
+    if target.name != "val":
+        report.validation_gap = validation_gap(history, metrics, split_facts.totals.get("val", 0))
+    return report
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("fruitlens", "torch", "torchvision", "lightning", "onnxruntime", "scikit-learn", "numpy", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _param_count(run: RunDir) -> int:
+    sd = read_checkpoint(run.best_ckpt)["state_dict"]
+    return int(sum(v.numel() for k, v in sd.items() if v.is_floating_point() and "running" not in k))

@@ -1,0 +1,81 @@
+"""From DATA to a checked, split manifest ready for training: scan -> check -> split -> what the run must know."""
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fruitlens.config import TrainConfig
+from fruitlens.data.check import CheckReport, check
+from fruitlens.data.facts import DataFacts
+from fruitlens.data.manifest import Manifest
+from fruitlens.data.scan import scan
+from fruitlens.data.split import SplitResult, split
+from fruitlens.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """The split manifest and the facts the report shows (check summary, split notes, leaks, image size)."""
+
+    manifest: Manifest
+    facts: DataFacts
+    check: CheckReport
+
+
+def resolve_data_path(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: no such file or folder", "pass a folder with one sub-folder per class")
+    return str(p.resolve())
+
+
+def prepare(cfg: TrainConfig) -> PreparedData:
+    """scan -> check -> split (keeping a split the data has); stops on data that cannot train a classifier."""
+    d = cfg.data
+    report = check(scan(d.path), min_size=d.min_size, near_dup_distance=d.near_dup_distance)
+    if report.summary.usable == 0:
+        raise DataError(f"{d.path}: none of the {report.summary.images} images can be used",
+                        f"run 'fruitlens check {d.path}' to see why")
+    result = split(report, val=d.val, test=d.test, seed=d.seed, group=d.group, group_pattern=d.group_pattern)
+    _refuse_unusable_split(result, d.path)
+    _log_split(result)
+    sides = [min(f.width, f.height) for f in report.files if f.ok]
+    facts = DataFacts(data=str(d.path), check=report.summary, check_findings=report.finding_counts(),
+                      split=result.facts(), leak_free=not any(v["images"] for v in result.leaks.values()),
+                      median_side=int(statistics.median(sides)) if sides else 224)
+    return PreparedData(result.manifest, facts, report)
+
+
+def _refuse_unusable_split(result: SplitResult, path: str) -> None:
+    classes = result.manifest.classes
+    if len(classes) < 2:
+        raise DataError(f"{path}: found only the class '{classes[0]}'; a classifier needs at least two",
+                        "add a folder per class: DATA/<class>/<images>")
+    counts = result.manifest.counts()
+    missing_train = [c for c in classes if not counts.get("train", {}).get(c)]
+    if missing_train:
+        raise DataError(f"class(es) {', '.join(missing_train)} have no training images after the split",
+                        "add images to those classes or remove their folders")
+    if not counts.get("val"):
+        raise DataError("the validation split is empty", "use --val 0.15 (or more images per class)")
+
+
+def _log_split(result: SplitResult) -> None:
+    for w in result.warnings:
+        log.warning("split: %s", w)
+    if result.excluded:
+        log.warning("left out %d unusable image(s), e.g. %s: %s", len(result.excluded), *result.excluded[0])
+    leak = result.leaks.get("test<-train", {})
+    if leak.get("images"):
+        log.warning("LEAK: %d of the test images (%.1f%%) have a near duplicate in train (%s). Test accuracy will "
+                    "overstate accuracy on new photos.", leak["images"], 100 * leak["share"],
+                    "the data's own split" if result.kept_existing else "linked groups")
+
+
+def with_data_path(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``data.path`` made absolute (the run's config.yaml then works from any folder)."""
+    return replace(cfg, data=replace(cfg.data, path=resolve_data_path(cfg.data.path))).validated()

@@ -1,0 +1,162 @@
+"""``train`` and ``resume``: the whole job from DATA to an exported, evaluated run folder.
+
+prepare data -> resolve the auto settings (logged once) -> write the run's inputs -> build the model -> fit -> save
+-> export -> evaluate. Each step is a named function; the orchestrators read top to bottom.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+
+from fruitlens.config import TrainConfig
+from fruitlens.data.facts import DataFacts
+from fruitlens.data.manifest import Manifest
+from fruitlens.errors import ExportError, Interrupted, RunDirError
+from fruitlens.evaluation.report import Report
+from fruitlens.jsonio import read_json, write_json
+from fruitlens.models.checkpoint import save_model
+from fruitlens.models.registry import FruitNet, build_model, has_pretrained_weights
+from fruitlens.pipelines.evaluate import evaluate
+from fruitlens.pipelines.export import ExportResult, export
+from fruitlens.pipelines.prepare import PreparedData, prepare, with_data_path
+from fruitlens.rundir import RunDir
+from fruitlens.runtime import is_ddp_child, limit_heap_growth
+from fruitlens.training import auto
+from fruitlens.training.fit import FitResult, fit
+from fruitlens.training.history import read_history, write_history
+from fruitlens.training.info import TrainInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """A trained run: its folder and config, and (on the process that saves) its report and export."""
+
+    run: RunDir
+    config: TrainConfig
+    facts: DataFacts
+    info: TrainInfo | None = None
+    report: Report | None = None  # None on the other processes of a multi-process (DDP) run
+    export: ExportResult | None = None
+    export_error: str | None = None  # why there is no ONNX model, where export failed
+
+
+def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
+    """Trains ``cfg`` into the new run folder ``out``, exports and evaluates it on the test split."""
+    t0 = time.perf_counter()
+    run = RunDir(Path(out))
+    if is_ddp_child():  # a process that Lightning's DDP launcher started: rank zero prepared the run already
+        return _fit_and_ship(run, TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest),
+                             read_json(run.facts, DataFacts), [], t0)
+    with _new_run(run):
+        cfg = with_data_path(cfg)
+        prepared = prepare(cfg)
+        cfg = _resolve_auto(cfg, prepared.facts)
+        _write_inputs(run, cfg, prepared)
+        return _fit_and_ship(run, cfg, prepared.manifest, prepared.facts, [], t0)
+
+
+def resume(path: str | Path) -> TrainResult:
+    """Continues an interrupted run from its last finished epoch (its config, split and history)."""
+    t0 = time.perf_counter()
+    run = RunDir(Path(path)).require("config.yaml", "manifest.csv", "facts.json")
+    cfg, manifest, facts = TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest), read_json(run.facts,
+                                                                                                        DataFacts)
+    if is_ddp_child():
+        return _fit_and_ship(run, cfg, manifest, facts, [], t0)
+    with run.lock():
+        log.info("resuming %s", run.path)
+        return _fit_and_ship(run, cfg, manifest, facts, read_history(run.history), t0)
+
+
+@contextmanager
+def _new_run(run: RunDir) -> Iterator[None]:
+    with run.lock():
+        if run.best_ckpt.exists():
+            raise RunDirError(f"{run.path} already holds a trained run",
+                              f"pick another --out, or continue it with 'fruitlens train --resume {run.path}'")
+        yield
+
+
+def _resolve_auto(cfg: TrainConfig, facts: DataFacts) -> TrainConfig:
+    cfg, notes = auto.resolve(cfg, facts.median_side)
+    for note in notes:
+        log.info("%s", note)
+    return cfg
+
+
+def _write_inputs(run: RunDir, cfg: TrainConfig, prepared: PreparedData) -> None:
+    """What a resumed run (and every DDP process) reads back: config, split manifest, data facts."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(run.config)
+    prepared.manifest.to_csv(run.manifest)
+    write_json(run.facts, prepared.facts)
+
+
+def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: DataFacts, history: list[dict],
+                  t0: float) -> TrainResult:
+    limit_heap_growth()  # else large image batches fragment glibc's heaps (GiBs at 448 px)
+    L.seed_everything(cfg.data.seed, workers=True, verbose=False)
+    classes = manifest.classes
+    run.labels.write_text(json.dumps(classes, indent=2))
+    model = _build(cfg, classes)
+    fitted = _fit(model, manifest, classes, cfg, run, history)
+    result = TrainResult(run, cfg, facts)
+    if not fitted.is_global_zero:
+        return result
+    result.info = _save(run, model, classes, cfg, fitted, time.perf_counter() - t0)
+    result.export, result.export_error = _export_for_serving(run)
+    result.report = evaluate(run, train_info=result.info)
+    return result
+
+
+def _build(cfg: TrainConfig, classes: list[str]) -> FruitNet:
+    model = build_model(cfg.model.name, len(classes), weights=cfg.model.weights, img_size=cfg.model.img_size,
+                        dropout=cfg.model.dropout)
+    if cfg.model.weights == "none" and has_pretrained_weights(cfg.model.name):
+        log.warning("%s trains from scratch (--weights none): expect far lower accuracy than with ImageNet weights",
+                    model.name)
+    return model
+
+
+def _fit(model: FruitNet, manifest: Manifest, classes: list[str], cfg: TrainConfig, run: RunDir,
+         history: list[dict]) -> FitResult:
+    """``training.fit``; on Ctrl-C the best model so far is saved and the run can be resumed."""
+    t0 = time.perf_counter()
+    try:
+        return fit(model, manifest.by_split(), classes, cfg, run, history)
+    except KeyboardInterrupt:
+        _save(run, model, classes, cfg, FitResult(history, time.perf_counter() - t0), None)
+        raise Interrupted(f"training interrupted: {run.path} keeps the best model so far",
+                          f"continue with 'fruitlens train --resume {run.path}'") from None
+
+
+def _save(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, fitted: FitResult,
+          train_seconds: float | None) -> TrainInfo:
+    info = TrainInfo.here(train_seconds if train_seconds is not None else fitted.seconds, fitted.seconds,
+                          fitted.phases, fitted.world_size)
+    save_model(run.best_ckpt, model, classes, {"config": cfg.to_dict(), "fit_seconds": round(fitted.seconds, 2)})
+    write_history(run.history, fitted.history)
+    write_json(run.train_info, info)
+    return info
+
+
+def _export_for_serving(run: RunDir) -> tuple[ExportResult | None, str | None]:
+    """Every run ships an ONNX model (parity-checked against PyTorch); evaluation then runs on ONNX Runtime."""
+    try:
+        result = export(run, bench=False)
+    except ExportError as exc:
+        log.warning("no ONNX export (%s); evaluation runs on PyTorch", exc.message)
+        return None, exc.message
+    log.info("exported %s (top-1 agreement with PyTorch %.2f%%)", result.onnx,
+             100 * result.parity["fp32"]["top1_agreement"])
+    return result, None
+

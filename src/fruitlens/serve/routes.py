@@ -1,0 +1,84 @@
+"""The service's routes: ``GET /`` upload page, ``POST /predict``, ``GET /labels``, ``GET /health``."""
+from __future__ import annotations
+
+import asyncio
+import os
+from importlib import resources
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel
+
+from fruitlens import __version__
+from fruitlens.errors import ImageError
+from fruitlens.inference.predictor import Predictor, softmax
+from fruitlens.serve.batcher import Batcher
+from fruitlens.serve.deps import get_batcher, get_predictor, get_settings
+from fruitlens.serve.settings import ServeSettings
+from fruitlens.serve.uploads import Base64In, Upload, read_uploads
+
+router = APIRouter()
+
+# ImageError.reason -> HTTP status: what cannot be an image is 415, what is too big 413, what fails to decode 422
+_STATUS = {"not-an-image": 415, "too-many-pixels": 413}
+
+
+class TopK(BaseModel):
+    label: str
+    score: float
+
+
+class PredictionOut(BaseModel):
+    label: str
+    score: float
+    top_k: list[TopK]
+    filename: str | None = None
+
+
+class PredictionsOut(BaseModel):
+    predictions: list[PredictionOut]
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def index() -> str:
+    return resources.files("fruitlens.serve").joinpath("static/index.html").read_text()
+
+
+@router.get("/health")
+def health(pred: Predictor = Depends(get_predictor)) -> dict:
+    return {"status": "ok", "model_loaded": pred is not None, "version": __version__, "engine": pred.engine,
+            "classes": len(pred.classes), "image_size": pred.preprocessing.image_size, "worker_pid": os.getpid()}
+
+
+@router.get("/labels")
+def labels(pred: Predictor = Depends(get_predictor)) -> dict:
+    return {"labels": pred.classes}
+
+
+_BODY = {"requestBody": {"content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "application/json": {"schema": Base64In.model_json_schema()}}}}
+
+
+@router.post("/predict", response_model=PredictionOut | PredictionsOut, openapi_extra=_BODY)
+async def predict(request: Request, top_k: int | None = None, pred: Predictor = Depends(get_predictor),
+                  batcher: Batcher = Depends(get_batcher), settings: ServeSettings = Depends(get_settings)):
+    """One image as multipart ``file`` (or several as ``files``), or JSON ``{"image": base64}`` /
+    ``{"images": [base64, ...]}``. Answers the top-k labels with probabilities."""
+    uploads = await read_uploads(request, settings)
+    pixels = await asyncio.gather(*[asyncio.to_thread(_decode, u, pred) for u in uploads.items])
+    logits = await batcher.submit(np.stack(pixels))
+    preds = pred.to_predictions(softmax(logits), top_k or uploads.top_k or settings.top_k)
+    out = [{**p.to_dict(), "filename": u.name} for p, u in zip(preds, uploads.items)]
+    return out[0] if uploads.single else {"predictions": out}
+
+
+def _decode(upload: Upload, pred: Predictor) -> np.ndarray:
+    """The predictor's own decode and geometry; a bad image is the client's error, with its name."""
+    try:
+        return pred.pixels(upload.data)
+    except ImageError as exc:
+        raise HTTPException(_STATUS.get(exc.reason, 422), exc.message.replace("image bytes", upload.name, 1)) from None

@@ -1,0 +1,31 @@
+"""``TrainInfo`` (the run's ``train_info.json``): how long training took and on what."""
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+
+
+@dataclass
+class TrainInfo:
+    """Timing and environment of the training run."""
+
+    train_seconds: float | None = None  # the train command up to the saved model: data preparation and fitting
+    fit_seconds: float | None = None  # the training phases alone
+    phases: list[str] = field(default_factory=list)
+    world_size: int = 1  # processes that trained together (DDP)
+    torch: str = ""
+    lightning: str = ""
+    python: str = ""
+    machine: str = ""
+    gpu: str | None = None
+
+    @classmethod
+    def here(cls, train_seconds: float, fit_seconds: float, phases: list[str], world_size: int = 1) -> "TrainInfo":
+        return cls(round(train_seconds, 2), round(fit_seconds, 2), list(phases), world_size, torch.__version__,
+                   L.__version__,
+                   platform.python_version(), f"{platform.machine()}, {os.cpu_count()} CPUs",
+                   torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
