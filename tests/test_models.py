@@ -22,6 +22,22 @@ def test_every_model_builds_and_runs(name):
     assert out.shape == (2, 5)
     assert model.backbone(torch.randn(1, 3, 64, 64)).shape == (1, model.feature_dim)
     assert model.preprocessing.image_size == 64 and len(model.blocks()) >= 4
+    # the class activation map is exact: the pooled features are the feature map's mean, the logit the map's mean
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    fmap = model.feature_map(x)
+    torch.testing.assert_close(fmap.mean((2, 3)), model.backbone(x), atol=1e-5, rtol=1e-4)
+    cams = model.class_maps(fmap)
+    torch.testing.assert_close(cams.mean((2, 3)) + model.linear.bias, model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_folding_the_temperature_divides_the_logits_and_keeps_the_argmax():
+    model = build_model("small_cnn", 4, weights="none", img_size=32).eval()
+    x = torch.randn(5, 3, 32, 32)
+    before = model(x)
+    model.fold_temperature(2.5)
+    torch.testing.assert_close(model(x), before / 2.5)
+    assert torch.equal(model(x).argmax(1), before.argmax(1))
 
 
 def test_unknown_model_did_you_mean():

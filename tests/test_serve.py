@@ -95,7 +95,7 @@ def test_concurrent_requests_are_batched():
     def slow_forward(x):
         calls.append(len(x))
         time.sleep(0.05)
-        return np.repeat(x.reshape(len(x), -1)[:, :1].astype(np.float32), 2, axis=1)
+        return {"logits": np.repeat(x.reshape(len(x), -1)[:, :1].astype(np.float32), 2, axis=1)}
 
     async def go():
         b = Batcher(slow_forward, max_batch=8)
@@ -104,7 +104,7 @@ def test_concurrent_requests_are_batched():
         return b, outs
 
     batcher, outs = asyncio.run(go())
-    assert [float(o[0, 0]) for o in outs] == list(range(16))  # each request gets its own rows back
+    assert [float(o["logits"][0, 0]) for o in outs] == list(range(16))  # each request gets its own rows back
     assert batcher.items == 16 and batcher.batches == len(calls) < 16 and max(calls) <= 8
 
 
@@ -116,9 +116,14 @@ def test_batcher_splits_a_large_request_into_bounded_calls():
     from fruitlens.serve.batcher import Batcher
 
     calls = []
-    b = Batcher(lambda x: calls.append(len(x)) or np.zeros((len(x), 2), np.float32), max_batch=4)
-    out = asyncio.run(b.submit(np.zeros((10, 2, 2, 3), np.uint8)))
-    assert out.shape == (10, 2) and calls == [4, 4, 2]
+    b = Batcher(lambda x: calls.append(len(x)) or {"logits": np.zeros((len(x), 2), np.float32)}, max_batch=4)
+
+    async def go():
+        out = await b.submit(np.zeros((10, 2, 2, 3), np.uint8))
+        await b.stop()
+        return out
+
+    assert asyncio.run(go())["logits"].shape == (10, 2) and calls == [4, 4, 2]
 
 
 def test_dependency_override_reaches_predict(trained_run):
@@ -127,8 +132,8 @@ def test_dependency_override_reaches_predict(trained_run):
     app = create_app(ServeSettings(str(trained_run)))
     with TestClient(app) as c:
         real = app.state.predictor
-        fake = Predictor(lambda x: np.tile(np.array([[0.0, 5.0]], np.float32), (len(x), 1)), ["x<script>", "y"],
-                         real.preprocessing, "fake")
+        fake = Predictor(lambda x: {"logits": np.tile(np.array([[0.0, 5.0]], np.float32), (len(x), 1))},
+                         ["x<script>", "y"], real.preprocessing, "fake")
         app.dependency_overrides[get_predictor] = lambda: fake
         assert c.get("/labels").json() == {"labels": ["x<script>", "y"]}
         r = c.post("/predict", files={"file": ("a.jpg", jpeg_bytes(fruit_image("apple", 1, 48)), "image/jpeg")})

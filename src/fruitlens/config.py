@@ -94,6 +94,16 @@ class FitConfig:
 
 
 @dataclass(frozen=True)
+class TrustConfig:
+    """How the model learns to say "not sure" and "unfamiliar" (training/trust.py)."""
+
+    target_precision: float = 0.95  # accuracy wanted of the answered images: sets the "not sure" threshold
+    folds: int = 5  # out-of-fold heads for the held-out predictions
+    groups: str = "visual"  # visual (near copies + feature clusters) | near-duplicates: what a fold keeps together
+    images_per_group: int = 8  # size of the feature clusters of the visual groups
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything ``fruitlens train`` needs; written to the run's ``config.yaml``."""
 
@@ -101,6 +111,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,7 +139,7 @@ class TrainConfig:
 
     def validated(self) -> "TrainConfig":
         """Checks value ranges once; raises ConfigError naming the key."""
-        d, f, m, a = self.data, self.fit, self.model, self.augment
+        d, f, m, a, t = self.data, self.fit, self.model, self.augment, self.trust
         checks = [
             (0 <= d.val < 1, "data.val", "a fraction in [0, 1)"),
             (0 <= d.test < 1, "data.test", "a fraction in [0, 1)"),
@@ -149,6 +160,10 @@ class TrainConfig:
             (0 <= a.zoom < 1, "augment.zoom", "in [0, 1)"),
             (0 <= a.shift < 1, "augment.shift", "in [0, 1)"),
             (0 <= a.crop_scale <= 1, "augment.crop_scale", "0 (auto) or a fraction in (0, 1]"),
+            (0 < t.target_precision <= 1, "trust.target_precision", "a fraction in (0, 1]"),
+            (t.folds >= 2, "trust.folds", ">= 2"),
+            (t.groups in ("visual", "near-duplicates"), "trust.groups", "visual or near-duplicates"),
+            (t.images_per_group >= 1, "trust.images_per_group", ">= 1"),
         ]
         for ok, key, expected in checks:
             if not ok:

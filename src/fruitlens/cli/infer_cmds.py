@@ -13,7 +13,9 @@ from fruitlens.errors import ConfigError, DataError, ExitCode, ImageError
 PREDICT_EXAMPLES = """examples:
   fruitlens predict runs/mnv2 apple.jpg pear.png --top-k 3
   fruitlens predict runs/mnv2 photos/ --json > predictions.jsonl       # folders are searched recursively
-  fruitlens predict runs/mnv2/export/model.onnx 'shots/*.jpg' --unknown-threshold 0.5
+  fruitlens predict runs/mnv2 photos/ --csv predictions.csv            # one row per image, for a spreadsheet
+  fruitlens predict runs/mnv2 apple.jpg --explain heatmaps/            # where the model looked, as PNG overlays
+  fruitlens predict runs/mnv2/export/model.onnx 'shots/*.jpg' --unknown-threshold 0   # always answer
 """
 EXPORT_EXAMPLES = """examples:
   fruitlens export runs/mnv2 --format onnx
@@ -34,8 +36,11 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--unknown-threshold", type=float, default=0.0,
-                   help="answer 'unknown' when the top probability is below this")
+    p.add_argument("--unknown-threshold", type=threshold, default="auto",
+                   help="'not sure' below this calibrated top-1 probability: auto (default: the run's, chosen for "
+                        "its target accuracy on held-out images), 0 (off) or a number")
+    p.add_argument("--csv", metavar="FILE", help="also write one row per image to this CSV file")
+    p.add_argument("--explain", metavar="OUT_DIR", help="write one overlay PNG per image: photo, heat map, answer")
     p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
                    help="for a run folder: its ONNX export when fresh (auto), the PyTorch checkpoint, or the export")
     p.set_defaults(func=run_predict)
@@ -60,6 +65,8 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (default 10 MB)")
     p.add_argument("--max-images", type=int, default=64, help="most images in one request (default 64)")
+    p.add_argument("--unknown-threshold", type=threshold, default="auto",
+                   help="'not sure' below this calibrated top-1 probability: auto (the run's), 0 (off) or a number")
     p.set_defaults(func=run_serve)
 
 
@@ -80,32 +87,88 @@ def expand_images(items: list[str]) -> list[str]:
     return out
 
 
+def threshold(text: str) -> float | str:
+    """``auto`` or a probability in [0, 1]."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a probability between 0 and 1 but received '{text}'")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1 but received {value:g}")
+    return value
+
+
+CSV_FIELDS = ["path", "label", "score", "unknown", "reason", "ood_score"]
+
+
 def run_predict(args) -> int:
+    from fruitlens.inference.explain import explain
     from fruitlens.inference.predictor import Predictor
 
     predictor = Predictor.load(args.model, args.engine)
+    if args.unknown_threshold != "auto":
+        predictor.unknown_threshold = args.unknown_threshold
     images = expand_images(args.images)
     if not images:
         raise DataError(f"no images found in {' '.join(args.images)}")
-    failed = 0
-    rows = []
+    out_dir = Path(args.explain) if args.explain else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    csv_rows, rows, failed, names = [], [], 0, set()
     for path, pred in predictor.predict_many(images, args.top_k, args.batch_size):
         if isinstance(pred, ImageError):
             failed += 1
+            rows.append([path, "ERROR", "", pred.message])
+            csv_rows.append({"path": path, "reason": f"error: {pred.message}"})
             if args.json:
                 print(json.dumps({"path": path, "error": pred.message}))
-            else:
-                rows.append([path, "ERROR", "", pred.message])
             continue
-        label = pred.label if pred.score >= args.unknown_threshold else "unknown"
+        record = {"path": path, **pred.to_dict()}
+        if out_dir and pred.class_map is not None:
+            record["explain"] = str(_explain_path(out_dir, path, names))
+            explain(path, pred, predictor.preprocessing).save(record["explain"])
         if args.json:
-            print(json.dumps({"path": path, **pred.to_dict(), "label": label}))
-        else:
-            rows.append([path, label, f"{pred.score:.3f}", "  ".join(f"{lab} {s:.3f}" for lab, s in pred.top_k)])
+            print(json.dumps(record))
+        rows.append([path, pred.label if not pred.unknown else pred.reason, f"{pred.score:.3f}", pred.text()])
+        csv_rows.append(_csv_row(record))
+    if args.csv:
+        _write_csv(Path(args.csv), csv_rows, args.top_k)
     if not args.json:
-        table(["image", "label", "prob", f"top-{args.top_k}"], rows)
-        print(f"{len(images) - failed} predicted, {failed} failed ({predictor.engine})")
+        table(["image", "label", "prob", "answer"], rows)
+        extra = f"; overlays in {out_dir}" if out_dir else ""
+        print(f"{len(images) - failed} predicted, {failed} failed ({predictor.engine}){extra}")
     return ExitCode.FINDINGS if failed else ExitCode.OK
+
+
+def _explain_path(out_dir: Path, image: str, taken: set) -> Path:
+    """``OUT_DIR/<image stem>.png``, numbered where two images share a name."""
+    stem = Path(image).stem or "image"
+    name, i = f"{stem}.png", 1
+    while name in taken:
+        i += 1
+        name = f"{stem}-{i}.png"
+    taken.add(name)
+    return out_dir / name
+
+
+def _csv_row(record: dict) -> dict:
+    row = {k: record.get(k) for k in CSV_FIELDS}
+    for i, t in enumerate(record["top_k"], start=1):
+        row[f"top{i}_label"], row[f"top{i}_score"] = t["label"], t["score"]
+    return row
+
+
+def _write_csv(path: Path, rows: list[dict], top_k: int) -> None:
+    import csv
+
+    fields = CSV_FIELDS + [f"top{i}_{what}" for i in range(1, top_k + 1) for what in ("label", "score")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def run_export(args) -> int:
@@ -139,7 +202,8 @@ def run_serve(args) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}", "use --workers 1 (the default) or more")
     settings = ServeSettings(str(Path(args.model).resolve()), top_k=args.top_k, threads=args.threads,
-                             max_upload_mb=args.max_upload_mb, max_images=args.max_images).validated()
+                             max_upload_mb=args.max_upload_mb, max_images=args.max_images,
+                             unknown_threshold=args.unknown_threshold).validated()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the service is reachable from other machines", file=sys.stderr)
     predictor = Predictor.load(settings.model, threads=settings.threads)  # a bad model path fails here, clearly

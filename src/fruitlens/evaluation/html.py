@@ -85,6 +85,37 @@ def _notes_html(report: "Report") -> str:
     return out
 
 
+def _num(v, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _trust_html(report: "Report", img) -> str:
+    """Calibration before/after, the risk-coverage curve and what the thresholds do, on these images."""
+    t = report.trust
+    if t is None:
+        return f"<h2>Calibration</h2>{img('reliability', 'reliability diagram')}"
+    rc = t.risk_coverage
+    cards = [("temperature", _num(t.temperature, ".2f")), ("ECE before", _num(t.ece_before)),
+             ("ECE after", _num(t.ece_after)), ("log loss before", _num(t.log_loss_before)),
+             ("log loss after", _num(t.log_loss_after))]
+    cov_cards = [("AURC (lower is better)", _num(rc.aurc))]
+    cov_cards += [(f"coverage at {100 * float(k):.0f}% accuracy", _pct(v)) for k, v in rc.coverage_at.items()]
+    cov_cards += [("answered at the run's threshold", _pct(t.answered)),
+                  ("accuracy of those answers", _pct(t.answered_accuracy)),
+                  ("not sure", _pct(t.not_sure)), ("unfamiliar", _pct(t.unfamiliar))]
+    card = lambda items: "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in items)
+    rule = (f"A prediction is <b>not sure</b> when its calibrated top-1 probability is below "
+            f"{t.unknown_threshold:.3f}, the threshold at which held-out predictions were "
+            f"{100 * t.target_precision:.0f}% accurate, and <b>unfamiliar</b> when {_e(t.ood_rule or 'its ood_score is high')}. "
+            "Both answers still carry the top-k.")
+    return f"""<h2>Calibration</h2><div id="calibration"><div class="cards">{card(cards)}</div>
+<p class="sub">The temperature was fitted on {_e(t.source)} ({t.heldout_images} images) and is folded into the model's
+head, so every score it gives (checkpoint, ONNX, predict, serve) is the calibrated one. The figures are on these
+{report.metrics.n} images.</p>{img('reliability', 'reliability diagrams before and after calibration')}</div>
+<h2>Not sure and unfamiliar</h2><div id="selective"><div class="cards">{card(cov_cards)}</div>
+<p class="sub">{rule}</p>{img('risk_coverage', 'risk-coverage curve')}</div>"""
+
+
 def render_html(report: "Report", images: dict[str, str]) -> str:
     """The report page; every value is escaped (class names come from folder names)."""
     m, model, ds, t, env = report.metrics, report.model, report.dataset, report.timing, report.environment
@@ -121,8 +152,8 @@ def render_html(report: "Report", images: dict[str, str]) -> str:
 <p class="sub">macro precision {_pct(m.macro_precision)}, recall {_pct(m.macro_recall)}, F1 {_pct(m.macro_f1)};
 weighted precision {_pct(m.weighted_precision)}, recall {_pct(m.weighted_recall)}, F1 {_pct(m.weighted_f1)}</p>
 <h2>Training curves</h2>{img('curves', 'training curves')}
-<h2>Calibration</h2>{img('reliability', 'reliability diagram')}
-<h2>Worst mistakes</h2><p class="sub">wrong answers given with the highest confidence, one image per near-duplicate group</p>{_gallery(galleries.get('worst_mistakes', []))}
+{_trust_html(report, img)}
+<h2>Worst mistakes</h2><p class="sub">wrong answers given with the highest confidence, one image per near-duplicate group; the heat map shows where the model looked for its answer</p>{_gallery(galleries.get('worst_mistakes', []))}
 <h2>Least confident correct answers</h2><p class="sub">one image per near-duplicate group</p>{_gallery(galleries.get('least_confident_correct', []))}
 <h2>Data</h2>{_table(['class', 'train', 'val', 'test'], count_rows) if count_rows else ''}
 <ul>{notes}</ul><p>check findings:</p><ul>{findings or '<li>none</li>'}</ul>

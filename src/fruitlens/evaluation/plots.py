@@ -1,4 +1,4 @@
-"""PNG plots with matplotlib (Agg): confusion matrices, training curves, reliability diagram."""
+"""PNG plots with matplotlib (Agg): confusion matrices, training curves, reliability diagrams, risk-coverage."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -74,17 +74,40 @@ def training_curves(history: list[dict], path: Path) -> Path | None:
     return path
 
 
-def reliability_diagram(calib: dict, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    bins = calib["bins"]
-    centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
-    ax.bar(centers, [b["accuracy"] for b in bins], width=1 / 15 * 0.9, alpha=0.7, label="accuracy")
-    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-    ax.plot(centers, [b["confidence"] for b in bins], "r.", label="mean confidence")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability (ECE {calib['ece']:.3f})")
-    ax.legend(loc="upper left")
+def reliability_diagram(calib: dict, path: Path, before: dict | None = None) -> Path:
+    """Accuracy against confidence per bin; with ``before`` (the bins without the temperature) side by side."""
+    panels = [("before calibration", before), ("after calibration", calib)] if before else [("", calib)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    for ax, (name, c) in zip(axes[0], panels):
+        bins = c["bins"]
+        centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
+        ax.bar(centers, [b["accuracy"] for b in bins], width=1 / 15 * 0.9, alpha=0.7, label="accuracy")
+        ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+        ax.plot(centers, [b["confidence"] for b in bins], "r.", label="mean confidence")
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"reliability {name} (ECE {c['ece']:.3f})".replace("  ", " "))
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def risk_coverage(rc, path: Path, target: float) -> Path | None:
+    """Accuracy of the answered images against the share answered (most confident first)."""
+    if not rc.coverage:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(rc.coverage, rc.accuracy, "-", color="C0", label=f"answered images (AURC {rc.aurc:.3f})")
+    ax.axhline(target, color="C2", ls="--", lw=1, label=f"target accuracy {100 * target:.0f}%")
+    ax.set_xlabel("coverage (share of images answered)")
+    ax.set_ylabel("accuracy of the answered images")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(max(0.0, min(rc.accuracy) - 0.05), 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    ax.set_title("risk-coverage: answer only when sure")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -15,8 +15,9 @@ import numpy as np
 from fruitlens.evaluation import plots
 from fruitlens.evaluation.html import render_html
 from fruitlens.evaluation.metrics import Metrics, ValidationGap, group_keys
+from fruitlens.evaluation.selective import RiskCoverage
 from fruitlens.jsonio import from_dict, json_safe, write_json
-from fruitlens.models.preprocessing import decode
+from fruitlens.models.preprocessing import Preprocessing, decode
 
 
 @dataclass
@@ -69,6 +70,30 @@ class Environment:
 
 
 @dataclass
+class TrustNote:
+    """The trust layer (how it was fitted) and how it does on this evaluation's images."""
+
+    temperature: float = 1.0
+    source: str = ""
+    heldout_images: int = 0
+    target_precision: float = 0.95
+    unknown_threshold: float = 0.0
+    ood_threshold: float | None = None
+    ood_rule: str = ""
+    ece_before: float | None = None  # on these images, without the temperature
+    ece_after: float | None = None
+    log_loss_before: float | None = None
+    log_loss_after: float | None = None
+    calibration_before: dict[str, Any] = field(default_factory=dict)  # the reliability bins without the temperature
+    risk_coverage: RiskCoverage = field(default_factory=RiskCoverage)
+    answered: float | None = None  # share of these images answered ("not sure" and "unfamiliar" excluded)
+    answered_accuracy: float | None = None
+    not_sure: float | None = None  # share called "not sure"
+    unfamiliar: float | None = None  # share called "unfamiliar"
+    ood_median: float | None = None
+
+
+@dataclass
 class Report:
     """Everything one evaluation found; ``report.json`` holds it (galleries without their thumbnails)."""
 
@@ -90,6 +115,7 @@ class Report:
     environment: Environment = field(default_factory=Environment)
     seed: int | None = None
     validation_gap: ValidationGap | None = None
+    trust: TrustNote | None = None  # None for models trained before the trust layer
     gallery: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # worst_mistakes, least_confident_correct
     plots: dict[str, str] = field(default_factory=dict)  # name -> path relative to the report's folder
 
@@ -98,9 +124,17 @@ class Report:
         return from_dict(cls, json.loads(Path(path).read_text()))
 
 
-def thumbnail(path: str, size: int = 96) -> str:
-    """A JPEG data URL of the image, at most ``size`` px a side."""
-    img = decode(path, min_side=size * 2).image
+def thumbnail(path: str, size: int = 96, class_map: np.ndarray | None = None, pre: Preprocessing | None = None,
+              heat_size: int = 160) -> str:
+    """A JPEG data URL of the image, at most ``size`` px a side (``heat_size`` with a class-map overlay: where the
+    model looked)."""
+    if class_map is not None and pre is not None:
+        from fruitlens.inference.explain import overlay
+
+        img = overlay(decode(path, min_side=heat_size * 2).image, class_map, pre)
+        size = heat_size
+    else:
+        img = decode(path, min_side=size * 2).image
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=80)
@@ -108,9 +142,11 @@ def thumbnail(path: str, size: int = 96) -> str:
 
 
 def gallery(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: list[str], n: int,
-            groups: list[str] | None) -> dict[str, list[dict]]:
+            groups: list[str] | None, class_maps: list[np.ndarray] | None = None,
+            pre: Preprocessing | None = None) -> dict[str, list[dict]]:
     """The ``n`` most confident mistakes and least confident correct answers, one image per near-duplicate group
-    (twelve frames of one misread fruit are one mistake); ``like_it``: the group's other mistakes."""
+    (twelve frames of one misread fruit are one mistake); ``like_it``: the group's other mistakes. With
+    ``class_maps`` each picture shows where the model looked for its answer."""
     pred = probs.argmax(1)
     conf = probs.max(1)
     keys = group_keys(groups, len(paths))
@@ -123,7 +159,9 @@ def gallery(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: list[st
                 seen.add(keys[i])
                 chosen.append(i)
         return [{"path": paths[i], "true": classes[y[i]], "predicted": classes[pred[i]], "confidence": float(conf[i]),
-                 "like_it": max(0, per_group[keys[i]] - 1), "thumbnail": thumbnail(paths[i])} for i in chosen]
+                 "like_it": max(0, per_group[keys[i]] - 1),
+                 "thumbnail": thumbnail(paths[i], class_map=class_maps[i] if class_maps else None, pre=pre)}
+                for i in chosen]
 
     wrong = np.flatnonzero(pred != y)
     right = np.flatnonzero(pred == y)
@@ -143,7 +181,10 @@ def write_report(report: Report, out: Path) -> Path:
         "confusion_normalised": plots.confusion_heatmap(cm, report.classes,
                                                         out / "plots" / "confusion_matrix_normalised.png", True,
                                                         "confusion matrix (row-normalised = recall)"),
-        "reliability": plots.reliability_diagram(m.calibration, out / "plots" / "reliability.png"),
+        "reliability": plots.reliability_diagram(m.calibration, out / "plots" / "reliability.png",
+                                                 report.trust.calibration_before if report.trust else None),
+        "risk_coverage": plots.risk_coverage(report.trust.risk_coverage, out / "plots" / "risk_coverage.png",
+                                             report.trust.target_precision) if report.trust else None,
         "curves": plots.training_curves(report.history, out / "plots" / "training_curves.png"),
     }
     report.plots = {k: str(v.relative_to(out)) for k, v in files.items() if v}

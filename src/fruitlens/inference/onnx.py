@@ -74,8 +74,9 @@ def _chunked(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.nd
 
 
 def parity(model: nn.Module, path: Path, batch: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement and the largest logit difference between PyTorch ``model`` and the ONNX model at ``path``,
-    on ``batch`` (the normalised input of real images, made by the predictor's own preprocessing)."""
+    """Top-1 agreement and the largest logit difference between PyTorch ``model`` and the ONNX model at ``path``
+    (its first output), on ``batch`` (the normalised input of real images, made by the predictor's own
+    preprocessing)."""
     with torch.inference_mode():
         ref = _chunked(lambda x: model(torch.from_numpy(x)).float().numpy(), batch)
     sess = session(path)
@@ -83,6 +84,10 @@ def parity(model: nn.Module, path: Path, batch: np.ndarray) -> dict[str, float]:
     got = _chunked(lambda x: sess.run(None, {name: x})[0], batch)
     return {"images": int(len(batch)), "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
             "max_abs_logit_diff": float(np.abs(ref - got).max())}
+
+
+def output_names(sess) -> list[str]:
+    return [o.name for o in sess.get_outputs()]
 
 
 def quantize_int8(path: Path, calibration: np.ndarray, out: Path) -> Path:

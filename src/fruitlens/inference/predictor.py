@@ -26,15 +26,32 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prediction:
-    """Top-1 label and probability, plus the top-k list of (label, probability). Also the API's answer."""
+    """The model's answer for one image; ``to_dict`` is also the shape of the API's answer.
+
+    ``label`` and ``score`` are the top-1 class and its calibrated probability; ``unknown`` is true when the model
+    abstains, with ``reason`` "not sure" (top-1 probability below the run's threshold) or "unfamiliar" (the image is
+    unlike the training images: ``ood_score`` above the run's threshold). ``class_map`` is the class activation map
+    of ``label`` over the model's input (not serialised).
+    """
 
     label: str
     score: float
     top_k: list[tuple[str, float]] = field(default_factory=list)
+    unknown: bool = False
+    reason: str | None = None
+    ood_score: float | None = None
+    class_map: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"label": self.label, "score": round(self.score, 6),
-                "top_k": [{"label": lab, "score": round(s, 6)} for lab, s in self.top_k]}
+                "top_k": [{"label": lab, "score": round(s, 6)} for lab, s in self.top_k],
+                "unknown": self.unknown, "reason": self.reason,
+                "ood_score": None if self.ood_score is None else round(self.ood_score, 6)}
+
+    def text(self) -> str:
+        """``Kiwi 97%``, or ``not sure: Granny-Smith 41%, Golden 33%, Lime 12%``."""
+        top = ", ".join(f"{lab} {100 * s:.0f}%" for lab, s in self.top_k)
+        return f"{self.reason}: {top}" if self.unknown else f"{self.label} {100 * self.score:.0f}%"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -43,16 +60,28 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-class Predictor:
-    """Turns images (paths, bytes, PIL images or HxWx3 uint8 arrays) into Predictions."""
+Outputs = dict  # "logits" (n, classes), and where the model has them "features", "class_maps", "ood_score"
 
-    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], classes: list[str], preprocessing: Preprocessing,
-                 engine: str, source: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+
+class Predictor:
+    """Turns images (paths, bytes, PIL images or HxWx3 uint8 arrays) into Predictions.
+
+    ``unknown_threshold``: the calibrated top-1 probability below which the answer is "not sure" (the run's, chosen
+    on held-out predictions for its target accuracy; 0 switches it off, 1 never answers). ``ood_threshold``: the ood_score above which
+    the answer is "unfamiliar" (None: off).
+    """
+
+    def __init__(self, forward: Callable[[np.ndarray], Outputs], classes: list[str], preprocessing: Preprocessing,
+                 engine: str, source: str = "", trust: dict | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self._forward = forward
         self.classes = list(classes)
         self.preprocessing = preprocessing
         self.engine = engine
         self.source = source
+        self.trust = dict(trust or {})
+        self.unknown_threshold = float(self.trust.get("unknown_threshold", 0.0))
+        self.ood_threshold = self.trust.get("ood_threshold") if self.trust else None
         self.max_pixels = max_pixels
 
     @classmethod
@@ -68,6 +97,7 @@ class Predictor:
     @classmethod
     def from_run(cls, path: str | Path, engine: str = "auto", threads: int = 0) -> "Predictor":
         from fruitlens.models.checkpoint import load_model
+        from fruitlens.models.serving import OUTPUTS, ServingModel
         from fruitlens.rundir import RunDir
 
         run = RunDir(Path(path)).require("checkpoints/best.ckpt")
@@ -80,17 +110,18 @@ class Predictor:
         if threads:
             torch.set_num_threads(threads)
         ckpt = load_model(run.best_ckpt)
-        model = ckpt.model.to(memory_format=torch.channels_last)
+        serving = ServingModel(ckpt.model.to(memory_format=torch.channels_last)).eval()
 
         @torch.inference_mode()
-        def forward(x: np.ndarray) -> np.ndarray:
-            return model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).float().numpy()
+        def forward(x: np.ndarray) -> Outputs:
+            out = serving(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
+            return {name: t.float().numpy() for name, t in zip(OUTPUTS, out)}
 
-        return cls(forward, ckpt.classes, model.preprocessing, "pytorch", str(run.path))
+        return cls(forward, ckpt.classes, ckpt.model.preprocessing, "pytorch", str(run.path), ckpt.extra.get("trust"))
 
     @classmethod
     def from_onnx(cls, path: str | Path, threads: int = 0) -> "Predictor":
-        """From an exported ``model.onnx``; classes and preprocessing come from its metadata."""
+        """From an exported ``model.onnx``; classes, preprocessing and the trust layer come from its metadata."""
         path = Path(path)
         if not path.is_file():
             raise RunDirError(f"{path}: ONNX model not found",
@@ -103,11 +134,18 @@ class Predictor:
         try:
             classes = json.loads(meta["fruitlens_classes"])
             pre = Preprocessing.from_dict(json.loads(meta["fruitlens_preprocessing"]))
+            trust = json.loads(meta.get("fruitlens_trust") or "{}")
         except (KeyError, ValueError):
             raise RunDirError(f"{path}: ONNX model lacks fruitlens metadata (classes, preprocessing)",
                               "export it with 'fruitlens export RUN --format onnx'") from None
         name = sess.get_inputs()[0].name
-        predictor = cls(lambda x: sess.run(None, {name: x})[0], classes, pre, "onnxruntime", str(path))
+        names = onnx_io.output_names(sess)
+        names = ["logits"] + names[1:] if names[0] == "output" else names  # exports before the trust layer
+
+        def forward(x: np.ndarray) -> Outputs:
+            return dict(zip(names, sess.run(None, {name: x})))
+
+        predictor = cls(forward, classes, pre, "onnxruntime", str(path), trust)
         predictor.checkpoint_sha256 = meta.get("fruitlens_checkpoint_sha256", "")
         return predictor
 
@@ -118,15 +156,19 @@ class Predictor:
         return self.preprocessing.pixels(image, self.max_pixels)
 
     def inputs(self, pixels: np.ndarray) -> np.ndarray:
-        """(n, H, W, 3) uint8 -> the model's normalised (n, 3, H, W) float32 input (``Preprocessing.normalise``)."""
+        """(n, H, W, 3) uint8 -> the model's normalised (n, 3, H, W) float32 input (``Preprocessing.inputs``)."""
         return self.preprocessing.inputs(pixels)
+
+    def outputs_batch(self, pixels: np.ndarray) -> Outputs:
+        """Every output of the model for a stack of ``pixels()`` results."""
+        return self._forward(self.inputs(pixels))
 
     def logits_batch(self, pixels: np.ndarray) -> np.ndarray:
         """Raw scores (n, classes) for a stack of ``pixels()`` results."""
-        return self._forward(self.inputs(pixels))
+        return self.outputs_batch(pixels)["logits"]
 
-    def logits_many(self, images: Iterable, batch_size: int = 32, workers: int = 2) -> Iterator[list[tuple]]:
-        """Batches of ``(image, logits row | ImageError)`` in input order; a file that does not decode gets its
+    def outputs_many(self, images: Iterable, batch_size: int = 32, workers: int = 2) -> Iterator[list[tuple]]:
+        """Batches of ``(image, outputs row | ImageError)`` in input order; a file that does not decode gets its
         ImageError and the rest go on. The next batch is decoded by ``workers`` threads while the current one runs
         through the model (Pillow and ONNX Runtime release the GIL), so decoding hides behind inference."""
         def prep(image):
@@ -151,33 +193,52 @@ class Predictor:
                 fill()  # the next batch starts decoding now
                 items = [(image, future.result()) for image, future in batch]
                 ok = [t for _, t in items if not isinstance(t, ImageError)]
-                rows = iter(self.logits_batch(np.stack(ok))) if ok else iter(())
+                out = self.outputs_batch(np.stack(ok)) if ok else {}
+                rows = iter([{k: v[i] for k, v in out.items()} for i in range(len(ok))])
                 yield [(image, t if isinstance(t, ImageError) else next(rows)) for image, t in items]
 
     def logits(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
         """Raw scores, (n, classes); all images must decode (see ``predict_many`` for per-image errors)."""
         rows = []
-        for batch in self.logits_many(images, batch_size):
+        for batch in self.outputs_many(images, batch_size):
             for _, row in batch:
                 if isinstance(row, ImageError):
                     raise row
-                rows.append(row)
+                rows.append(row["logits"])
         return np.stack(rows) if rows else np.zeros((0, len(self.classes)), dtype=np.float32)
 
-    def to_predictions(self, probs: np.ndarray, top_k: int = 3) -> list[Prediction]:
+    def decide(self, out: Outputs, top_k: int = 3) -> list[Prediction]:
+        """Predictions from a batch of outputs: calibrated top-k, and the run's "not sure" / "unfamiliar" rules."""
+        probs = softmax(out["logits"])
         k = max(1, min(top_k, len(self.classes)))
         order = np.argsort(-probs, axis=1)[:, :k]
-        return [Prediction(self.classes[o[0]], float(p[o[0]]), [(self.classes[j], float(p[j])) for j in o])
-                for p, o in zip(probs, order)]
+        ood = out.get("ood_score")
+        maps = out.get("class_maps")
+        preds = []
+        for i, (p, o) in enumerate(zip(probs, order)):
+            score = float(p[o[0]])
+            ood_i = None if ood is None or self.ood_threshold is None else float(ood[i])
+            reason = "unfamiliar" if ood_i is not None and ood_i > self.ood_threshold else \
+                "not sure" if score < self.unknown_threshold or self.unknown_threshold >= 1 else None
+            preds.append(Prediction(self.classes[o[0]], score, [(self.classes[j], float(p[j])) for j in o],
+                                    reason is not None, reason, ood_i,
+                                    None if maps is None else np.asarray(maps[i][o[0]])))
+        return preds
 
     def predict(self, images: Sequence, top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
         """Predictions for images that all decode; raises ImageError naming a bad file."""
-        return self.to_predictions(softmax(self.logits(list(images), batch_size)), top_k)
+        out = []
+        for image, pred in self.predict_many(list(images), top_k, batch_size):
+            if isinstance(pred, ImageError):
+                raise pred
+            out.append(pred)
+        return out
 
     def predict_many(self, images: Iterable, top_k: int = 3, batch_size: int = 32):
         """Yields ``(image, Prediction | ImageError)`` so that one bad file does not stop the rest."""
-        for batch in self.logits_many(images, batch_size):
+        for batch in self.outputs_many(images, batch_size):
             ok = [row for _, row in batch if not isinstance(row, ImageError)]
-            preds = iter(self.to_predictions(softmax(np.stack(ok)), top_k)) if ok else iter(())
+            stacked = {k: np.stack([r[k] for r in ok]) for k in ok[0]} if ok else {}
+            preds = iter(self.decide(stacked, top_k)) if ok else iter(())
             for image, row in batch:
                 yield image, row if isinstance(row, ImageError) else next(preds)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fruitlens.errors import RunDirError
+from fruitlens.models.ood import OODScorer
 from fruitlens.models.preprocessing import Preprocessing
 from fruitlens.models.registry import FruitNet, build_model
 
@@ -76,8 +77,12 @@ def load_model(path: Path) -> Checkpoint:
     model = build_model(ckpt["model_name"], ckpt["num_classes"], weights="none", img_size=pre.image_size,
                         dropout=ckpt.get("dropout", 0.2))
     model.preprocessing = pre
+    state = ckpt["state_dict"]
+    ood = {k.removeprefix("ood."): v for k, v in state.items() if k.startswith("ood.")}
+    if ood:
+        model.ood = OODScorer.from_state(ood)
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise RunDirError(f"{path}: the weights do not fit {ckpt['model_name']} ({str(exc).splitlines()[0]})") from None
     extra = {k: v for k, v in ckpt.items() if k not in ("state_dict", "preprocessing", "classes")}

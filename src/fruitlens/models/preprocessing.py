@@ -220,19 +220,25 @@ def shrink(img: Image.Image, min_side: int) -> Image.Image:
     return img
 
 
+def crop_box(width: int, height: int, resize_size: int, image_size: int) -> tuple[float, float, float, float]:
+    """The region (left, top, right, bottom) of a ``width`` x ``height`` image that the geometry keeps: what
+    resizing the shorter side to ``resize_size`` and cropping the centred ``image_size`` square shows."""
+    if resize_size < image_size:
+        raise ValueError(f"resize_crop needs resize_size >= image_size, got {resize_size} < {image_size}")
+    nw, nh = (resize_size, int(resize_size * height / width)) if width <= height else \
+        (int(resize_size * width / height), resize_size)
+    top, left = int(round((nh - image_size) / 2.0)), int(round((nw - image_size) / 2.0))
+    sx, sy = width / nw, height / nh
+    return left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy
+
+
 def resize_crop(img: Image.Image, resize_size: int, image_size: int) -> np.ndarray:
     """Shorter side to ``resize_size`` (bilinear), then the centred ``image_size`` square, as uint8 HxWx3.
 
     The same result as torchvision's ``Resize(resize_size)`` + ``CenterCrop(image_size)`` within one grey level (a
     test holds them so), but only the crop's source region is resampled: a 1x20000 strip costs what a square does.
     """
-    if resize_size < image_size:
-        raise ValueError(f"resize_crop needs resize_size >= image_size, got {resize_size} < {image_size}")
-    w, h = img.size
-    nw, nh = (resize_size, int(resize_size * h / w)) if w <= h else (int(resize_size * w / h), resize_size)
-    top, left = int(round((nh - image_size) / 2.0)), int(round((nw - image_size) / 2.0))
-    if (nw, nh) == (w, h) == (image_size, image_size):
+    box = crop_box(img.width, img.height, resize_size, image_size)
+    if img.size == (image_size, image_size) and box == (0, 0, image_size, image_size):
         return np.array(img, dtype=np.uint8)
-    sx, sy = w / nw, h / nh
-    box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
     return np.array(img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 from torchvision.models import WeightsEnum
@@ -20,6 +21,19 @@ from fruitlens.models.small_cnn import SmallCNN
 from fruitlens.models.weights import load_state_dict, pick
 
 log = logging.getLogger(__name__)
+
+
+def _features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return net.features(x)
+
+
+def _densenet(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.relu(net.features(x))
+
+
+def _resnet(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
 @dataclass(frozen=True)
@@ -33,15 +47,19 @@ class ModelSpec:
     block_attrs: tuple[str, ...]  # ordered bottom -> top; a Sequential attribute expands into its children
     min_size: int = 32
     description: str = ""
+    # the last feature map, (N, C, h, w): the backbone's pooled features are its spatial mean (a test holds them so),
+    # which makes the class activation map exact
+    feature_map: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _features
 
 
 MODELS: dict[str, ModelSpec] = {
     "mobilenet_v2": ModelSpec("mobilenet_v2", tvm.mobilenet_v2, tvm.MobileNet_V2_Weights, "classifier", ("features",),
                               32, "MobileNetV2 (3.5M params), ImageNet weights; the fast default"),
     "densenet121": ModelSpec("densenet121", tvm.densenet121, tvm.DenseNet121_Weights, "classifier", ("features",),
-                             32, "DenseNet121 (8.0M params), ImageNet weights; slower on a CPU"),
+                             32, "DenseNet121 (8.0M params), ImageNet weights; slower on a CPU", _densenet),
     "resnet18": ModelSpec("resnet18", tvm.resnet18, tvm.ResNet18_Weights, "fc",
-                          ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"), 32, "ResNet-18 (11.7M params)"),
+                          ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"), 32, "ResNet-18 (11.7M params)",
+                          _resnet),
     "small_cnn": ModelSpec("small_cnn", SmallCNN, None, "classifier", ("features",), 16,
                            "the original's Sequential Conv2D + pooling CNN; trains from scratch"),
 }
@@ -51,7 +69,8 @@ class FruitNet(nn.Module):
     """``head(backbone(x))``: backbone -> pooled features, head -> Dropout + Linear(num_classes)."""
 
     def __init__(self, name: str, backbone: nn.Module, feature_dim: int, num_classes: int, dropout: float,
-                 preprocessing: Preprocessing, blocks: list[nn.Module]) -> None:
+                 preprocessing: Preprocessing, blocks: list[nn.Module],
+                 feature_map: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _features) -> None:
         super().__init__()
         self.name = name
         self.backbone = backbone
@@ -61,6 +80,8 @@ class FruitNet(nn.Module):
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self._blocks = blocks  # not registered twice: plain list of sub-modules of backbone
+        self._feature_map = feature_map
+        self.ood: nn.Module | None = None  # the out-of-distribution scorer (models/ood.py), fitted after training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -68,6 +89,26 @@ class FruitNet(nn.Module):
     def blocks(self) -> list[nn.Module]:
         """Backbone blocks ordered bottom -> top, for freezing and fine-tuning the top N."""
         return list(self._blocks)
+
+    @property
+    def linear(self) -> nn.Linear:
+        return self.head[1]
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map (N, C, h, w); ``backbone(x)`` is its mean over h and w."""
+        return self._feature_map(self.backbone, x)
+
+    def class_maps(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Class activation maps (N, classes, h, w): each class's head weights over the feature map (Zhou et al.
+        2016). Exact for this head: a map's spatial mean plus the bias is the class's logit."""
+        return torch.einsum("kc,nchw->nkhw", self.linear.weight, fmap)
+
+    @torch.no_grad()
+    def fold_temperature(self, temperature: float) -> None:
+        """Divides the head's weights and bias by ``temperature``: softmax(logits / T) with no extra step anywhere
+        (checkpoint, ONNX, predict, serve). The argmax does not change."""
+        self.linear.weight.div_(temperature)
+        self.linear.bias.div_(temperature)
 
 
 def list_models() -> list[ModelSpec]:
@@ -128,7 +169,7 @@ def build_model(name: str, num_classes: int, *, weights: str = "imagenet", img_s
     for attr in spec.block_attrs:
         mod = getattr(net, attr)
         blocks.extend(mod.children() if isinstance(mod, nn.Sequential) else [mod])
-    return FruitNet(name, net, feature_dim, num_classes, dropout, pre, blocks)
+    return FruitNet(name, net, feature_dim, num_classes, dropout, pre, blocks, spec.feature_map)
 
 
 def _load_file(net: nn.Module, path: Path, spec: ModelSpec) -> None:

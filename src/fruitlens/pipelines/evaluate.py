@@ -15,9 +15,10 @@ from fruitlens.data.manifest import Manifest
 from fruitlens.data.scan import scan
 from fruitlens.errors import DataError, ImageError
 from fruitlens.evaluation.classmap import ClassMapping
-from fruitlens.evaluation.metrics import compute_metrics, validation_gap
-from fruitlens.evaluation.report import (DatasetNote, Environment, LeakNote, ModelNote, Report, Timing, gallery,
-                                         write_report)
+from fruitlens.evaluation.metrics import calibration, compute_metrics, validation_gap
+from fruitlens.evaluation.report import (DatasetNote, Environment, LeakNote, ModelNote, Report, Timing, TrustNote,
+                                         gallery, write_report)
+from fruitlens.evaluation.selective import nll, risk_coverage
 from fruitlens.inference.predictor import Predictor, softmax
 from fruitlens.jsonio import read_json
 from fruitlens.models.checkpoint import read_checkpoint
@@ -48,6 +49,9 @@ class Scored:
     groups: list[str] = field(default_factory=list)
     bad: list[dict[str, str]] = field(default_factory=list)
     unmapped: dict[str, int] = field(default_factory=dict)
+    logits: np.ndarray | None = None  # the model's own (calibrated) logits, before any class map
+    ood: np.ndarray | None = None  # ood_score of each image, where the model has the trust layer
+    class_maps: list[np.ndarray] | None = None  # the class activation map of each image's top-1 model class
 
 
 def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = "test", class_map: str | None = None,
@@ -64,8 +68,10 @@ def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = 
     scored = score(predictor, target.manifest, mapping, batch_size)
     metrics = compute_metrics(scored.y, scored.probs, mapping.columns, scored.groups)
     report = _assemble(run, target, mapping, scored, metrics, predictor, train_info)
+    report.trust = trust_note(predictor, scored, mapping)
     report.timing.eval_seconds = round(time.perf_counter() - t0, 2)
-    report.gallery = gallery(scored.paths, scored.y, scored.probs, mapping.columns, gallery_size, scored.groups)
+    report.gallery = gallery(scored.paths, scored.y, scored.probs, mapping.columns, gallery_size, scored.groups,
+                             scored.class_maps, predictor.preprocessing)
     page = write_report(report, target.out)
     log.info("evaluated %d images (%s) in %.1fs: accuracy %.4f, macro F1 %.4f -> %s", metrics.n, target.name,
              report.timing.eval_seconds, metrics.accuracy, metrics.macro_f1, page)
@@ -113,8 +119,8 @@ def score(predictor: Predictor, manifest: Manifest, mapping: ClassMapping, batch
                         "pass --class-map FILE to map the data's class names onto the model's")
     size = predictor.preprocessing.image_size
     batch_size = max(4, min(batch_size, int(batch_size * (96 / size) ** 2)))  # keeps activations small at 448 px
-    logits, labels = [], []
-    rows = (item for batch in predictor.logits_many([str(manifest.resolve(r)) for r in keep], batch_size)
+    logits, labels, ood, maps = [], [], [], []
+    rows = (item for batch in predictor.outputs_many([str(manifest.resolve(r)) for r in keep], batch_size)
             for item in batch)
     for r, (path, row) in zip(keep, rows):
         if isinstance(row, ImageError):
@@ -123,14 +129,53 @@ def score(predictor: Predictor, manifest: Manifest, mapping: ClassMapping, batch
         out.paths.append(path)
         labels.append(r.label)
         out.groups.append(r.group)
-        logits.append(row)
+        logits.append(row["logits"])
+        if "ood_score" in row:
+            ood.append(float(row["ood_score"]))
+        if "class_maps" in row:
+            maps.append(row["class_maps"][int(np.argmax(row["logits"]))])
     if not logits:
         raise DataError(f"none of the {len(keep)} images to evaluate can be decoded (e.g. {out.bad[0]['error']})",
                         "run 'fruitlens check' on the data to list every bad file")
     columns = mapping.columns
-    out.probs = mapping.collapse(softmax(np.stack(logits)))
+    out.logits = np.stack(logits)
+    out.probs = mapping.collapse(softmax(out.logits))
     out.y = np.array([columns.index(lab) for lab in labels])
+    out.ood = np.array(ood) if len(ood) == len(logits) else None
+    out.class_maps = maps if len(maps) == len(logits) else None
     return out
+
+
+def trust_note(predictor: Predictor, scored: Scored, mapping: ClassMapping, curve_points: int = 300) -> TrustNote | None:
+    """How the trust layer does on the evaluated images: calibration before and after the temperature, the
+    risk-coverage curve, and how many answers the run's thresholds turn into "not sure" and "unfamiliar"."""
+    t = predictor.trust
+    if not t:
+        return None
+    temperature = float(t.get("temperature", 1.0))
+    before = mapping.collapse(softmax(scored.logits * temperature))
+    conf, correct = scored.probs.max(axis=1), scored.probs.argmax(axis=1) == scored.y
+    rc = risk_coverage(conf, correct)
+    step = max(1, len(rc.coverage) // curve_points)  # a readable curve in report.json, its last point kept
+    keep = sorted(set(range(0, len(rc.coverage), step)) | {len(rc.coverage) - 1})
+    rc.coverage, rc.accuracy, rc.thresholds = ([getattr(rc, a)[i] for i in keep]
+                                               for a in ("coverage", "accuracy", "thresholds"))
+    out = {"logits": scored.logits} if scored.ood is None else {"logits": scored.logits, "ood_score": scored.ood}
+    decided = predictor.decide(out, 1)
+    answered = np.array([not p.unknown for p in decided])
+    calib_before = calibration(scored.y, before)
+    return TrustNote(
+        temperature=temperature, source=t.get("source", ""), heldout_images=int(t.get("heldout_images", 0)),
+        target_precision=float(t.get("target_precision", 0.95)), unknown_threshold=predictor.unknown_threshold,
+        ood_threshold=predictor.ood_threshold, ood_rule=t.get("ood_rule", ""), ece_before=calib_before["ece"],
+        ece_after=calibration(scored.y, scored.probs)["ece"], log_loss_before=nll(np.log(np.clip(before, 1e-12, 1)),
+                                                                                  scored.y),
+        log_loss_after=nll(np.log(np.clip(scored.probs, 1e-12, 1)), scored.y), calibration_before=calib_before,
+        risk_coverage=rc, answered=float(answered.mean()),
+        answered_accuracy=float(correct[answered].mean()) if answered.any() else None,
+        not_sure=float(np.mean([p.reason == "not sure" for p in decided])),
+        unfamiliar=float(np.mean([p.reason == "unfamiliar" for p in decided])),
+        ood_median=float(np.median(scored.ood)) if scored.ood is not None else None)
 
 
 def _assemble(run: RunDir, target: EvalTarget, mapping: ClassMapping, scored: Scored, metrics, predictor: Predictor,

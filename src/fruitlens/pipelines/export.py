@@ -20,6 +20,7 @@ from fruitlens.inference import onnx as onnx_io
 from fruitlens.jsonio import write_json
 from fruitlens.models.checkpoint import load_model
 from fruitlens.models.preprocessing import Preprocessing
+from fruitlens.models.serving import OUTPUTS, ServingModel
 from fruitlens.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def export(run: RunDir | str | Path, *, int8: bool = False, opset: int = 17, che
     batch = model_inputs(held_out, pre, check_images)
     result = ExportResult(str(run.onnx), opset, len(ckpt.classes), pre.image_size, sha256_file(run.best_ckpt))
     meta = {"fruitlens_classes": ckpt.classes, "fruitlens_preprocessing": pre.to_dict(),
-            "fruitlens_model": model.name, "fruitlens_checkpoint_sha256": result.checkpoint_sha256}
+            "fruitlens_model": model.name, "fruitlens_checkpoint_sha256": result.checkpoint_sha256,
+            "fruitlens_trust": ckpt.extra.get("trust") or {}}
     result.parity["fp32"] = _export_checked(model, run.onnx, pre.image_size, opset, meta, batch)
     (run.export / "labels.txt").write_text("\n".join(ckpt.classes) + "\n")
     if int8:
@@ -82,7 +84,7 @@ def _export_checked(model: torch.nn.Module, dest: Path, image_size: int, opset: 
     """Exports to a temporary file beside ``dest``; moves it into place only when parity holds."""
     tmp = dest.with_name(dest.stem + ".partial.onnx")
     try:
-        onnx_io.export_module(model, tmp, image_size, opset=opset)
+        onnx_io.export_module(ServingModel(model), tmp, image_size, output_names=OUTPUTS, opset=opset)
         onnx_io.write_metadata(tmp, meta)
         figures = onnx_io.parity(model, tmp, batch)
         if figures["top1_agreement"] < MIN_AGREEMENT_FP32:

@@ -20,7 +20,7 @@ from fruitlens.data.facts import DataFacts
 from fruitlens.data.manifest import Manifest
 from fruitlens.errors import ExportError, Interrupted, RunDirError
 from fruitlens.evaluation.report import Report
-from fruitlens.jsonio import read_json, write_json
+from fruitlens.jsonio import json_safe, read_json, write_json
 from fruitlens.models.checkpoint import save_model
 from fruitlens.models.registry import FruitNet, build_model, has_pretrained_weights
 from fruitlens.pipelines.evaluate import evaluate
@@ -29,9 +29,11 @@ from fruitlens.pipelines.prepare import PreparedData, prepare, with_data_path
 from fruitlens.rundir import RunDir
 from fruitlens.runtime import is_ddp_child, limit_heap_growth
 from fruitlens.training import auto
+from fruitlens.pipelines.calibrate import calibrate
 from fruitlens.training.fit import FitResult, fit
 from fruitlens.training.history import read_history, write_history
 from fruitlens.training.info import TrainInfo
+from fruitlens.evaluation.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class TrainResult:
     facts: DataFacts
     info: TrainInfo | None = None
     report: Report | None = None  # None on the other processes of a multi-process (DDP) run
+    trust: Trust | None = None
     export: ExportResult | None = None
     export_error: str | None = None  # why there is no ONNX model, where export failed
 
@@ -112,7 +115,8 @@ def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: Data
     result = TrainResult(run, cfg, facts)
     if not fitted.is_global_zero:
         return result
-    result.info = _save(run, model, classes, cfg, fitted, time.perf_counter() - t0)
+    result.trust = calibrate(model, manifest.by_split(), classes, cfg, run, fitted)
+    result.info = _save(run, model, classes, cfg, fitted, time.perf_counter() - t0, result.trust)
     result.export, result.export_error = _export_for_serving(run)
     result.report = evaluate(run, train_info=result.info)
     return result
@@ -140,10 +144,13 @@ def _fit(model: FruitNet, manifest: Manifest, classes: list[str], cfg: TrainConf
 
 
 def _save(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, fitted: FitResult,
-          train_seconds: float | None) -> TrainInfo:
+          train_seconds: float | None, trust: Trust | None = None) -> TrainInfo:
     info = TrainInfo.here(train_seconds if train_seconds is not None else fitted.seconds, fitted.seconds,
                           fitted.phases, fitted.world_size)
-    save_model(run.best_ckpt, model, classes, {"config": cfg.to_dict(), "fit_seconds": round(fitted.seconds, 2)})
+    extra = {"config": cfg.to_dict(), "fit_seconds": round(fitted.seconds, 2)}
+    if trust is not None:
+        extra["trust"] = json_safe(trust)
+    save_model(run.best_ckpt, model, classes, extra)
     write_history(run.history, fitted.history)
     write_json(run.train_info, info)
     return info

@@ -26,6 +26,8 @@ async def lifespan(app: FastAPI):
         app.state.predictor = await asyncio.to_thread(Predictor.load, settings.model, "auto", settings.threads)
     pred = app.state.predictor
     pred.max_pixels = settings.max_pixels
+    if settings.unknown_threshold != "auto":
+        pred.unknown_threshold = float(settings.unknown_threshold)
     log.info("model loaded: %s (%s, %d classes)", pred.source, pred.engine, len(pred.classes))
     yield
     for batcher in app.state.batchers.values():

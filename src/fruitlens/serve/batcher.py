@@ -6,12 +6,19 @@ from typing import Callable
 
 import numpy as np
 
+Outputs = dict  # output name -> (n, ...) array
+
+
+def _rows(out: Outputs, start: int, stop: int) -> Outputs:
+    return {k: v[start:stop] for k, v in out.items()}
+
 
 class Batcher:
-    """``await batcher.submit(x)`` -> logits rows. Runs ``forward`` (blocking) in a worker thread, one batch at a time,
-    at most ``max_batch`` images per call (a larger request runs in several), so that memory stays bounded."""
+    """``await batcher.submit(x)`` -> the model's outputs for the rows of ``x``. Runs ``forward`` (blocking; it
+    returns a dict of arrays) in a worker thread, one batch at a time, at most ``max_batch`` images per call (a larger
+    request runs in several), so that memory stays bounded."""
 
-    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch: int = 32, wait_ms: float = 2.0) -> None:
+    def __init__(self, forward: Callable[[np.ndarray], Outputs], max_batch: int = 32, wait_ms: float = 2.0) -> None:
         self.forward, self.max_batch, self.wait = forward, max_batch, wait_ms / 1000
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
@@ -26,8 +33,8 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
 
-    async def submit(self, x: np.ndarray) -> np.ndarray:
-        """``x``: (n, H, W, 3) uint8 pixels of one request; returns their (n, classes) logits."""
+    async def submit(self, x: np.ndarray) -> Outputs:
+        """``x``: (n, H, W, 3) uint8 pixels of one request; returns their outputs."""
         if self.task is None:  # started on first use, inside the running event loop
             self.queue = asyncio.Queue()
             self.task = asyncio.create_task(self._loop())
@@ -35,10 +42,10 @@ class Batcher:
         await self.queue.put((x, fut))
         return await fut
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        out = [self.forward(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
-        self.batches += len(out)
-        return np.concatenate(out)
+    def _run(self, batch: np.ndarray) -> Outputs:
+        parts = [self.forward(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+        self.batches += len(parts)
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -67,5 +74,5 @@ class Batcher:
             i = 0
             for x, fut in items:
                 if not fut.done():
-                    fut.set_result(out[i:i + len(x)])
+                    fut.set_result(_rows(out, i, i + len(x)))
                 i += len(x)

@@ -24,5 +24,5 @@ def get_batcher(request: Request, predictor: Predictor = Depends(get_predictor),
     """The batcher of ``predictor`` (one per predictor, so that an overridden predictor gets its own)."""
     batchers: dict[int, Batcher] = request.app.state.batchers
     if id(predictor) not in batchers:
-        batchers[id(predictor)] = Batcher(predictor.logits_batch, max_batch=settings.max_batch)
+        batchers[id(predictor)] = Batcher(predictor.outputs_batch, max_batch=settings.max_batch)
     return batchers[id(predictor)]

@@ -12,7 +12,9 @@ from pydantic import BaseModel
 
 from fruitlens import __version__
 from fruitlens.errors import ImageError
-from fruitlens.inference.predictor import Predictor, softmax
+from fruitlens.inference.explain import explain as explain_image
+from fruitlens.inference.explain import png_data_url
+from fruitlens.inference.predictor import Predictor
 from fruitlens.serve.batcher import Batcher
 from fruitlens.serve.deps import get_batcher, get_predictor, get_settings
 from fruitlens.serve.settings import ServeSettings
@@ -33,6 +35,10 @@ class PredictionOut(BaseModel):
     label: str
     score: float
     top_k: list[TopK]
+    unknown: bool = False
+    reason: str | None = None
+    ood_score: float | None = None
+    heatmap: str | None = None
     filename: str | None = None
 
 
@@ -64,16 +70,29 @@ _BODY = {"requestBody": {"content": {
 
 
 @router.post("/predict", response_model=PredictionOut | PredictionsOut, openapi_extra=_BODY)
-async def predict(request: Request, top_k: int | None = None, pred: Predictor = Depends(get_predictor),
-                  batcher: Batcher = Depends(get_batcher), settings: ServeSettings = Depends(get_settings)):
+async def predict(request: Request, top_k: int | None = None, explain: bool = False,
+                  pred: Predictor = Depends(get_predictor), batcher: Batcher = Depends(get_batcher),
+                  settings: ServeSettings = Depends(get_settings)):
     """One image as multipart ``file`` (or several as ``files``), or JSON ``{"image": base64}`` /
-    ``{"images": [base64, ...]}``. Answers the top-k labels with probabilities."""
+    ``{"images": [base64, ...]}``. Answers the top-k labels with calibrated probabilities, whether the model abstains
+    (``unknown``, ``reason``: "not sure" or "unfamiliar") and the ``ood_score``; ``explain=true`` adds ``heatmap``,
+    a PNG data URL of where the model looked."""
     uploads = await read_uploads(request, settings)
     pixels = await asyncio.gather(*[asyncio.to_thread(_decode, u, pred) for u in uploads.items])
-    logits = await batcher.submit(np.stack(pixels))
-    preds = pred.to_predictions(softmax(logits), top_k or uploads.top_k or settings.top_k)
+    outputs = await batcher.submit(np.stack(pixels))
+    preds = pred.decide(outputs, top_k or uploads.top_k or settings.top_k)
     out = [{**p.to_dict(), "filename": u.name} for p, u in zip(preds, uploads.items)]
+    if explain:
+        maps = await asyncio.gather(*[asyncio.to_thread(_heatmap, u, p, pred) for u, p in zip(uploads.items, preds)])
+        for item, heatmap in zip(out, maps):
+            item["heatmap"] = heatmap
     return out[0] if uploads.single else {"predictions": out}
+
+
+def _heatmap(upload: Upload, prediction, pred: Predictor) -> str | None:
+    if prediction.class_map is None:
+        return None
+    return png_data_url(explain_image(upload.data, prediction, pred.preprocessing, pred.max_pixels))
 
 
 def _decode(upload: Upload, pred: Predictor) -> np.ndarray:

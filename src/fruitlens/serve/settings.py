@@ -22,11 +22,14 @@ class ServeSettings:
     max_images: int = 64  # images in one request
     max_pixels: int = 40_000_000  # pixels of one image (a decompression-bomb guard): about 6,300 x 6,300
     max_batch: int = 32  # images in one model call; larger requests run in several
+    unknown_threshold: float | str = "auto"  # "not sure" below this calibrated probability; auto: the run's
 
     def validated(self) -> "ServeSettings":
         for name, low in (("top_k", 1), ("threads", 0), ("max_images", 1), ("max_pixels", 1), ("max_batch", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.unknown_threshold != "auto" and not 0 <= float(self.unknown_threshold) <= 1:
+            raise ConfigError(f"--unknown-threshold must be auto or a probability in [0, 1], got {self.unknown_threshold}")
         if self.max_upload_mb <= 0:
             raise ConfigError(f"--max-upload-mb must be above 0, got {self.max_upload_mb:g}")
         return self

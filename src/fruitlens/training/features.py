@@ -65,32 +65,33 @@ def _onnx_session(backbone: nn.Module, image_size: int):
 
 
 def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, views: int = 0,
-            aug: AugmentConfig | None = None, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{name: (features, targets)}`` of the clean view, plus ``{name}_aug`` with ``views`` augmented views."""
+            aug: AugmentConfig | None = None, seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
+    """``{name: (features, targets)}`` of the clean view, plus ``{name}_aug: (features, targets, image index)`` with
+    ``views`` augmented views of each image."""
     g = torch.Generator().manual_seed(seed)
-    clean, aug_feats, ys = [], [], []
+    clean, aug_feats, ys, aug_idx = [], [], [], []
     t0, n = time.perf_counter(), 0
     for x, y in loader:
         x = x.to(engine.device, non_blocking=True)
         clean.append(engine(pre.normalise(x)))
         for _ in range(views):
             aug_feats.append(engine(pre.normalise(augment_batch(x, aug, g))))
+            aug_idx.append(torch.arange(n, n + len(y)))
         ys.append(torch.as_tensor(y))
         n += len(y)
     dt = time.perf_counter() - t0
     log.info("features: %s, %d images x %d view(s) in %.1fs (%.0f img/s, %s)", name, n, 1 + views, dt,
              n * (1 + views) / max(dt, 1e-9), engine.name)
-    y_all = torch.cat(ys)
-    out = {name: (torch.cat(clean), y_all)}
+    out = {name: (torch.cat(clean), torch.cat(ys))}
     if views:
         # views of one batch were appended batch by batch: targets repeat per view within each batch
-        out[f"{name}_aug"] = (torch.cat(aug_feats), torch.cat([t for t in ys for _ in range(views)]))
+        out[f"{name}_aug"] = (torch.cat(aug_feats), torch.cat([t for t in ys for _ in range(views)]), torch.cat(aug_idx))
     return out
 
 
 def cached_features(backbone: nn.Module, pre: Preprocessing, loaders: dict[str, DataLoader], *, views: int,
                     aug: AugmentConfig, seed: int = 0, cache_file: Path | None = None,
-                    prefer_onnx: bool = True, gpu: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                    prefer_onnx: bool = True, gpu: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
     """Features for ``loaders`` (uint8 batches); the ``train`` loader also gets ``views`` augmented views.
 
     ``gpu``: run on the GPU (if there is one). With ``cache_file`` the result is saved, and reused when present (so
@@ -100,7 +101,7 @@ def cached_features(backbone: nn.Module, pre: Preprocessing, loaders: dict[str, 
         log.info("features: reusing %s", cache_file)
         return torch.load(cache_file, weights_only=True)
     engine = Engine(backbone, pre.image_size, prefer_onnx, gpu)
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    out: dict[str, tuple[torch.Tensor, ...]] = {}
     for name, loader in loaders.items():
         out.update(extract(engine, loader, pre, name, views if name == "train" else 0, aug, seed))
     if cache_file is not None:  # atomic: several DDP ranks may write the same (identical) file

@@ -41,6 +41,7 @@ class FitResult:
     phases: list[str] = field(default_factory=list)
     is_global_zero: bool = True
     world_size: int = 1  # processes that trained together (DDP)
+    backbone_frozen: bool = True  # the pretrained backbone kept its weights (its cached features stay valid)
 
 
 def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
@@ -48,20 +49,21 @@ def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: T
     """Trains ``model`` in place on the train split, validating on val; ``history`` gets a row per epoch (a resumed
     run passes the rows so far). KeyboardInterrupt (Ctrl-C) leaves the best weights so far in ``model``."""
     t0 = time.perf_counter()
-    result = FitResult(history)
+    result = FitResult(history, backbone_frozen=pretrained(cfg))
     if pretrained(cfg) and cfg.fit.feature_cache:
         trainer = _fit_head_on_features(model, splits, classes, cfg, run, history)
         result.phases.append("head")
     else:
         phase = "head" if pretrained(cfg) else "full"
-        trainer = _fit_images(model, splits, classes, cfg, run, history, phase,
-                              train_blocks=0 if pretrained(cfg) else -1, lr=cfg.fit.lr, epochs=cfg.fit.epochs)
+        trainer, _ = _fit_images(model, splits, classes, cfg, run, history, phase,
+                                 train_blocks=0 if pretrained(cfg) else -1, lr=cfg.fit.lr, epochs=cfg.fit.epochs)
         result.phases.append(phase)
     if pretrained(cfg) and cfg.fit.fine_tune_blocks and not _target_reached(history, cfg):
-        trainer = _fit_images(model, splits, classes, cfg, run, history, "fine-tune",
-                              train_blocks=cfg.fit.fine_tune_blocks, lr=cfg.fit.fine_tune_lr,
-                              epochs=cfg.fit.fine_tune_epochs)
+        trainer, kept = _fit_images(model, splits, classes, cfg, run, history, "fine-tune",
+                                    train_blocks=cfg.fit.fine_tune_blocks, lr=cfg.fit.fine_tune_lr,
+                                    epochs=cfg.fit.fine_tune_epochs)
         result.phases.append("fine-tune")
+        result.backbone_frozen = not kept
     result.is_global_zero, result.world_size = trainer.is_global_zero, trainer.world_size
     result.seconds = time.perf_counter() - t0
     return result
@@ -179,8 +181,10 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
 
 
 def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
-                history: list[dict], phase: str, *, train_blocks: int, lr: float, epochs: int) -> L.Trainer:
-    """A phase on images with augmentation: the head alone, the top blocks (fine-tune), or everything (-1)."""
+                history: list[dict], phase: str, *, train_blocks: int, lr: float,
+                epochs: int) -> tuple[L.Trainer, bool]:
+    """A phase on images with augmentation: the head alone, the top blocks (fine-tune), or everything (-1).
+    Returns the trainer and whether the phase's weights were kept (not when validation loss got worse)."""
     pre, f = model.preprocessing, cfg.fit
     train_ds, val_ds = (loaders.dataset(splits[s], classes, pre, cfg) for s in ("train", "val"))
     train_dl = loaders.loader(train_ds, cfg, shuffle=True, balance=f.balance == "sampler")
@@ -202,7 +206,8 @@ def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str]
         log.info("[%s] did not improve the validation loss (%.4f vs %.4f): keeping the earlier weights",
                  phase, float(after), before)
         model.load_state_dict(state)
-    return trainer
+        return trainer, False
+    return trainer, True
 
 
 def _val_loss(history: list[dict]) -> float | None:
