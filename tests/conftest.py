@@ -13,6 +13,9 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Every wall-clock deadline in the tests (server start, browser waits, subprocesses) is a safety net against a hang,
+# never a speed target: generous enough that a slow, loaded machine does not trip it. Speed is measured in benchmarks/.
+HANG = 600
 
 COLOURS = {"apple": (200, 30, 30), "kiwi": (90, 140, 40), "lemon": (240, 220, 40), "plum": (90, 40, 120)}
 

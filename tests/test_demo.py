@@ -11,7 +11,7 @@ from fruitlens.cli.main import main
 from fruitlens.data.download import DatasetSource, download, fetch_dataset
 from fruitlens.pipelines.demo import pick_classes
 from fruitlens.errors import ConfigError, DownloadError
-from conftest import mobilenet_cached, need, shared_data
+from conftest import make_tree, mobilenet_cached, need, shared_data
 
 
 class RangeServer:
@@ -52,13 +52,15 @@ class RangeServer:
 
 @pytest.fixture
 def smoke_zip(tmp_path) -> tuple[bytes, DatasetSource]:
-    smoke = shared_data("smoke")
+    """A Fruits-360-like archive made here: Training/ and Test/ folders of 3 synthetic classes in a top folder."""
+    tree = make_tree(tmp_path / "tree", per_class=8, classes=("apple", "kiwi", "lemon"), size=64,
+                     splits=("Training", "Test"))
     archive = tmp_path / "smoke.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        for f in sorted(smoke.rglob("*.jpg")):
-            zf.write(f, Path("fruits-smoke-main") / f.relative_to(smoke))
+        for f in sorted(tree.rglob("*.jpg")):
+            zf.write(f, Path("fruits-smoke-main") / f.relative_to(tree))
     data = archive.read_bytes()
-    source = DatasetSource("smoke", "", hashlib.sha256(data).hexdigest(), 5, {"Training": 80, "Test": 20})
+    source = DatasetSource("smoke", "", hashlib.sha256(data).hexdigest(), 3, {"Training": 24, "Test": 24})
     return data, source
 
 
@@ -109,10 +111,60 @@ def test_counts_that_do_not_match_are_reported(tmp_path, smoke_zip):
     server = RangeServer(data)
     try:
         with pytest.raises(DownloadError, match="does not match smoke"):
-            fetch_dataset(replace(source, url=server.url, expected_counts={"Training": 81, "Test": 20}),
+            fetch_dataset(replace(source, url=server.url, expected_counts={"Training": 25, "Test": 24}),
                           cache=tmp_path / "cache")
     finally:
         server.close()
+
+
+def test_a_complete_part_file_is_taken_when_the_server_answers_416(tmp_path, smoke_zip):
+    data, source = smoke_zip
+
+    class Done(http.server.BaseHTTPRequestHandler):  # the resume request asks past the end: 416
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(416)
+            self.end_headers()
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Done)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    dest = tmp_path / "d.zip"
+    dest.with_name("d.zip.part").write_bytes(data)
+    try:
+        download(f"http://127.0.0.1:{httpd.server_port}/d.zip", dest, sha256=source.sha256)
+    finally:
+        httpd.shutdown()
+    assert dest.read_bytes() == data and not dest.with_name("d.zip.part").exists()
+
+
+def test_archive_with_unsafe_paths_is_refused(tmp_path):
+    from fruitlens.data.download import extract
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("data/Training/a/1.jpg", b"x")
+        zf.writestr("../../escaped.txt", b"gotcha")
+    with pytest.raises(DownloadError, match="unsafe path"):
+        extract(archive, tmp_path / "out")
+    assert not (tmp_path.parent / "escaped.txt").exists() and not (tmp_path / "out").exists()
+
+
+def test_local_archive_and_folder_sources(tmp_path, smoke_zip):
+    data, source = smoke_zip
+    archive = tmp_path / "local.zip"
+    archive.write_bytes(data)
+    root = fetch_dataset(replace(source, url=str(archive)), cache=tmp_path / "cache")
+    assert (root / "Training" / "kiwi").is_dir() and len(list((root / "Test").rglob("*.jpg"))) == 24
+    assert fetch_dataset(replace(source, url=str(root.parent), sha256=""), cache=tmp_path / "c2") == root  # in place
+    with pytest.raises(DownloadError, match="no such archive or folder"):
+        fetch_dataset(replace(source, url=str(tmp_path / "missing.zip")), cache=tmp_path / "c3")
+    archive.write_bytes(data[:-10] + b"0123456789")
+    before = archive.read_bytes()
+    with pytest.raises(DownloadError, match="does not match the expected"):
+        fetch_dataset(replace(source, url=str(archive)), cache=tmp_path / "c4")
+    assert archive.read_bytes() == before  # the user's own archive is never moved or changed
 
 
 def test_unreachable_host_says_what_to_do(tmp_path):

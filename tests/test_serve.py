@@ -17,7 +17,7 @@ from fruitlens.inference.predictor import Predictor
 from fruitlens.serve.app import create_app
 from fruitlens.serve.deps import get_predictor
 from fruitlens.serve.settings import ServeSettings
-from conftest import ROOT, fruit_image, jpeg_bytes, need
+from conftest import HANG, ROOT, fruit_image, jpeg_bytes, need
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +151,24 @@ def _free_port() -> int:
 
 def _start_server(model, *extra):
     """``fruitlens serve`` in a subprocess on a free loopback port; returns (process, url) once /health answers."""
+    import tempfile
+
     port = _free_port()
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the server's access log
     proc = subprocess.Popen([sys.executable, "-m", "fruitlens", "serve", str(model), "--port", str(port), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={"PYTHONPATH": str(ROOT / "src"),
-                                                                                  "PATH": "/usr/bin:/bin"})
+                            stdout=log, stderr=subprocess.STDOUT, env={"PYTHONPATH": str(ROOT / "src"),
+                                                                       "PATH": "/usr/bin:/bin"})
+    proc.log = log
     url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
+    deadline = time.monotonic() + HANG  # a safety net against a hang, not a speed target
+    while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(url + "/health", timeout=1)
+            urllib.request.urlopen(url + "/health", timeout=5)
             return proc, url
         except OSError:
             if proc.poll() is not None:
-                pytest.fail(proc.stdout.read().decode())
+                log.seek(0)
+                pytest.fail(log.read().decode())
             time.sleep(0.25)
     proc.kill()
     pytest.fail(f"fruitlens serve did not answer on {url}")
@@ -171,7 +177,7 @@ def _start_server(model, *extra):
 def _stop_server(proc) -> None:
     proc.terminate()
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
 
@@ -205,9 +211,9 @@ def test_serve_with_two_worker_processes(trained_run):
 
         def post(_):
             req = urllib.request.Request(url + "/predict", data=body, headers={"Content-Type": ctype})
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=HANG) as r:
                 top = json.loads(r.read())
-            with urllib.request.urlopen(url + "/health", timeout=30) as r:
+            with urllib.request.urlopen(url + "/health", timeout=HANG) as r:
                 return top["label"], json.loads(r.read())["worker_pid"]
 
         with ThreadPoolExecutor(8) as pool:
@@ -231,7 +237,7 @@ def _cmdline(pid: int) -> str:
 def test_serve_with_a_missing_model_says_so(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fruitlens", "serve", str(tmp_path / "nope"), "--workers", "2"],
                        capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
-                       timeout=120)
+                       timeout=HANG)
     assert r.returncode != 0 and "error:" in r.stderr and "nope" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -255,11 +261,11 @@ def test_upload_page_in_headless_chromium(live_server, tmp_path):
     browser = webdriver.Chrome(service=Service(driver), options=opts)
     try:
         browser.get(live_server + "/")
-        WebDriverWait(browser, 20).until(EC.text_to_be_present_in_element((By.ID, "model"), "4 classes"))
+        WebDriverWait(browser, HANG).until(EC.text_to_be_present_in_element((By.ID, "model"), "4 classes"))
         img = tmp_path / "lemon.jpg"
         fruit_image("lemon", 11, 48).save(img)
         browser.find_element(By.ID, "file").send_keys(str(img))
-        WebDriverWait(browser, 30).until(EC.presence_of_element_located((By.CSS_SELECTOR, "#bars .row.top")))
+        WebDriverWait(browser, HANG).until(EC.presence_of_element_located((By.CSS_SELECTOR, "#bars .row.top")))
         rows = browser.find_elements(By.CSS_SELECTOR, "#bars .row")
         labels = [r.get_attribute("data-label") for r in rows]
         assert len(rows) == 3 and set(labels) <= {"apple", "kiwi", "lemon", "plum"}
@@ -270,6 +276,6 @@ def test_upload_page_in_headless_chromium(live_server, tmp_path):
         bad = tmp_path / "notes.txt"
         bad.write_text("not an image")
         browser.find_element(By.ID, "file").send_keys(str(bad))
-        WebDriverWait(browser, 20).until(EC.text_to_be_present_in_element((By.ID, "error"), "not an image"))
+        WebDriverWait(browser, HANG).until(EC.text_to_be_present_in_element((By.ID, "error"), "not an image"))
     finally:
         browser.quit()

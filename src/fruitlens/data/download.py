@@ -103,16 +103,19 @@ def download(url: str, dest: Path, *, sha256: str = "", progress: Progress | Non
     return dest
 
 
-def _verify(path: Path, sha256: str) -> None:
+def _verify(path: Path, sha256: str, ours: bool = True) -> None:
+    """Checks the file's SHA-256; a bad download of ours is moved aside, a user's own archive is left as it is."""
     if not sha256:
         return
     digest = sha256_file(path)
     if digest != sha256.lower():
-        bad = path.with_name(path.name + ".bad")
-        path.replace(bad)
+        where = ""
+        if ours:
+            bad = path.with_name(path.name + ".bad")
+            path.replace(bad)
+            where = f" (moved aside as {bad.name})"
         raise DownloadError(f"{path.name}: SHA-256 {digest[:16]}... does not match the expected "
-                            f"{sha256[:16]}... (moved aside as {bad.name})",
-                            "download again, or check the mirror's checksum")
+                            f"{sha256[:16]}...{where}", "download again, or check the mirror's checksum")
 
 
 def extract(archive: Path, dest: Path) -> Path:
@@ -191,7 +194,7 @@ def fetch_dataset(source: DatasetSource, *, cache: Path | None = None, progress:
         if not local.is_file():
             raise DownloadError(f"{url}: no such archive or folder")
         archive = local
-        _verify(archive, source.sha256)
+        _verify(archive, source.sha256, ours=False)
     else:
         archive = download(url, cache / f"{source.name}.zip", sha256=source.sha256, progress=progress)
     done = cache / source.name / ".verified"

@@ -59,13 +59,17 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise RunDirError(f"{path}: checkpoint not found", "train a model first: fruitlens train DATA --out RUN") from None
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RunDirError(f"{path}: refused to load: the checkpoint holds Python objects that could run code "
-                          f"({first[:160]})",
-                          "only open run folders you trust; retrain, or ask the sender for the run's export/model.onnx"
-                          ) from None
+        raise refused(path, exc) from None
     except Exception as exc:
         raise RunDirError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def refused(path: Path, exc: Exception) -> RunDirError:
+    """The error for a checkpoint that ``weights_only`` loading refused: it holds more than tensors and plain data."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return RunDirError(f"{path}: refused to load: the checkpoint holds Python objects that could run code "
+                       f"({first[:160]})",
+                       "only open run folders you trust; retrain, or ask the sender for the run's export/model.onnx")
 
 
 def load_model(path: Path) -> Checkpoint:

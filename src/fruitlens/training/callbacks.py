@@ -4,8 +4,12 @@ from __future__ import annotations
 import logging
 import time
 
+from pathlib import Path
+
 from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from torch import nn
+
+from fruitlens.training.history import write_history
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +71,11 @@ class FreezeBackbone(BaseFinetuning):
 
 
 class EpochSummary(Callback):
-    """One line per epoch on the log and a row per epoch in ``rows`` (written to history.csv)."""
+    """One line per epoch on the log and a row per epoch in ``rows``, written to ``path`` (history.csv) as it
+    comes, so that a run killed mid-phase keeps the history of its finished epochs for ``--resume``."""
 
-    def __init__(self, phase: str, rows: list[dict]) -> None:
-        self.phase, self.rows = phase, rows
+    def __init__(self, phase: str, rows: list[dict], path: Path | None = None) -> None:
+        self.phase, self.rows, self.path = phase, rows, path
         self._t0 = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -85,6 +90,8 @@ class EpochSummary(Callback):
                "train_acc": m.get("train/acc"), "val_loss": m.get("val/loss"), "val_acc": m.get("val/acc"),
                "lr": lr, "seconds": round(time.perf_counter() - self._t0, 2)}
         self.rows.append(row)
+        if self.path is not None:
+            write_history(self.path, self.rows)
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
         log.info("[%s] epoch %d: train loss %s acc %s | val loss %s acc %s | lr %.2g | %.1fs", self.phase, row["epoch"],
                  fmt(row["train_loss"]), fmt(row["train_acc"]), fmt(row["val_loss"]), fmt(row["val_acc"]), lr,

@@ -6,6 +6,7 @@ are the pipeline's (``fruitlens.pipelines.train``).
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from fruitlens.config import TrainConfig
 from fruitlens.data.dataset import class_weights, make_loader
 from fruitlens.data.manifest import Manifest
+from fruitlens.models.checkpoint import refused
 from fruitlens.models.registry import FruitNet
 from fruitlens.rundir import RunDir
 from fruitlens.training import loaders
@@ -87,7 +89,7 @@ def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: li
     last = ModelCheckpoint(dirpath=run.checkpoints / phase, filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
     callbacks = [ckpt, last, EarlyStopping("val/loss", patience=f.early_stopping_patience, mode="min"),
-                 LearningRateMonitor("epoch"), EpochSummary(phase, history)]
+                 LearningRateMonitor("epoch"), EpochSummary(phase, history, run.history)]
     if f.target_acc > 0:
         callbacks.append(TargetAccuracy(f.target_acc, "train/acc" if monitor_train else "val/acc"))
     precision = f.precision if f.precision != "auto" else ("16-mixed" if use_gpu(cfg) else "32-true")
@@ -104,11 +106,14 @@ def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: li
 
 def _load_state(module: ClassifierModule, path: Path) -> None:
     """Weights from a Lightning checkpoint this run wrote, read as tensors only (no pickled objects)."""
-    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    try:
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    except pickle.UnpicklingError as exc:
+        raise refused(path, exc) from None
 
 
 def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModule, train_dl, val_dl,
-               run: RunDir, phase: str) -> L.Trainer:
+               run: RunDir, phase: str, history: list[dict]) -> L.Trainer:
     """Fits (resuming from the phase's last.ckpt if present) and loads the best weights back into the module."""
     done = run.checkpoints / phase / "done"
     last = run.checkpoints / phase / "last.ckpt"
@@ -121,8 +126,11 @@ def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModu
         if ckpt.best_model_path and Path(ckpt.best_model_path).is_file():
             _load_state(module, Path(ckpt.best_model_path))
 
+    _prune_history(history, last, phase)
     try:
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.exists() else None, weights_only=True)
+    except pickle.UnpicklingError as exc:  # resume reads Lightning's checkpoint as tensors and plain data only
+        raise refused(last, exc) from None
     except SystemExit:  # Lightning turns Ctrl-C into exit(1) after its graceful shutdown
         if trainer.interrupted:
             load_best()  # so that the run folder keeps the best model so far
@@ -136,6 +144,16 @@ def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModu
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(f"best {ckpt.best_model_score}\n")
     return trainer
+
+
+def _prune_history(history: list[dict], last: Path, phase: str) -> None:
+    """Drops this phase's history rows past the epochs that ``last.ckpt`` holds: a run stopped between an epoch's
+    summary and its checkpoint trains that epoch again, and must not list it twice (no ``last.ckpt``: none)."""
+    try:
+        done = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1 if last.exists() else 0
+    except pickle.UnpicklingError as exc:
+        raise refused(last, exc) from None
+    history[:] = [r for r in history if r.get("phase") != phase or int(r["epoch"]) <= done]
 
 
 def _module(net, cfg: TrainConfig, targets: list[int], n_classes: int, lr: float, channels_last: bool,
@@ -177,7 +195,7 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     module = _module(model.head, cfg, train_ds.tensors[1].tolist(), len(classes), f.lr, channels_last=False)
     trainer, ckpt = _trainer(cfg, run, "head", f.epochs, history, f.target_monitor == "train", progress=False)
     log.info("[head] training the classifier head on %d cached feature vectors (%d classes)", len(train_ds), len(classes))
-    return _run_phase(trainer, ckpt, module, train_dl, val_dl, run, "head")
+    return _run_phase(trainer, ckpt, module, train_dl, val_dl, run, "head", history)
 
 
 def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
@@ -200,7 +218,7 @@ def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str]
     what = {0: "the head", -1: "all layers"}.get(train_blocks, f"the head and the top {train_blocks} blocks")
     log.info("[%s] training %s on %d images (%d px, augmentation %s)", phase, what, len(train_ds), pre.image_size,
              "on" if cfg.augment.enabled else "off")
-    _run_phase(trainer, ckpt, module, train_dl, val_dl, run, phase)
+    _run_phase(trainer, ckpt, module, train_dl, val_dl, run, phase, history)
     after = ckpt.best_model_score
     if before is not None and after is not None and float(after) > before:
         log.info("[%s] did not improve the validation loss (%.4f vs %.4f): keeping the earlier weights",

@@ -10,10 +10,13 @@ FIELDS = ("phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l
 def write_history(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
-    with Path(path).open("w", newline="") as fh:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")  # atomic: a kill mid-write leaves the previous file
+    with tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    tmp.replace(path)
 
 
 def read_history(path: Path) -> list[dict]:
