@@ -13,6 +13,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# fruitlens's own cache (downloads, the feature store) lives in a folder of this test session, not in ~/.cache
+os.environ["FRUITLENS_CACHE"] = __import__("tempfile").mkdtemp(prefix="fruitlens-test-cache-")
 # Every wall-clock deadline in the tests (server start, browser waits, subprocesses) is a safety net against a hang,
 # never a speed target: generous enough that a slow, loaded machine does not trip it. Speed is measured in benchmarks/.
 HANG = 600

@@ -59,7 +59,7 @@ def test_ood_score_ranks_out_of_class_features_higher():
     x, y, strangers = _clusters(60, 4, 0, spread=0.3)
     recipe = HeadRecipe(epochs=40)
     groups = np.arange(len(y)) // 3  # little groups of three
-    trust, scorer = fit_out_of_fold(x, y, [("triples", groups)], 4, recipe, 0.95)
+    trust, scorer, _ = fit_out_of_fold(x, y, [("triples", groups)], 4, recipe, 0.95)
     head = train_head(x, y, 4, recipe)
     known, _, _ = _clusters(30, 4, 0, spread=0.3, noise_seed=7)  # new samples of the known classes
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_folds_keep_groups_whole_and_coarse_groups_join_near_copies():
 def test_folds_that_hold_out_whole_classes_fall_back_to_finer_groups():
     x, y, _ = _clusters(20, 3, 1, spread=0.3)
     one_group_per_class = y.numpy()
-    trust, _ = fit_out_of_fold(x, y, [("classes", one_group_per_class)], 3, HeadRecipe(epochs=200), 0.95)
+    trust, _, _ = fit_out_of_fold(x, y, [("classes", one_group_per_class)], 3, HeadRecipe(epochs=200), 0.95)
     assert "classes" not in trust.source and "single images" in trust.source
     assert trust.heldout_accuracy > 0.8  # not the near-chance figure of heads that never saw the class
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from fruitlens.cli.output import print_json, table
 from fruitlens.data.check import CheckReport, check
@@ -15,6 +16,13 @@ CHECK_EXAMPLES = """examples:
   fruitlens check photos/                     # class folders, or train/ val/ test/ folders
   fruitlens check ../shared/data/fruits360 --json > check.json
   fruitlens check manifest.csv --min-size 64
+  fruitlens check photos/ --labels            # + which images look mislabelled -> label_audit/label_issues.html
+"""
+
+RELABEL_EXAMPLES = """examples:
+  fruitlens relabel photos/ label_audit/label_issues.csv --out photos_fixed/     # a corrected copy
+  fruitlens relabel photos/ label_audit/label_issues.csv --manifest fixed.csv    # no copy: a manifest to train on
+  fruitlens train fixed.csv --out runs/fixed
 """
 
 SPLIT_EXAMPLES = """examples:
@@ -33,7 +41,24 @@ def add_check(sub) -> None:
     p.add_argument("--near-dup-distance", type=int, default=4, help="perceptual-hash bits that may differ (default 4)")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per CPU)")
     p.add_argument("--show", type=int, default=5, help="files listed per finding (default 5; --json lists all)")
+    g = p.add_argument_group("label audit")
+    g.add_argument("--labels", action="store_true", help="also find images that look mislabelled (confident learning "
+                   "on out-of-fold predictions of pretrained features)")
+    g.add_argument("--audit-out", default="label_audit", help="folder for label_issues.html/.csv (default label_audit)")
+    g.add_argument("--folds", type=int, default=5, help="out-of-fold heads (default 5)")
+    g.add_argument("--img-size", type=int, default=0, help="input size of the features (default: from the data)")
     p.set_defaults(func=run_check)
+
+
+def add_relabel(sub) -> None:
+    p = sub.add_parser("relabel", help="apply the decisions of label_issues.csv to a copy or a manifest",
+                       epilog=RELABEL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="the data folder (or manifest CSV) that was audited")
+    p.add_argument("decisions", help="label_issues.csv with its new_label column filled in (a class name, or drop)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="a new folder: every kept image is copied there under its (new) label")
+    where.add_argument("--manifest", help="a manifest CSV to write instead (path,label,split; no copies)")
+    p.set_defaults(func=run_relabel)
 
 
 def add_split(sub) -> None:
@@ -82,11 +107,63 @@ def print_check(report: CheckReport, show: int = 5) -> None:
 def run_check(args) -> int:
     report = check(scan(args.data), min_size=args.min_size, near_dup_distance=args.near_dup_distance,
                    workers=args.workers)
+    audit = None
+    if args.labels:
+        from fruitlens.pipelines.audit import audit_data
+
+        audit = audit_data(report, Path(args.audit_out), img_size=args.img_size, folds=args.folds)
     if args.json:
-        print_json(json_safe(report.to_dict()))
+        out = report.to_dict()
+        if audit is not None:
+            out["label_issues"] = [{"path": i.path, "label": i.label, "suggested": i.suggested, "score": i.score,
+                                    "p_label": i.p_label, "p_suggested": i.p_suggested, "rank": i.rank,
+                                    "kind": i.kind} for i in audit.issues]
+            out["label_audit"] = {"html": audit.html, "csv": audit.csv, "audited": audit.audited,
+                                  "method": audit.method, "notes": audit.notes, "seconds": audit.seconds}
+        print_json(json_safe(out))
     else:
         print_check(report, args.show)
+        if audit is not None:
+            print_audit(audit, args.show * 4)
     return ExitCode.FINDINGS if report.errors else ExitCode.OK
+
+
+def print_audit(audit, show: int = 20) -> None:
+    print(f"\nlabel audit: {len(audit.issues)} of {audit.images} images look mislabelled "
+          f"({audit.audited} audited, {audit.seconds:.0f}s; {audit.method})")
+    for note in audit.notes:
+        print(f"  note: {note}")
+    if audit.issues:
+        pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
+        table(["rank", "image", "given", "suggested", "p(given)", "p(suggested)", "score"],
+              [[i.rank, i.path, i.label, i.suggested, pct(i.p_label), pct(i.p_suggested),
+                "copy" if i.kind == "conflict" else f"{i.score:.2f}"] for i in audit.issues[:show]])
+        if len(audit.issues) > show:
+            print(f"... and {len(audit.issues) - show} more")
+    print(f"gallery: {audit.html}\ndecide:  fill in new_label in {audit.csv}, then "
+          f"fruitlens relabel DATA {audit.csv} --out DATA_FIXED/")
+
+
+def run_relabel(args) -> int:
+    from fruitlens.data.relabel import apply_decisions, copy_tree, read_decisions
+
+    scanned = scan(args.data)
+    result = apply_decisions(scanned.manifest, read_decisions(Path(args.decisions)))
+    if args.out:
+        copy_tree(result, scanned.manifest, Path(args.out), Path(args.data) if Path(args.data).is_dir() else
+                  Path(args.data).parent)
+        result.manifest.to_csv(Path(args.out) / "manifest.csv")
+        where = f"copied {len(result.manifest)} images to {result.written} (and its manifest.csv)"
+    else:
+        result.manifest.to_csv(Path(args.manifest))
+        where = f"wrote {args.manifest} ({len(result.manifest)} images, paths to the originals)"
+    print(f"{result.relabelled} relabelled, {result.dropped} dropped; {where}. The original files are unchanged.")
+    if result.new_classes:
+        print(f"new classes: {', '.join(result.new_classes)}")
+    if result.unknown_paths:
+        print(f"warning: {len(result.unknown_paths)} row(s) of {args.decisions} name no image of {args.data}, "
+              f"e.g. {result.unknown_paths[0]}")
+    return ExitCode.OK
 
 
 def run_split(args) -> int:

@@ -13,6 +13,7 @@ from fruitlens.runtime import is_ddp_child, limit_heap_growth
 
 EXAMPLES = """examples:
   fruitlens check photos/                              # bad files, imbalance, duplicates, leaks
+  fruitlens check photos/ --labels                     # + images that look mislabelled (a gallery to review)
   fruitlens split photos/ --out manifest.csv           # leak-free stratified split
   fruitlens train photos/ --model mobilenet_v2 --out runs/mnv2
   fruitlens evaluate runs/mnv2                         # report.html + report.json
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     data_cmds.add_check(sub)
     data_cmds.add_split(sub)
+    data_cmds.add_relabel(sub)
     for mod in (train_cmds, eval_cmds, infer_cmds, demo_cmds):
         mod.register(sub)
     model_cmds.add_models(sub)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fruitlens.config import TrainConfig, apply_overrides, parse_overrides
 from fruitlens.errors import ExitCode
@@ -122,6 +123,10 @@ def print_summary(page, report, export_error: str | None = None) -> None:
               "train (the data's own split): this accuracy overstates accuracy on new photos")
     if gap := gap_text(report.validation_gap, report.evaluated_on):
         print(f"warning: {gap}")
+    a = report.label_audit
+    if a is not None and (a.train or a.val or a.test):
+        print(f"labels: {a.train} training and {a.val} validation images look mislabelled, and {len(a.test)} test "
+              f"images: see {Path(run) / a.html} (decide in label_issues.csv, then 'fruitlens relabel')")
     if export_error:
         print(f"warning: no ONNX export ({export_error}); predict and serve use the PyTorch checkpoint")
     print(f"report: {page}")

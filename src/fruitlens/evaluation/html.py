@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fruitlens.evaluation.metrics import ci_text, gap_text
@@ -75,6 +76,13 @@ def _leak_html(report: "Report") -> str:
 
 def _notes_html(report: "Report") -> str:
     out = ""
+    a = report.label_audit
+    if a is not None and (a.train or a.val or a.test):
+        tests = "".join(f"<li><code>{_e(Path(t['path']).name)}</code>: labelled {_e(t['label'])}, looks like "
+                        f"{_e(t['suggested'])} ({_pct(t['p_suggested'])} vs {_pct(t['p_label'])})</li>" for t in a.test[:20])
+        out += (f"<div class='warn' id='label-audit'><b>Labels:</b> {a.train} training and {a.val} validation images "
+                f"look mislabelled (<a href='{_e(a.html)}'>gallery</a>), and {len(a.test)} of these test images do: "
+                f"the accuracy counts them against their given label.{'<ul>' + tests + '</ul>' if tests else ''}</div>")
     if report.unmapped_images:
         out += f"<div class='warn'>Images of classes the model does not know, counted apart: {_e(report.unmapped_images)}</div>"
     if report.bad_images:

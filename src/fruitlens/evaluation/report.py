@@ -94,6 +94,18 @@ class TrustNote:
 
 
 @dataclass
+class AuditNote:
+    """How many images of the run look mislabelled (the label audit), and which test images: they change what the
+    test accuracy means."""
+
+    train: int = 0
+    val: int = 0
+    audited: int = 0
+    html: str = ""
+    test: list[dict[str, Any]] = field(default_factory=list)  # path, label, suggested, p_label, p_suggested
+
+
+@dataclass
 class Report:
     """Everything one evaluation found; ``report.json`` holds it (galleries without their thumbnails)."""
 
@@ -116,6 +128,7 @@ class Report:
     seed: int | None = None
     validation_gap: ValidationGap | None = None
     trust: TrustNote | None = None  # None for models trained before the trust layer
+    label_audit: AuditNote | None = None
     gallery: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # worst_mistakes, least_confident_correct
     plots: dict[str, str] = field(default_factory=dict)  # name -> path relative to the report's folder
 

@@ -26,6 +26,15 @@ OOD_QUANTILE = 0.95  # "unfamiliar": more unusual than 95% of the held-out image
 
 
 @dataclass
+class HeldOut:
+    """The held-out predictions themselves (for the label audit): logits of every image, and which rows count."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    held: np.ndarray  # rows whose prediction was made without its image (and whose class the head knew)
+
+
+@dataclass
 class Trust:
     """What the model says about itself, and how it was decided (stored in the checkpoint and the ONNX model)."""
 
@@ -60,28 +69,31 @@ def _ece(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 MIN_HELDOUT_SHARE = 0.5  # of the images, whose class the other folds have: else the groups are too coarse
+MIN_GROUPS_PER_CLASS = 3  # fewer, and each fold holds out a large part of a class: its predictions say too little
 
 
 def fit_out_of_fold(x: torch.Tensor, y: torch.Tensor, groupings: list[tuple[str, np.ndarray]], n_classes: int,
                     recipe: HeadRecipe, target_precision: float,
                     augmented: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None, folds: int = 5,
-                    seed: int = 0) -> tuple[Trust, OODScorer]:
+                    seed: int = 0) -> tuple[Trust, OODScorer, HeldOut]:
     """Trust from out-of-fold heads on features ``x`` (clean views of the train + val images) with labels ``y``;
     ``augmented`` = (features, labels, index of the image each view came from).
 
     ``groupings``: (name, group per image), coarsest first. An image counts as held out only where the other folds
     hold its class; when fewer than half the images do (a class of one group is one fold), the next, finer grouping
-    is tried, and images one by one last of all (then the figures are optimistic, and ``source`` says so).
+    is tried (also when there are fewer than ``MIN_GROUPS_PER_CLASS`` groups per class), and images one by one last of
+    all (then the figures are optimistic, and ``source`` says so).
     """
     t0 = time.perf_counter()
     yy = y.numpy()
     for name, groups in groupings + [("single images", np.arange(len(yy)))]:
         fold = group_folds(yy, groups, folds, seed)
-        held = _class_seen_elsewhere(yy, fold)
-        if held.mean() >= MIN_HELDOUT_SHARE:
+        held = class_seen_elsewhere(yy, fold)
+        per_class = len(np.unique(groups)) / max(1, len(np.unique(yy)))
+        if held.mean() >= MIN_HELDOUT_SHARE and per_class >= MIN_GROUPS_PER_CLASS:
             break
-        log.info("calibration: folds of %s hold out whole classes (%.0f%% of images usable); trying finer groups",
-                 name, 100 * held.mean())
+        log.info("calibration: %.1f groups of %s per class (%.0f%% of images in a class another fold knows): too "
+                 "coarse, trying finer groups", per_class, name, 100 * held.mean())
     extra = None if augmented is None else (augmented[0], augmented[1], fold[augmented[2]])
     logits = out_of_fold_logits(x, y, fold, n_classes, recipe, extra, seed)
     source = (f"out-of-fold predictions of {len(np.unique(fold))} linear heads on the frozen backbone's features, "
@@ -91,10 +103,10 @@ def fit_out_of_fold(x: torch.Tensor, y: torch.Tensor, groupings: list[tuple[str,
     trust, scorer = _fit(logits, yy, x, fold, held, np.arange(len(yy)), source, target_precision, seed)
     trust.heldout_groups = int(len(np.unique(groups)))
     trust.seconds = round(time.perf_counter() - t0, 2)
-    return trust, scorer
+    return trust, scorer, HeldOut(logits, yy, held)
 
 
-def _class_seen_elsewhere(y: np.ndarray, fold: np.ndarray) -> np.ndarray:
+def class_seen_elsewhere(y: np.ndarray, fold: np.ndarray) -> np.ndarray:
     """Mask of the images whose class appears in the other folds (their head could predict it)."""
     out = np.zeros(len(y), dtype=bool)
     for f in np.unique(fold):
@@ -105,7 +117,8 @@ def _class_seen_elsewhere(y: np.ndarray, fold: np.ndarray) -> np.ndarray:
 
 
 def fit_on_validation(val_logits: np.ndarray, val_y: np.ndarray, train_x: torch.Tensor, train_y: np.ndarray,
-                      val_x: torch.Tensor, target_precision: float, seed: int = 0) -> tuple[Trust, OODScorer]:
+                      val_x: torch.Tensor, target_precision: float,
+                      seed: int = 0) -> tuple[Trust, OODScorer, HeldOut]:
     """Trust from the validation split's predictions (for backbones that trained on the training images); the
     nearest-neighbour bank holds training images."""
     t0 = time.perf_counter()
@@ -117,7 +130,7 @@ def fit_on_validation(val_logits: np.ndarray, val_y: np.ndarray, train_x: torch.
     trust, scorer = _fit(logits, np.r_[train_y, val_y], x, fold, fold == 1, np.arange(len(train_x)), source,
                          target_precision, seed)
     trust.seconds = round(time.perf_counter() - t0, 2)
-    return trust, scorer
+    return trust, scorer, HeldOut(logits, np.r_[train_y, val_y], fold == 1)
 
 
 def _fit(logits: np.ndarray, y: np.ndarray, x: torch.Tensor, fold: np.ndarray, held: np.ndarray,

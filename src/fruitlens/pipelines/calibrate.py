@@ -16,15 +16,16 @@ from fruitlens.training import loaders
 from fruitlens.training.features import Engine
 from fruitlens.training.fit import FitResult, use_gpu
 from fruitlens.training.heldout import HeadRecipe, visual_groups
-from fruitlens.evaluation.trust import Trust, fit_on_validation, fit_out_of_fold
+from fruitlens.evaluation.trust import HeldOut, Trust, fit_on_validation, fit_out_of_fold
 
 log = logging.getLogger(__name__)
 
 
 def calibrate(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
-              fitted: FitResult) -> Trust:
+              fitted: FitResult) -> tuple[Trust, HeldOut]:
     """Fits the trust layer and folds it into ``model``: the head's weights divided by the temperature, the OOD
-    scorer attached as ``model.ood``. Returns what was decided and how."""
+    scorer attached as ``model.ood``. Returns what was decided and how, and the held-out predictions of the train
+    and val images (in that order)."""
     train, val = splits["train"], splits["val"]
     if fitted.backbone_frozen:
         x, y, augmented = _frozen_features(model, train, val, classes, cfg, run)
@@ -33,17 +34,17 @@ def calibrate(model: FruitNet, splits: dict[str, Manifest], classes: list[str], 
         if cfg.trust.groups == "visual":
             groupings.insert(0, ("similar images", visual_groups(near, x, y.numpy(), cfg.trust.images_per_group,
                                                                  cfg.data.seed)))
-        trust, scorer = fit_out_of_fold(x, y, groupings, len(classes), _recipe(cfg, fitted.history),
-                                        cfg.trust.target_precision, augmented, cfg.trust.folds, cfg.data.seed)
+        trust, scorer, heldout = fit_out_of_fold(x, y, groupings, len(classes), _recipe(cfg, fitted.history),
+                                                 cfg.trust.target_precision, augmented, cfg.trust.folds, cfg.data.seed)
     else:
-        trust, scorer = _from_validation(model, train, val, classes, cfg)
+        trust, scorer, heldout = _from_validation(model, train, val, classes, cfg)
     model.fold_temperature(trust.temperature)
     model.ood = scorer
     log.info("calibration: temperature %.2f from %d held-out images (%s); 'not sure' below %.2f (%.0f%% of held-out "
              "images answered at %.0f%% accuracy); 'unfamiliar' above ood_score %.3f; %.1fs", trust.temperature,
              trust.heldout_images, trust.source.split(",")[0], trust.unknown_threshold,
              100 * (trust.heldout_coverage or 0), 100 * trust.target_precision, trust.ood_threshold, trust.seconds)
-    return trust
+    return trust, heldout
 
 
 def _recipe(cfg: TrainConfig, history: list[dict]) -> HeadRecipe:
@@ -89,7 +90,7 @@ def _features(model: FruitNet, parts: list[Manifest], classes: list[str],
 
 
 def _from_validation(model: FruitNet, train: Manifest, val: Manifest, classes: list[str],
-                     cfg: TrainConfig) -> tuple[Trust, OODScorer]:
+                     cfg: TrainConfig) -> tuple[Trust, OODScorer, HeldOut]:
     model.eval()
     (x_train, y_train), (x_val, y_val) = _features(model, [train, val], classes, cfg)
     with torch.inference_mode():

@@ -1,9 +1,11 @@
 """``evaluate``: a run's model on its test split (the run's own report) or on other data (``RUN/eval/<data>/``)."""
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,8 +18,9 @@ from fruitlens.data.scan import scan
 from fruitlens.errors import DataError, ImageError
 from fruitlens.evaluation.classmap import ClassMapping
 from fruitlens.evaluation.metrics import calibration, compute_metrics, validation_gap
-from fruitlens.evaluation.report import (DatasetNote, Environment, LeakNote, ModelNote, Report, Timing, TrustNote,
-                                         gallery, write_report)
+from fruitlens.evaluation.audit import flag_with_thresholds
+from fruitlens.evaluation.report import (AuditNote, DatasetNote, Environment, LeakNote, ModelNote, Report, Timing,
+                                         TrustNote, gallery, write_report)
 from fruitlens.evaluation.selective import nll, risk_coverage
 from fruitlens.inference.predictor import Predictor, softmax
 from fruitlens.jsonio import read_json
@@ -69,6 +72,7 @@ def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = 
     metrics = compute_metrics(scored.y, scored.probs, mapping.columns, scored.groups)
     report = _assemble(run, target, mapping, scored, metrics, predictor, train_info)
     report.trust = trust_note(predictor, scored, mapping)
+    report.label_audit = audit_note(run, target, scored, mapping) if target.data is None else None
     report.timing.eval_seconds = round(time.perf_counter() - t0, 2)
     report.gallery = gallery(scored.paths, scored.y, scored.probs, mapping.columns, gallery_size, scored.groups,
                              scored.class_maps, predictor.preprocessing)
@@ -176,6 +180,24 @@ def trust_note(predictor: Predictor, scored: Scored, mapping: ClassMapping, curv
         not_sure=float(np.mean([p.reason == "not sure" for p in decided])),
         unfamiliar=float(np.mean([p.reason == "unfamiliar" for p in decided])),
         ood_median=float(np.median(scored.ood)) if scored.ood is not None else None)
+
+
+def audit_note(run: RunDir, target: EvalTarget, scored: Scored, mapping: ClassMapping) -> AuditNote | None:
+    """The run's label audit, and the evaluated images that look mislabelled by its thresholds."""
+    path = run.path / "label_audit.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    splits = Counter(i.get("split") for i in saved.get("issues", []))
+    note = AuditNote(splits.get("train", 0), splits.get("val", 0), saved.get("audited", 0), "label_issues.html")
+    t = np.array([saved.get("thresholds", {}).get(c, 1.0) for c in mapping.columns])
+    flagged, suggested = flag_with_thresholds(scored.probs, scored.y, t)
+    columns = mapping.columns
+    note.test = [{"path": scored.paths[i], "label": columns[scored.y[i]], "suggested": columns[suggested[i]],
+                  "p_label": float(scored.probs[i, scored.y[i]]), "p_suggested": float(scored.probs[i, suggested[i]])}
+                 for i in np.flatnonzero(flagged)]
+    note.test.sort(key=lambda d: d["p_label"] - d["p_suggested"])
+    return note
 
 
 def _assemble(run: RunDir, target: EvalTarget, mapping: ClassMapping, scored: Scored, metrics, predictor: Predictor,

@@ -20,9 +20,12 @@ from fruitlens.data.facts import DataFacts
 from fruitlens.data.manifest import Manifest
 from fruitlens.errors import ExportError, Interrupted, RunDirError
 from fruitlens.evaluation.report import Report
+from fruitlens.evaluation.trust import HeldOut, Trust
+from fruitlens.inference.predictor import softmax
 from fruitlens.jsonio import json_safe, read_json, write_json
 from fruitlens.models.checkpoint import save_model
 from fruitlens.models.registry import FruitNet, build_model, has_pretrained_weights
+from fruitlens.pipelines.audit import LabelAudit, audit_heldout, write_audit
 from fruitlens.pipelines.evaluate import evaluate
 from fruitlens.pipelines.export import ExportResult, export
 from fruitlens.pipelines.prepare import PreparedData, prepare, with_data_path
@@ -33,7 +36,6 @@ from fruitlens.pipelines.calibrate import calibrate
 from fruitlens.training.fit import FitResult, fit
 from fruitlens.training.history import read_history, write_history
 from fruitlens.training.info import TrainInfo
-from fruitlens.evaluation.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class TrainResult:
     info: TrainInfo | None = None
     report: Report | None = None  # None on the other processes of a multi-process (DDP) run
     trust: Trust | None = None
+    audit: LabelAudit | None = None  # training and validation images that look mislabelled
     export: ExportResult | None = None
     export_error: str | None = None  # why there is no ONNX model, where export failed
 
@@ -115,8 +118,9 @@ def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: Data
     result = TrainResult(run, cfg, facts)
     if not fitted.is_global_zero:
         return result
-    result.trust = calibrate(model, manifest.by_split(), classes, cfg, run, fitted)
+    result.trust, heldout = calibrate(model, manifest.by_split(), classes, cfg, run, fitted)
     result.info = _save(run, model, classes, cfg, fitted, time.perf_counter() - t0, result.trust)
+    result.audit = _audit_labels(run, manifest, classes, heldout)
     result.export, result.export_error = _export_for_serving(run)
     result.report = evaluate(run, train_info=result.info)
     return result
@@ -154,6 +158,19 @@ def _save(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, fi
     write_history(run.history, fitted.history)
     write_json(run.train_info, info)
     return info
+
+
+def _audit_labels(run: RunDir, manifest: Manifest, classes: list[str], heldout: HeldOut) -> LabelAudit:
+    """The label audit on the held-out predictions that calibration made anyway: seconds, no extra forward pass."""
+    splits = manifest.by_split()
+    records = list(splits["train"]) + list(splits["val"])
+    paths = [str(manifest.resolve(r)) for r in records]
+    audit = audit_heldout(paths, heldout.labels, softmax(heldout.logits), heldout.held, classes,
+                          [r.split for r in records])
+    write_audit(audit, run.path, classes)
+    if audit.issues:
+        log.info("label audit: %d training/validation images look mislabelled -> %s", len(audit.issues), audit.html)
+    return audit
 
 
 def _export_for_serving(run: RunDir) -> tuple[ExportResult | None, str | None]:

@@ -65,23 +65,25 @@ def _onnx_session(backbone: nn.Module, image_size: int):
 
 
 def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, views: int = 0,
-            aug: AugmentConfig | None = None, seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
+            aug: AugmentConfig | None = None, seed: int = 0,
+            known_clean: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
     """``{name: (features, targets)}`` of the clean view, plus ``{name}_aug: (features, targets, image index)`` with
-    ``views`` augmented views of each image."""
+    ``views`` augmented views of each image. ``known_clean``: the clean features already (only the views run)."""
     g = torch.Generator().manual_seed(seed)
     clean, aug_feats, ys, aug_idx = [], [], [], []
     t0, n = time.perf_counter(), 0
     for x, y in loader:
         x = x.to(engine.device, non_blocking=True)
-        clean.append(engine(pre.normalise(x)))
+        clean.append(engine(pre.normalise(x)) if known_clean is None else known_clean[n:n + len(y)])
         for _ in range(views):
             aug_feats.append(engine(pre.normalise(augment_batch(x, aug, g))))
             aug_idx.append(torch.arange(n, n + len(y)))
         ys.append(torch.as_tensor(y))
         n += len(y)
     dt = time.perf_counter() - t0
-    log.info("features: %s, %d images x %d view(s) in %.1fs (%.0f img/s, %s)", name, n, 1 + views, dt,
-             n * (1 + views) / max(dt, 1e-9), engine.name)
+    passes = views + (known_clean is None)
+    log.info("features: %s, %d images x %d view(s) in %.1fs (%.0f img/s, %s)%s", name, n, passes, dt,
+             n * passes / max(dt, 1e-9), engine.name, "; clean view from the feature store" if passes == views else "")
     out = {name: (torch.cat(clean), torch.cat(ys))}
     if views:
         # views of one batch were appended batch by batch: targets repeat per view within each batch
@@ -91,22 +93,101 @@ def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, v
 
 def cached_features(backbone: nn.Module, pre: Preprocessing, loaders: dict[str, DataLoader], *, views: int,
                     aug: AugmentConfig, seed: int = 0, cache_file: Path | None = None,
-                    prefer_onnx: bool = True, gpu: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Features for ``loaders`` (uint8 batches); the ``train`` loader also gets ``views`` augmented views.
+                    prefer_onnx: bool = True, gpu: bool = False,
+                    store: "FeatureStore | None" = None) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Features for ``loaders`` (uint8 batches of ``ImageDataset``); the ``train`` loader also gets ``views``
+    augmented views.
 
     ``gpu``: run on the GPU (if there is one). With ``cache_file`` the result is saved, and reused when present (so
-    ``--resume`` skips the pass).
+    ``--resume`` skips the pass). ``store``: clean features already computed for these files (``check --labels``)
+    are taken from it, and new ones added to it.
     """
     if cache_file is not None and cache_file.is_file():
         log.info("features: reusing %s", cache_file)
         return torch.load(cache_file, weights_only=True)
-    engine = Engine(backbone, pre.image_size, prefer_onnx, gpu)
+    engine = None
     out: dict[str, tuple[torch.Tensor, ...]] = {}
     for name, loader in loaders.items():
-        out.update(extract(engine, loader, pre, name, views if name == "train" else 0, aug, seed))
+        n_views = views if name == "train" else 0
+        paths = loader.dataset.paths
+        known = store.lookup(paths)[0] if store is not None else None
+        if known is not None and not n_views:  # nothing to decode
+            log.info("features: %s, %d images from the feature store %s", name, len(paths), store.path)
+            out[name] = (known, torch.tensor(loader.dataset.targets))
+            continue
+        engine = engine or Engine(backbone, pre.image_size, prefer_onnx, gpu)
+        out.update(extract(engine, loader, pre, name, n_views, aug, seed, known))
+        if store is not None and known is None:
+            store.add(paths, out[name][0])
     if cache_file is not None:  # atomic: several DDP ranks may write the same (identical) file
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
         torch.save(out, tmp)
         tmp.replace(cache_file)
     return out
+
+
+class FeatureStore:
+    """Clean-view backbone features per image file, cached under ``~/.cache/fruitlens/features`` (never beside the
+    user's images), so that ``check --labels`` and a following ``train`` compute them once.
+
+    One file per (model, weights, input size, preprocessing); an entry is keyed by the image's absolute path, size
+    and modification time, so a changed file is computed again, and a manifest of the same files finds them too.
+    """
+
+    def __init__(self, model: str, weights: str, pre: Preprocessing, cache: Path | None = None) -> None:
+        import hashlib
+        import json
+
+        from fruitlens.data.download import cache_root
+
+        tag = hashlib.sha1(f"{model}|{weights}|{json.dumps(pre.to_dict())}".encode()).hexdigest()[:12]
+        self.path = (cache or cache_root() / "features") / f"{model}-{pre.image_size}px-{tag}.pt"
+        self.index: dict[tuple, int] = {}
+        self.x: torch.Tensor | None = None
+        if self.path.is_file():
+            try:
+                saved = torch.load(self.path, weights_only=True)
+                self.index = {tuple(k): i for i, k in enumerate(saved["keys"])}
+                self.x = saved["x"]
+            except Exception as exc:  # a broken cache is recomputed, never trusted
+                log.info("feature store %s unreadable (%s): starting again", self.path, exc)
+
+    @staticmethod
+    def key(path: str | Path) -> tuple:
+        st = Path(path).stat()
+        return (str(Path(path).resolve()), int(st.st_size), int(st.st_mtime_ns))
+
+    def lookup(self, paths: list[str]) -> tuple[torch.Tensor | None, list[int]]:
+        """(features of the known paths in order, or None if any is missing; indices of the missing ones)."""
+        rows, missing = [], []
+        for i, p in enumerate(paths):
+            try:
+                row = self.index.get(self.key(p))
+            except OSError:
+                row = None
+            (missing.append(i) if row is None else rows.append(row))
+        if missing or self.x is None:
+            return None, missing if self.x is not None else list(range(len(paths)))
+        return self.x[torch.tensor(rows, dtype=torch.long)], []
+
+    def add(self, paths: list[str], features: torch.Tensor) -> None:
+        keys, new = [], []
+        for p, f in zip(paths, features):
+            try:
+                k = self.key(p)
+            except OSError:
+                continue
+            if k not in self.index:
+                keys.append(k)
+                new.append(f)
+        if not new:
+            return
+        start = 0 if self.x is None else len(self.x)
+        self.x = torch.stack(new) if self.x is None else torch.cat([self.x, torch.stack(new)])
+        self.index.update({k: start + i for i, k in enumerate(keys)})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        ordered = sorted(self.index, key=self.index.get)
+        torch.save({"keys": [list(k) for k in ordered], "x": self.x}, tmp)
+        tmp.replace(self.path)

@@ -28,7 +28,7 @@ from fruitlens.training import loaders
 from fruitlens.training.augment import BatchInput
 from fruitlens.training.auto import pretrained
 from fruitlens.training.callbacks import EpochSummary, FreezeBackbone, TargetAccuracy
-from fruitlens.training.features import cached_features
+from fruitlens.training.features import FeatureStore, cached_features
 from fruitlens.training.module import ClassifierModule
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,9 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
                                           shuffle=False,
                                           workers=loaders.workers(cfg) if gpu else min(1, loaders.workers(cfg)))
                        for split in ("train", "val")}
+    store = FeatureStore(model.name, cfg.model.weights, pre) if cfg.model.weights == "imagenet" else None
     feats = cached_features(model.backbone, pre, feature_loaders, views=views, aug=cfg.augment, seed=cfg.data.seed,
-                            cache_file=run.cache / "features.pt", gpu=gpu)
+                            cache_file=run.cache / "features.pt", gpu=gpu, store=store)
     xs = [feats["train"][0]] + ([feats["train_aug"][0]] if "train_aug" in feats else [])
     ys = [feats["train"][1]] + ([feats["train_aug"][1]] if "train_aug" in feats else [])
     train_ds = TensorDataset(torch.cat(xs), torch.cat(ys))

@@ -1,0 +1,166 @@
+"""The label audit: confident learning, grouped folds, the gallery and CSV, relabel to a copy or a manifest."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from fruitlens.cli.main import main
+from fruitlens.evaluation.audit import confident_joint, find_label_issues, flag_with_thresholds, rank_all, thresholds
+from conftest import file_hashes, make_tree, mobilenet_cached, need
+
+
+def _noisy(n=600, k=4, flip=0.1, seed=0):
+    """Probabilities of a decent model (true class most probable most of the time) and labels with known flips."""
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, k, n)
+    probs = rng.dirichlet(np.ones(k) * 0.5, n) * 0.35
+    probs[np.arange(n), true] += 0.65
+    probs /= probs.sum(1, keepdims=True)
+    given = true.copy()
+    flips = rng.choice(n, int(flip * n), replace=False)
+    given[flips] = (true[flips] + rng.integers(1, k, len(flips))) % k
+    return probs, given, set(flips.tolist())
+
+
+def test_confident_learning_finds_known_flips():
+    probs, given, flips = _noisy()
+    issues = find_label_issues(probs, given)
+    found = {i.index for i in issues}
+    assert len(found & flips) / len(flips) >= 0.8  # recall
+    assert len(found & flips) / len(found) >= 0.8  # precision
+    assert [i.rank for i in issues] == list(range(1, len(issues) + 1))
+    assert all(a.score >= b.score for a, b in zip(issues, issues[1:]))
+    hit = next(i for i in issues if i.index in flips)
+    assert hit.suggested != hit.label and hit.p_suggested > hit.p_label
+    # the ranking of everything puts the flips first
+    top = set(rank_all(probs, given)[:len(flips)].tolist())
+    assert len(top & flips) / len(flips) >= 0.8
+
+
+def test_confident_joint_by_hand():
+    probs = np.array([[.9, .1], [.8, .2], [.3, .7], [.7, .3], [.2, .8], [.1, .9]])
+    given = np.array([0, 0, 0, 1, 1, 1])
+    t = thresholds(probs, given)
+    assert t == pytest.approx([(0.9 + 0.8 + 0.3) / 3, (0.3 + 0.8 + 0.9) / 3])
+    cj, counted = confident_joint(probs, given)
+    # image 2 (labelled 0) reaches t_1 = 0.7 only; image 3 (labelled 1) reaches t_0 = 0.667 only
+    assert counted.tolist() == [0, 0, 1, 0, 1, 1]
+    assert cj.tolist() == [[2, 1], [1, 2]] and cj.sum() == 6
+    assert {i.index for i in find_label_issues(probs, given)} == {2, 3}
+    flagged, suggested = flag_with_thresholds(np.array([[.2, .8], [.9, .1]]), np.array([0, 0]), t)
+    assert flagged.tolist() == [True, False] and suggested[0] == 1
+
+
+def test_no_issues_on_clean_confident_labels():
+    probs = np.eye(3)[np.repeat([0, 1, 2], 10)] * 0.9 + 0.1 / 3
+    assert find_label_issues(probs, np.repeat([0, 1, 2], 10)) == []
+
+
+def _audited_tree(tmp_path):
+    data = make_tree(tmp_path / "photos", per_class=16, classes=("apple", "kiwi", "lemon"), size=64)
+    for i in (0, 1):  # two lemons filed under apple
+        shutil.move(str(data / "lemon" / f"lemon_{i:03d}.jpg"), str(data / "apple" / f"mislabelled_{i}.jpg"))
+    shutil.copy(data / "kiwi" / "kiwi_005.jpg", data / "lemon" / "copy_of_kiwi.jpg")  # an exact copy, other label
+    return data
+
+
+def test_check_labels_finds_the_mislabelled_and_relabel_applies_the_decisions(tmp_path, capsys):
+    need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
+    data = _audited_tree(tmp_path)
+    before = file_hashes(data)
+    out = tmp_path / "audit"
+    assert main(["check", str(data), "--labels", "--json", "--audit-out", str(out), "--folds", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    issues = result["label_issues"]
+    names = {i["path"].rsplit("/", 1)[-1]: i for i in issues}
+    planted = {"mislabelled_0.jpg", "mislabelled_1.jpg", "copy_of_kiwi.jpg", "kiwi_005.jpg"}
+    assert {n for n, i in names.items() if i["kind"] == "label"} <= planted  # nothing clean is accused
+    found = sorted({"mislabelled_0.jpg", "mislabelled_1.jpg"} & set(names))
+    assert found and names[found[0]]["suggested"] == "lemon" and names[found[0]]["label"] == "apple"
+    assert names["copy_of_kiwi.jpg"]["kind"] == "conflict"  # the check's copies under other labels join the list
+    assert set(issues[0]) >= {"path", "label", "suggested", "score"}
+    assert [i["rank"] for i in issues] == list(range(1, len(issues) + 1))
+    page = (out / "label_issues.html").read_text()
+    assert page.count("<figure") == len(issues) and "data:image/jpeg;base64," in page
+    rows = list(csv.DictReader((out / "label_issues.csv").open()))
+    assert len(rows) == len(issues) and all(r["new_label"] == "" for r in rows)
+    # a person decides: the first lemon back to lemon, the second dropped, the rest as they are
+    for r in rows:
+        if r["path"].endswith(found[0]):
+            r["new_label"] = "lemon"
+        elif r["path"].endswith("copy_of_kiwi.jpg"):
+            r["new_label"] = "drop"
+    with (out / "label_issues.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    fixed = tmp_path / "fixed"
+    assert main(["relabel", str(data), str(out / "label_issues.csv"), "--out", str(fixed)]) == 0
+    assert "1 relabelled, 1 dropped" in capsys.readouterr().out
+    assert (fixed / "lemon" / found[0]).is_file() and not list(fixed.rglob("copy_of_kiwi.jpg"))
+    assert len(list(fixed.rglob("*.jpg"))) == len(before) - 1
+    assert main(["relabel", str(data), str(out / "label_issues.csv"), "--manifest", str(tmp_path / "m.csv")]) == 0
+    m = {r["path"].rsplit("/", 1)[-1]: r["label"] for r in csv.DictReader((tmp_path / "m.csv").open())}
+    assert m[found[0]] == "lemon" and "copy_of_kiwi.jpg" not in m and m["kiwi_000.jpg"] == "kiwi"
+    assert file_hashes(data) == before  # the user's images: not moved, renamed, changed or deleted
+    # a second audit of the same images takes their features from the store (no second feature pass)
+    assert main(["check", str(data), "--labels", "--audit-out", str(tmp_path / "again")]) == 0
+    assert "look mislabelled" in capsys.readouterr().out
+
+
+def test_relabel_refuses_unsafe_targets(tmp_path, capsys):
+    data = make_tree(tmp_path / "photos", per_class=3, classes=("apple", "kiwi"), size=40)
+    decisions = tmp_path / "d.csv"
+    decisions.write_text(f"path,new_label\n{data / 'apple' / 'apple_000.jpg'},kiwi\n")
+    assert main(["relabel", str(data), str(decisions), "--out", str(data / "inside")]) == 3
+    assert "inside the data folder" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["relabel", str(data), str(decisions), "--out", str(tmp_path / "full")]) == 3
+    assert "not empty" in capsys.readouterr().err
+    decisions.write_text("path,label\nx,y\n")
+    assert main(["relabel", str(data), str(decisions), "--manifest", str(tmp_path / "m.csv")]) == 3
+    assert "new_label" in capsys.readouterr().err
+
+
+def test_label_audit_bad_input(tmp_path, capsys):
+    from fruitlens.data.check import check
+    from fruitlens.data.scan import scan
+    from fruitlens.errors import DataError
+    from fruitlens.pipelines.audit import audit_data
+
+    one = make_tree(tmp_path / "one", per_class=4, classes=("apple",), size=40)
+    with pytest.raises(DataError, match="at least two classes"):
+        audit_data(check(scan(one)), tmp_path / "out")
+    need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
+    data = make_tree(tmp_path / "d", per_class=6, classes=("apple", "kiwi"), size=48)
+    (data / "plum").mkdir()
+    shutil.copy(data / "apple" / "apple_000.jpg", data / "plum" / "only.jpg")  # a one-image class
+    (data / "kiwi" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    audit = audit_data(check(scan(data)), tmp_path / "out2", folds=3)
+    assert audit.images == 13 and audit.audited < audit.images  # the broken file is left out, plum not audited
+    assert any("not audited" in n for n in audit.notes)
+
+
+def test_train_audits_its_own_labels(tmp_path, capsys):
+    need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
+    data = make_tree(tmp_path / "photos", per_class=20, classes=("apple", "kiwi", "lemon"), size=64)
+    for i in range(3):
+        shutil.move(str(data / "lemon" / f"lemon_{i:03d}.jpg"), str(data / "kiwi" / f"planted_{i}.jpg"))
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--img-size", "64", "--workers", "0", "--target-acc", "0",
+                 "--group", "none", "--epochs", "40"]) == 0
+    assert "look mislabelled" in capsys.readouterr().out
+    rows = list(csv.DictReader((run / "label_issues.csv").open()))
+    flagged = [r["path"].rsplit("/", 1)[-1] for r in rows]
+    planted = {f"planted_{i}.jpg" for i in range(3)}
+    assert set(flagged[:len(planted & set(flagged))]) <= planted and planted & set(flagged)  # most suspect first
+    assert all(r["split"] in ("train", "val") and r["new_label"] == "" for r in rows)
+    note = json.loads((run / "report.json").read_text())["label_audit"]
+    assert note["train"] + note["val"] == len(rows) and note["html"] == "label_issues.html"
+    assert "id='label-audit'" in (run / "report.html").read_text()
+    assert len(rows) <= 8  # the planted three first, few clean images accused
+    planted_in_test = [t for t in note["test"] if "planted" in t["path"]]
+    assert all(t["suggested"] == "lemon" for t in planted_in_test)
