@@ -15,7 +15,7 @@ $(BIN)/fruitlens: pyproject.toml
 	  sys.exit(0 if free >= 7 else f"fruitlens setup: only {free:.1f} GiB free on the disk of $(CURDIR); installing PyTorch into $(VENV) needs about 7 GiB. Free some space, then run make again.")'
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,tracking]'
 	touch $@
 
 setup: $(BIN)/fruitlens weights

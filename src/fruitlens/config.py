@@ -103,6 +103,37 @@ class TrustConfig:
     images_per_group: int = 8  # size of the feature clusters of the visual groups
 
 
+LOGGERS = ("csv", "tensorboard", "mlflow")
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    """Where the run is logged: Lightning's own loggers (csv, tensorboard, mlflow), combinable."""
+
+    loggers: str = "csv"  # comma-separated: csv, tensorboard, mlflow
+    mlflow_uri: str = ""  # e.g. sqlite:///runs/mlflow.db; empty: $MLFLOW_TRACKING_URI, else sqlite:///<run>/../mlflow.db
+    experiment: str = "fruitlens"
+
+    @property
+    def names(self) -> list[str]:
+        return [n.strip() for n in self.loggers.split(",") if n.strip()]
+
+
+# the names of the train command's options (and of fruitlens.train's keyword arguments) -> config keys
+OPTIONS = {
+    "model": "model.name", "weights": "model.weights", "img_size": "model.img_size",
+    "epochs": "fit.epochs", "batch_size": "fit.batch_size", "lr": "fit.lr", "balance": "fit.balance",
+    "label_smoothing": "fit.label_smoothing", "target_acc": "fit.target_acc", "target_monitor": "fit.target_monitor",
+    "feature_views": "fit.feature_views", "fine_tune_blocks": "fit.fine_tune_blocks",
+    "fine_tune_epochs": "fit.fine_tune_epochs", "deterministic": "fit.deterministic", "devices": "fit.devices",
+    "num_nodes": "fit.num_nodes", "strategy": "fit.strategy", "accelerator": "fit.accelerator",
+    "precision": "fit.precision", "val": "data.val", "test": "data.test", "seed": "data.seed",
+    "workers": "data.num_workers", "cache_images": "data.cache_images", "group": "data.group",
+    "feature_cache": "fit.feature_cache", "augment": "augment.enabled", "logger": "track.loggers",
+    "mlflow_uri": "track.mlflow_uri", "experiment": "track.experiment",
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything ``fruitlens train`` needs; written to the run's ``config.yaml``."""
@@ -112,6 +143,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,7 +171,7 @@ class TrainConfig:
 
     def validated(self) -> "TrainConfig":
         """Checks value ranges once; raises ConfigError naming the key."""
-        d, f, m, a, t = self.data, self.fit, self.model, self.augment, self.trust
+        d, f, m, a, t, k = self.data, self.fit, self.model, self.augment, self.trust, self.track
         checks = [
             (0 <= d.val < 1, "data.val", "a fraction in [0, 1)"),
             (0 <= d.test < 1, "data.test", "a fraction in [0, 1)"),
@@ -164,6 +196,8 @@ class TrainConfig:
             (t.folds >= 2, "trust.folds", ">= 2"),
             (t.groups in ("visual", "near-duplicates"), "trust.groups", "visual or near-duplicates"),
             (t.images_per_group >= 1, "trust.images_per_group", ">= 1"),
+            (bool(k.names) and all(n in LOGGERS for n in k.names), "track.loggers",
+             f"a comma-separated list of {', '.join(LOGGERS)} (got '{k.loggers}')"),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -216,6 +250,26 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "
         hints = typing.get_type_hints(type(obj))
         sections[section] = replace(obj, **{key: _coerce(value, hints[key], dotted)})
     return replace(cfg, **sections)
+
+
+def config_from(data: str | None = None, config_file: str | Path | None = None, options: dict[str, Any] | None = None,
+                overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The train command's config (and ``fruitlens.train``'s): defaults <- ``config_file`` (YAML) <- ``options``
+    (the command's option names, see OPTIONS) <- ``overrides`` (``section.key`` or a unique bare key); validated."""
+    cfg = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
+    values = {}
+    for opt, value in (options or {}).items():
+        if opt not in OPTIONS:
+            raise ConfigError(did_you_mean(opt, list(OPTIONS), "option"),
+                              "or pass a config key as an override, e.g. overrides={'fit.epochs': 5}")
+        values[OPTIONS[opt]] = value
+    if data:
+        values["data.path"] = str(data)
+    cfg = apply_overrides(cfg, values, "option")
+    cfg = apply_overrides(cfg, dict(overrides or {}), "override")
+    if not cfg.data.path:
+        raise ConfigError("no DATA given", "fruitlens train DATA --out RUN_DIR (or --resume RUN_DIR)")
+    return cfg.validated()
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

@@ -43,6 +43,7 @@ class RunDir:
     train_info = property(lambda self: self.path / "train_info.json")
     report_json = property(lambda self: self.path / "report.json")
     report_html = property(lambda self: self.path / "report.html")
+    model_card = property(lambda self: self.path / "MODEL_CARD.md")
     plots = property(lambda self: self.path / "plots")
     export = property(lambda self: self.path / "export")
     onnx = property(lambda self: self.path / "export" / "model.onnx")

@@ -105,13 +105,12 @@ def print_check(report: CheckReport, show: int = 5) -> None:
 
 
 def run_check(args) -> int:
-    report = check(scan(args.data), min_size=args.min_size, near_dup_distance=args.near_dup_distance,
-                   workers=args.workers)
-    audit = None
-    if args.labels:
-        from fruitlens.pipelines.audit import audit_data
+    from fruitlens.pipelines.check import check_data
 
-        audit = audit_data(report, Path(args.audit_out), img_size=args.img_size, folds=args.folds)
+    result = check_data(args.data, labels=args.labels, audit_out=args.audit_out, min_size=args.min_size,
+                        near_dup_distance=args.near_dup_distance, img_size=args.img_size, folds=args.folds,
+                        workers=args.workers)
+    report, audit = result.report, result.audit
     if args.json:
         out = report.to_dict()
         if audit is not None:

@@ -18,6 +18,7 @@ COMPARE_EXAMPLES = """examples:
   fruitlens compare runs/mnv2 runs/cnn runs/densenet
   fruitlens compare runs/* --markdown --chart compare.png
   fruitlens compare runs/mnv2 runs/mnv2/eval/supermarket     # the test split next to other data
+  fruitlens compare --mlflow-experiment fruitlens --mlflow-uri sqlite:///runs/mlflow.db
 """
 
 
@@ -33,7 +34,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("compare", help="one table across runs", epilog=COMPARE_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders, or report folders RUN/eval/<data>")
+    p.add_argument("runs", nargs="*", help="run folders, or report folders RUN/eval/<data>")
+    p.add_argument("--mlflow-experiment", metavar="NAME", help="compare the runs of this MLflow experiment instead")
+    p.add_argument("--mlflow-uri", help="its tracking URI (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--json", action="store_true")
     p.add_argument("--chart", default="compare.png", help="bar chart PNG to write (default compare.png; '' = none)")
@@ -66,9 +69,18 @@ def run_evaluate(args) -> int:
 
 
 def run_compare(args) -> int:
-    from fruitlens.evaluation.compare import compare_runs, markdown
+    from fruitlens.errors import ConfigError
+    from fruitlens.evaluation.compare import compare_mlflow, compare_runs, markdown
 
-    rows = compare_runs(args.runs, Path(args.chart) if args.chart else None)
+    chart = Path(args.chart) if args.chart else None
+    if args.mlflow_experiment:
+        if args.runs:
+            raise ConfigError("pass run folders or --mlflow-experiment, not both")
+        rows = compare_mlflow(args.mlflow_experiment, args.mlflow_uri, chart)
+    elif args.runs:
+        rows = compare_runs(args.runs, chart)
+    else:
+        raise ConfigError("nothing to compare", "fruitlens compare RUN [RUN ...] or --mlflow-experiment NAME")
     if args.json:
         print_json([{**vars(r), "accuracy_ci95_text": r.ci} for r in rows])
     elif args.markdown:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fruitlens.config import TrainConfig, apply_overrides, parse_overrides
+from fruitlens.config import OPTIONS, TrainConfig, config_from, parse_overrides
 from fruitlens.errors import ExitCode
 
 EXAMPLES = """examples:
@@ -14,20 +14,10 @@ EXAMPLES = """examples:
   fruitlens train ../shared/data/fruits360 --target-acc 0.98 --out runs/f360  # keeps the data's own Test split
   fruitlens train photos/ --out runs/x fit.label_smoothing=0.1 augment.rotation=0
   fruitlens train --resume runs/mnv2                            # continue an interrupted run
+  fruitlens train photos/ --out runs/x --logger csv,tensorboard,mlflow --mlflow-uri sqlite:///runs/mlflow.db
   fruitlens train photos/ --devices 2 --strategy ddp --accelerator cpu --no-feature-cache --out runs/ddp
 """
 
-# option -> config key
-_OPTIONS = {
-    "model": "model.name", "weights": "model.weights", "img_size": "model.img_size",
-    "epochs": "fit.epochs", "batch_size": "fit.batch_size", "lr": "fit.lr", "balance": "fit.balance",
-    "label_smoothing": "fit.label_smoothing", "target_acc": "fit.target_acc", "target_monitor": "fit.target_monitor",
-    "feature_views": "fit.feature_views", "fine_tune_blocks": "fit.fine_tune_blocks",
-    "fine_tune_epochs": "fit.fine_tune_epochs", "deterministic": "fit.deterministic", "devices": "fit.devices",
-    "num_nodes": "fit.num_nodes", "strategy": "fit.strategy", "accelerator": "fit.accelerator",
-    "precision": "fit.precision", "val": "data.val", "test": "data.test", "seed": "data.seed",
-    "workers": "data.num_workers", "cache_images": "data.cache_images", "group": "data.group",
-}
 
 
 def register(sub) -> None:
@@ -71,26 +61,18 @@ def register(sub) -> None:
     g.add_argument("--num-nodes", type=int)
     g.add_argument("--strategy", help="auto (default), ddp, ddp_spawn, ...")
     g.add_argument("--precision", help="auto (16-mixed on GPU, 32 on CPU), 32-true, bf16-mixed, ...")
+    g = p.add_argument_group("tracking (pip install 'fruitlens[tracking]' for tensorboard and mlflow)")
+    g.add_argument("--logger", help="csv (default), tensorboard, mlflow, or several: csv,tensorboard,mlflow")
+    g.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///<folder of the run>/mlflow.db)")
+    g.add_argument("--experiment", help="MLflow experiment name (default fruitlens)")
     p.set_defaults(func=run_train)
 
 
 def build_config(args) -> TrainConfig:
     """defaults <- --config YAML <- options <- key=value overrides; validated once."""
-    from fruitlens.errors import ConfigError
-
-    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    values = {key: getattr(args, opt) for opt, key in _OPTIONS.items() if getattr(args, opt, None) is not None}
-    if args.feature_cache is not None:
-        values["fit.feature_cache"] = args.feature_cache
-    if args.augment is not None:
-        values["augment.enabled"] = args.augment
-    if args.data:
-        values["data.path"] = args.data
-    cfg = apply_overrides(cfg, values, "option")
-    cfg = apply_overrides(cfg, parse_overrides(args.overrides), "override")
-    if not cfg.data.path:
-        raise ConfigError("no DATA given", "fruitlens train DATA --out RUN_DIR (or --resume RUN_DIR)")
-    return cfg.validated()
+    options = {opt: getattr(args, opt) for opt in OPTIONS if getattr(args, opt, None) is not None}
+    return config_from(args.data, args.config, options, parse_overrides(args.overrides))
 
 
 def run_train(args) -> int:

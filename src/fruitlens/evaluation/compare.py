@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fruitlens.errors import RunDirError
+from fruitlens.errors import ConfigError, RunDirError
 from fruitlens.evaluation import plots
 from fruitlens.evaluation.metrics import ci_text
 from fruitlens.evaluation.report import Report
@@ -79,11 +79,56 @@ def compare_runs(paths: list[str | Path], chart: Path | None = None) -> list[Com
                                int(rep.model.preprocessing.get("image_size", 0)), rep.evaluated_on, m.accuracy,
                                m.accuracy_ci95, m.macro_f1, m.ece, rep.timing.train_seconds,
                                round(cpu_latency_ms(run.best_ckpt), 2)))
+    return _chart(rows, chart)
+
+
+def _chart(rows: list[CompareRow], chart: Path | None) -> list[CompareRow]:
     if chart is not None and rows:
         names = [f"{Path(r.run).name}\n({r.model}, {r.evaluated_on})" for r in rows]
         plots.bar_chart(names, [r.accuracy for r in rows], chart, "accuracy by run (95% intervals)", "accuracy",
                         [r.accuracy_ci95 for r in rows])
     return rows
+
+
+def compare_mlflow(experiment: str, uri: str | None = None, chart: Path | None = None) -> list[CompareRow]:
+    """The same rows from the finished fruitlens runs of an MLflow experiment (their params and test metrics); the
+    CPU latency is measured where the run's folder is on this machine, else NaN."""
+    import os
+
+    try:
+        from mlflow import MlflowClient
+    except ImportError:
+        raise ConfigError("--mlflow-experiment needs the mlflow package, which is not installed",
+                          "install the tracking extra: pip install 'fruitlens[tracking]'") from None
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError("no MLflow store given", "pass --mlflow-uri (e.g. sqlite:///runs/mlflow.db) or set "
+                          "MLFLOW_TRACKING_URI")
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ConfigError(f"{uri}: no MLflow experiment '{experiment}'",
+                          f"experiments there: {', '.join(names) or 'none'}")
+    rows = []
+    for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]):
+        p, m = r.data.params, r.data.metrics
+        if "test_accuracy" not in m:  # unfinished, or logged by something else
+            continue
+        ci = ([m["test_accuracy_ci95_low"], m["test_accuracy_ci95_high"]] if "test_accuracy_ci95_low" in m else None)
+        folder = RunDir(Path(p.get("run/folder", "")))
+        latency = round(cpu_latency_ms(folder.best_ckpt), 2) if p.get("run/folder") and folder.best_ckpt.is_file() \
+            else float("nan")
+        rows.append(CompareRow(r.info.run_name or r.info.run_id, p.get("model/name"), int(p.get("run/parameters", 0)),
+                               float(p.get("run/size_mb", 0)), int(p.get("model/img_size", 0)),
+                               p.get("run/evaluated_on", "test"), m["test_accuracy"], ci,
+                               m.get("test_macro_f1", float("nan")), m.get("test_ece", float("nan")),
+                               m.get("train_seconds"), latency))
+    if not rows:
+        raise RunDirError(f"MLflow experiment '{experiment}' has no finished fruitlens run",
+                          "train one with: fruitlens train DATA --logger mlflow --experiment "
+                          f"{experiment} --mlflow-uri {uri}")
+    return _chart(rows, chart)
 
 
 def markdown(rows: list[CompareRow]) -> str:
@@ -96,4 +141,4 @@ def markdown(rows: list[CompareRow]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CompareRow", "compare_runs", "markdown", "cpu_latency_ms", "ci_text"]
+__all__ = ["CompareRow", "compare_runs", "compare_mlflow", "markdown", "cpu_latency_ms", "ci_text"]

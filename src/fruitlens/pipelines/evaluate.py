@@ -13,12 +13,14 @@ import numpy as np
 
 from fruitlens.data.check import check, duplicate_groups
 from fruitlens.data.facts import DataFacts
+from fruitlens.data.provenance import licence_note
 from fruitlens.data.manifest import Manifest
 from fruitlens.data.scan import scan
 from fruitlens.errors import DataError, ImageError
 from fruitlens.evaluation.classmap import ClassMapping
 from fruitlens.evaluation.metrics import calibration, compute_metrics, validation_gap
 from fruitlens.evaluation.audit import flag_with_thresholds
+from fruitlens.evaluation.card import write_model_card
 from fruitlens.evaluation.report import (AuditNote, DatasetNote, Environment, LeakNote, ModelNote, Report, Timing,
                                          TrustNote, gallery, write_report)
 from fruitlens.evaluation.selective import nll, risk_coverage
@@ -77,6 +79,8 @@ def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = 
     report.gallery = gallery(scored.paths, scored.y, scored.probs, mapping.columns, gallery_size, scored.groups,
                              scored.class_maps, predictor.preprocessing)
     page = write_report(report, target.out)
+    if target.data is None:  # the run's own figures: its model card says the same
+        write_model_card(report, run.model_card, licence_note(report.data) if report.data else None)
     log.info("evaluated %d images (%s) in %.1fs: accuracy %.4f, macro F1 %.4f -> %s", metrics.n, target.name,
              report.timing.eval_seconds, metrics.accuracy, metrics.macro_f1, page)
     return report

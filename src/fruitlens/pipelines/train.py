@@ -33,9 +33,11 @@ from fruitlens.rundir import RunDir
 from fruitlens.runtime import is_ddp_child, limit_heap_growth
 from fruitlens.training import auto
 from fruitlens.pipelines.calibrate import calibrate
+from fruitlens.pipelines.track import log_results
 from fruitlens.training.fit import FitResult, fit
 from fruitlens.training.history import read_history, write_history
 from fruitlens.training.info import TrainInfo
+from fruitlens.training.loggers import check_available
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     """Trains ``cfg`` into the new run folder ``out``, exports and evaluates it on the test split."""
     t0 = time.perf_counter()
     run = RunDir(Path(out))
+    check_available(cfg)  # a missing tracker package fails now, not after training
     if is_ddp_child():  # a process that Lightning's DDP launcher started: rank zero prepared the run already
         return _fit_and_ship(run, TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest),
                              read_json(run.facts, DataFacts), [], t0)
@@ -123,6 +126,7 @@ def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: Data
     result.audit = _audit_labels(run, manifest, classes, heldout)
     result.export, result.export_error = _export_for_serving(run)
     result.report = evaluate(run, train_info=result.info)
+    log_results(cfg, run, result.report)
     return result
 
 

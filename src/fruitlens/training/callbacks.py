@@ -92,7 +92,23 @@ class EpochSummary(Callback):
         self.rows.append(row)
         if self.path is not None:
             write_history(self.path, self.rows)
+        _log_keras_names(trainer, row, len(self.rows))
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
         log.info("[%s] epoch %d: train loss %s acc %s | val loss %s acc %s | lr %.2g | %.1fs", self.phase, row["epoch"],
                  fmt(row["train_loss"]), fmt(row["train_acc"]), fmt(row["val_loss"]), fmt(row["val_acc"]), lr,
                  row["seconds"])
+
+
+# the original notebook's (Keras's) names for the per-epoch figures, as trackers show them
+KERAS_NAMES = {"train_loss": "loss", "train_acc": "accuracy", "val_loss": "val_loss", "val_acc": "val_accuracy",
+               "lr": "learning_rate"}
+PHASE_NUMBER = {"head": 1, "full": 1, "fine-tune": 2}
+
+
+def _log_keras_names(trainer, row: dict, step: int) -> None:
+    """loss, accuracy, val_loss, val_accuracy, learning_rate and the phase (1 head or full, 2 fine-tune) of one
+    epoch to every logger of the trainer; the step counts epochs across phases, so the curves run on."""
+    metrics = {name: row[key] for key, name in KERAS_NAMES.items() if row.get(key) is not None}
+    metrics["phase"] = PHASE_NUMBER.get(row["phase"], 0)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)

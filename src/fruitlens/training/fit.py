@@ -15,7 +15,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from fruitlens.config import TrainConfig
@@ -29,6 +28,7 @@ from fruitlens.training.augment import BatchInput
 from fruitlens.training.auto import pretrained
 from fruitlens.training.callbacks import EpochSummary, FreezeBackbone, TargetAccuracy
 from fruitlens.training.features import FeatureStore, cached_features
+from fruitlens.training.loggers import mlflow_run, phase_loggers
 from fruitlens.training.module import ClassifierModule
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: li
     limit = f.limit_batches if f.limit_batches <= 1 else int(f.limit_batches)
     trainer = L.Trainer(max_epochs=epochs, accelerator=f.accelerator, devices=devices, num_nodes=f.num_nodes,
                         strategy=f.strategy, precision=precision, deterministic=f.deterministic, callbacks=callbacks,
-                        logger=CSVLogger(run.path, name="logs", version=phase), enable_model_summary=False,
+                        logger=phase_loggers(cfg, run, phase, mlflow_run(cfg, run)), enable_model_summary=False,
                         # a bar only on a terminal: in a log file its redraws bury the one summary line per epoch
                         enable_progress_bar=progress and sys.stdout.isatty(), limit_train_batches=limit,
                         limit_val_batches=limit, num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=run.path)
