@@ -75,3 +75,19 @@ def save(name: str, data: dict) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
+
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Puts ``markdown`` into RESULTS.md between ``<!-- name -->`` markers (replacing what a previous run put there,
+    appending the first time), so that each benchmark rewrites its own section and leaves the others as measured."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    text = RESULTS.read_text() if RESULTS.exists() else "# fruitlens benchmark results\n"
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)

@@ -30,6 +30,8 @@ class DataConfig:
     min_size: int = 32
     cache_images: bool = False
     num_workers: int = -1  # -1: pick from the CPU count
+    eval_data: str = ""  # another labelled folder (or manifest) the run is also evaluated on: RUN/eval/<name>/
+    eval_class_map: str = ""  # JSON mapping eval_data's class names onto the training classes
 
 
 RRC_MIN_AREA = 0.08  # torchvision's RandomResizedCrop default: the smallest crop, as a share of the image area
@@ -129,6 +131,7 @@ OPTIONS = {
     "num_nodes": "fit.num_nodes", "strategy": "fit.strategy", "accelerator": "fit.accelerator",
     "precision": "fit.precision", "val": "data.val", "test": "data.test", "seed": "data.seed",
     "workers": "data.num_workers", "cache_images": "data.cache_images", "group": "data.group",
+    "eval_data": "data.eval_data", "class_map": "data.eval_class_map",
     "feature_cache": "fit.feature_cache", "augment": "augment.enabled", "logger": "track.loggers",
     "mlflow_uri": "track.mlflow_uri", "experiment": "track.experiment",
 }

@@ -6,6 +6,9 @@ import ctypes.util
 import logging
 import os
 import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -37,3 +40,34 @@ def is_ddp_child() -> bool:
     """This process was started by Lightning's DDP launcher for a local rank above zero (its environment says so
     from the start; the process the user started gets ``LOCAL_RANK`` only once it launches the others)."""
     return int(os.environ.get("LOCAL_RANK", 0) or 0) > 0
+
+
+class Stages:
+    """Wall time per stage of a command (check, features, head, export, evaluation ...), in the order they ran.
+    ``STAGES`` is the process's one instance: the train pipeline starts it afresh and writes it to train_info.json."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.seconds = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 2)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def text(self) -> str:
+        """``features 25.1s (backbone 20.3s), head 4.0s``: a stage ``a: b`` is a part of stage ``a``."""
+        parts = {k: [f"{p.split(': ', 1)[1]} {s:.1f}s" for p, s in self.seconds.items() if p.startswith(k + ": ")]
+                 for k in self.seconds if ": " not in k}
+        return ", ".join(f"{k} {self.seconds[k]:.1f}s" + (f" ({', '.join(p)})" if p else "") for k, p in parts.items())
+
+
+STAGES = Stages()

@@ -45,6 +45,7 @@ def register(sub) -> None:
 
 def run_evaluate(args) -> int:
     from fruitlens.evaluation.metrics import ci_text, gap_text
+    from fruitlens.evaluation.domain import studio_text
     from fruitlens.pipelines.evaluate import evaluate
 
     rep = evaluate(args.run, args.data, split=args.split, class_map=args.class_map, batch_size=args.batch_size)
@@ -54,6 +55,10 @@ def run_evaluate(args) -> int:
           f"log loss {m.log_loss:.4f}  ECE {m.ece:.4f}")
     if gap := gap_text(rep.validation_gap, rep.evaluated_on):
         print(f"warning: {gap}")
+    for f in rep.domain.figures[1:]:
+        print(f"next to {f.name}: accuracy {f.accuracy:.4f}  balanced {f.balanced_accuracy:.4f}  ({f.images} images)")
+    if rep.domain.studio_only and rep.evaluated_on in ("test", "val"):
+        print(f"warning: {studio_text(rep.domain)}")
     print()
     print(m.classification_report)
     if m.most_confused:

@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   fruitlens train photos/ --model small_cnn --epochs 30 --out runs/cnn
   fruitlens train photos/ --fine-tune-blocks 3 --img-size 160 --out runs/ft   # real photos: fine-tune the top
   fruitlens train ../shared/data/fruits360 --target-acc 0.98 --out runs/f360  # keeps the data's own Test split
+  fruitlens train ../shared/data/fruits360 --eval-data photos/ --class-map map.json --out runs/f360  # and on photos
   fruitlens train photos/ --out runs/x fit.label_smoothing=0.1 augment.rotation=0
   fruitlens train --resume runs/mnv2                            # continue an interrupted run
   fruitlens train photos/ --out runs/x --logger csv,tensorboard,mlflow --mlflow-uri sqlite:///runs/mlflow.db
@@ -55,6 +56,9 @@ def register(sub) -> None:
     g.add_argument("--group", choices=["near-duplicates", "none"])
     g.add_argument("--workers", type=int, help="data loading processes (default: up to 4)")
     g.add_argument("--cache-images", action="store_true", default=None, help="keep decoded images in memory")
+    g.add_argument("--eval-data", metavar="OTHER", help="also evaluate on this labelled folder (e.g. photos like the "
+                   "ones the model will see): its figures go next to the test split's, its report to RUN/eval/")
+    g.add_argument("--class-map", help="JSON mapping OTHER's class names onto the training classes")
     g = p.add_argument_group("hardware (Lightning)")
     g.add_argument("--accelerator", help="auto (default), cpu, gpu")
     g.add_argument("--devices", help="number of devices, e.g. 2 (default 1)")
@@ -88,12 +92,15 @@ def run_train(args) -> int:
         result = train(cfg, args.out or f"runs/{cfg.model.name}")
     if result.report is not None:  # the other processes of a DDP run print nothing
         print_summary(result.run.report_html, result.report, result.export_error)
+        if result.other_error:
+            print(f"warning: --eval-data was not evaluated: {result.other_error}")
     return ExitCode.OK
 
 
 def print_summary(page, report, export_error: str | None = None) -> None:
     """The headline of a trained run: accuracy with its interval, warnings, where the report is, what to do next."""
     from fruitlens.evaluation.metrics import ci_text, gap_text
+    from fruitlens.evaluation.domain import studio_text
 
     m = report.metrics
     run = report.run
@@ -109,7 +116,16 @@ def print_summary(page, report, export_error: str | None = None) -> None:
     if a is not None and (a.train or a.val or a.test):
         print(f"labels: {a.train} training and {a.val} validation images look mislabelled, and {len(a.test)} test "
               f"images: see {Path(run) / a.html} (decide in label_issues.csv, then 'fruitlens relabel')")
+    for f in report.domain.figures[1:]:
+        print(f"on {f.name}: accuracy {f.accuracy:.4f} (95% CI {_ci(f.accuracy_ci95)})  balanced {f.balanced_accuracy:.4f}"
+              f"  ({f.images} images; report {Path(run) / f.folder / 'report.html'})")
+    if report.domain.studio_only:
+        print(f"warning: {studio_text(report.domain)}")
     if export_error:
         print(f"warning: no ONNX export ({export_error}); predict and serve use the PyTorch checkpoint")
     print(f"report: {page}")
     print(f"next: fruitlens predict {run} IMAGE | fruitlens export {run} --format onnx | fruitlens serve {run}")
+
+
+def _ci(ci) -> str:
+    return "-" if not ci or ci[0] != ci[0] else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"

@@ -77,6 +77,7 @@ class CheckSummary:
     skipped_non_image: int = 0
     errors: int = 0
     warnings: int = 0
+    white_background: float = 0.0  # share of the usable images shot on white (studio shots, like Fruits-360)
 
 
 @dataclass
@@ -144,17 +145,41 @@ def analyse_file(path: str) -> FileInfo:
     return FileInfo(True, "", "", d.width, d.height, d.mode, d.exif_rotated, sha1, 0, colour, phash_thumbnail(d.image))
 
 
+# What this process learnt of each file, by (path, size, mtime): a command that checks the same files twice (the
+# demo picks classes on a check of the whole data set, then trains on some of them) decodes each once.
+_SEEN: dict[tuple[str, int, int], FileInfo] = {}
+_SEEN_MAX = 500_000  # about 100 MB of FileInfo
+
+
+def _file_key(path: str) -> tuple[str, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
 def analyse_files(paths: list[str], workers: int = 0) -> list[FileInfo]:
-    """Decodes ``paths`` in parallel processes (``workers`` 0 = one per CPU); then hashes them all in one batch."""
+    """Decodes ``paths`` in parallel processes (``workers`` 0 = one per CPU); then hashes them all in one batch.
+    Files this process analysed before, unchanged since, are not read again."""
+    keys = [_file_key(p) for p in paths]
+    todo = [i for i, k in enumerate(keys) if k is None or k not in _SEEN]
     workers = workers or (os.cpu_count() or 1)
-    if workers == 1 or len(paths) < 64:
-        files = [analyse_file(p) for p in paths]
+    if workers == 1 or len(todo) < 64:
+        new = [analyse_file(paths[i]) for i in todo]
     else:
-        chunk = max(16, min(512, len(paths) // (workers * 8) or 1))
+        chunk = max(16, min(512, len(todo) // (workers * 8) or 1))
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            files = list(pool.map(analyse_file, paths, chunksize=chunk))
-    hashes = iter(phash_batch([f.thumb for f in files if f.thumb]).tolist())
-    return [replace(f, phash=int(next(hashes)), thumb=b"") if f.thumb else f for f in files]
+            new = list(pool.map(analyse_file, [paths[i] for i in todo], chunksize=chunk))
+    hashes = iter(phash_batch([f.thumb for f in new if f.thumb]).tolist())
+    new = [replace(f, phash=int(next(hashes)), thumb=b"") if f.thumb else f for f in new]
+    if len(_SEEN) + len(new) > _SEEN_MAX:
+        _SEEN.clear()
+    for i, f in zip(todo, new):
+        if keys[i] is not None:
+            _SEEN[keys[i]] = f
+    found = dict(zip(todo, new))
+    return [found[i] if i in found else _SEEN[keys[i]] for i in range(len(paths))]
 
 
 def check(scan_result: ScanResult | Manifest, *, min_size: int = 32, near_dup_distance: int = 4,
@@ -289,7 +314,20 @@ def _summary(report: CheckReport, scan_result: ScanResult, counts: Counter, exac
         near_duplicate_pairs=int(len(report.near_pairs)), near_duplicate_distance=near_dup_distance, leaks=leaks,
         skipped_hidden=len(scan_result.skipped_hidden), skipped_non_image=len(scan_result.skipped_non_image),
         errors=sum(i.severity == "error" for i in report.issues),
-        warnings=sum(i.severity == "warning" for i in report.issues))
+        warnings=sum(i.severity == "warning" for i in report.issues),
+        white_background=round(float(np.mean([white_background(f) for f in report.files if f.ok])), 4)
+        if usable.any() else 0.0)
+
+
+def white_background(f: FileInfo) -> bool:
+    """Shot on white, like a studio or Fruits-360: at least a quarter of the 28 border cells of the 8x8 colour
+    thumbnail near white (every channel >= 225). Measured on 150 images each: Fruits-360 median 46% of the border
+    (5th percentile 29%), GroceryStore's supermarket photos 0% (95th percentile 0%)."""
+    if len(f.colour) != COLOUR_SIDE * COLOUR_SIDE * 3:
+        return False
+    t = np.frombuffer(f.colour, np.uint8).reshape(COLOUR_SIDE, COLOUR_SIDE, 3)
+    border = np.concatenate([t[0], t[-1], t[1:-1, 0], t[1:-1, -1]])
+    return bool((border.min(axis=1) >= 225).mean() >= 0.25)
 
 
 _SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fruitlens.evaluation.metrics import ci_text, gap_text
+from fruitlens.evaluation.domain import studio_text
 from fruitlens.evaluation.report import Report
 
 WEAK_RECALL = 0.80
@@ -68,6 +69,11 @@ def model_card(report: Report, licence: str | None = None) -> str:
                      "overstates the accuracy on new photos.")
     elif report.leak.applies and report.leak.leak_free:
         lines.append("- No test image has a near duplicate in the training images (checked by perceptual hash).")
+    for f in report.domain.figures[1:]:
+        ci = f" (95% CI {100 * f.accuracy_ci95[0]:.1f}-{100 * f.accuracy_ci95[1]:.1f}%)" if f.accuracy_ci95 else ""
+        lines.append(f"- Also evaluated on {f.name} ({f.images:,} images{', class map ' + f.class_map if f.class_map else ''}): "
+                     f"accuracy {f.accuracy:.4f}{ci}, balanced accuracy {f.balanced_accuracy:.4f}, macro F1 "
+                     f"{f.macro_f1:.4f} (its report: {f.folder}/report.html).")
     lines += ["", "## Metrics",
               "Accuracy with its 95% interval (near-duplicate groups count as one try each), balanced accuracy, "
               "macro F1, expected calibration error (ECE) and log loss.", ""]
@@ -89,6 +95,8 @@ def model_card(report: Report, licence: str | None = None) -> str:
                     [[c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", int(v["support"])]
                      for c, v in m.per_class.items()])
     lines += ["", "## Caveats and recommendations"]
+    if report.domain.studio_only:
+        lines.append(f"- Studio shots only: {studio_text(report.domain)}")
     if gap := gap_text(report.validation_gap, report.evaluated_on):
         lines.append(f"- {gap}")
     weak = weak_classes(report)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fruitlens.evaluation.domain import studio_text
 from fruitlens.evaluation.metrics import ci_text, gap_text
 
 if TYPE_CHECKING:
@@ -71,6 +72,26 @@ def _leak_html(report: "Report") -> str:
                "validation.</div>")
     if gap := gap_text(report.validation_gap, report.evaluated_on):
         out += f"<div class='warn' id='validation-gap'><b>Validation overstates:</b> {_e(gap)}</div>"
+    return out
+
+
+def _domain_html(report: "Report") -> str:
+    """The studio-shots warning, and this evaluation's figures next to those on other data (or the test split)."""
+    d = report.domain
+    out = f"<div class='warn' id='studio-only'><b>Studio shots only:</b> {_e(studio_text(d))}</div>" if d.studio_only else ""
+    if len(d.figures) > 1:
+        ci = lambda c: "-" if not c or c[0] != c[0] else f"{100 * c[0]:.1f}-{100 * c[1]:.1f}%"
+        rows = "".join(
+            f"<tr><td>{'<b>' + _e(f.name) + '</b> (this report)' if i == 0 else _e(f.name)}</td><td>{f.images}</td>"
+            f"<td>{_pct(f.accuracy)}</td><td>{ci(f.accuracy_ci95)}</td><td>{_pct(f.balanced_accuracy)}</td>"
+            f"<td>{_pct(f.macro_f1)}</td><td>{_e(f.class_map or '-')}</td>"
+            f"<td>{'' if i == 0 else '<a href=' + chr(34) + _e(f.folder + '/report.html') + chr(34) + '>report</a>'}</td></tr>"
+            for i, f in enumerate(d.figures))
+        head = "".join(f"<th>{h}</th>" for h in ("evaluated on", "images", "accuracy", "95% CI", "balanced accuracy",
+                                                  "macro F1", "class map", ""))
+        out += (f"<h2>Other data</h2><div id='other-data'><p class='sub'>the same model on each data set; a test split "
+                f"carved from the training data flatters it when photos elsewhere look different</p>"
+                f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
     return out
 
 
@@ -151,6 +172,7 @@ def render_html(report: "Report", images: dict[str, str]) -> str:
 ({m.n} images) · data <code>{_e(report.data)}</code></p>
 {_leak_html(report)}{_notes_html(report)}
 <div class="cards" id="headline">{card_html}</div>
+{_domain_html(report)}
 <h2>Confusion matrix</h2>
 <div id="confusion">{img('confusion_normalised', 'row-normalised confusion matrix')}
 <details><summary>counts</summary>{img('confusion_counts', 'confusion matrix counts')}</details></div>

@@ -14,6 +14,7 @@ import numpy as np
 
 from fruitlens.evaluation import plots
 from fruitlens.evaluation.html import render_html
+from fruitlens.evaluation.domain import DomainNote
 from fruitlens.evaluation.metrics import Metrics, ValidationGap, group_keys
 from fruitlens.evaluation.selective import RiskCoverage
 from fruitlens.jsonio import from_dict, json_safe, write_json
@@ -129,6 +130,7 @@ class Report:
     validation_gap: ValidationGap | None = None
     trust: TrustNote | None = None  # None for models trained before the trust layer
     label_audit: AuditNote | None = None
+    domain: DomainNote = field(default_factory=DomainNote)
     gallery: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # worst_mistakes, least_confident_correct
     plots: dict[str, str] = field(default_factory=dict)  # name -> path relative to the report's folder
 

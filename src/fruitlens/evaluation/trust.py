@@ -86,14 +86,7 @@ def fit_out_of_fold(x: torch.Tensor, y: torch.Tensor, groupings: list[tuple[str,
     """
     t0 = time.perf_counter()
     yy = y.numpy()
-    for name, groups in groupings + [("single images", np.arange(len(yy)))]:
-        fold = group_folds(yy, groups, folds, seed)
-        held = class_seen_elsewhere(yy, fold)
-        per_class = len(np.unique(groups)) / max(1, len(np.unique(yy)))
-        if held.mean() >= MIN_HELDOUT_SHARE and per_class >= MIN_GROUPS_PER_CLASS:
-            break
-        log.info("calibration: %.1f groups of %s per class (%.0f%% of images in a class another fold knows): too "
-                 "coarse, trying finer groups", per_class, name, 100 * held.mean())
+    name, groups, fold, held = choose_folds(yy, groupings, folds, seed)
     extra = None if augmented is None else (augmented[0], augmented[1], fold[augmented[2]])
     logits = out_of_fold_logits(x, y, fold, n_classes, recipe, extra, seed)
     source = (f"out-of-fold predictions of {len(np.unique(fold))} linear heads on the frozen backbone's features, "
@@ -104,6 +97,21 @@ def fit_out_of_fold(x: torch.Tensor, y: torch.Tensor, groupings: list[tuple[str,
     trust.heldout_groups = int(len(np.unique(groups)))
     trust.seconds = round(time.perf_counter() - t0, 2)
     return trust, scorer, HeldOut(logits, yy, held)
+
+
+def choose_folds(y: np.ndarray, groupings: list[tuple[str, np.ndarray]], folds: int = 5, seed: int = 0,
+                 what: str = "calibration") -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """(name, groups, fold per image, held-out mask) of the coarsest of ``groupings`` whose folds hold out most
+    images within a class that other folds know (and MIN_GROUPS_PER_CLASS groups per class); single images last."""
+    for name, groups in groupings + [("single images", np.arange(len(y)))]:
+        fold = group_folds(y, groups, folds, seed)
+        held = class_seen_elsewhere(y, fold)
+        per_class = len(np.unique(groups)) / max(1, len(np.unique(y)))
+        if held.mean() >= MIN_HELDOUT_SHARE and per_class >= MIN_GROUPS_PER_CLASS:
+            break
+        log.info("%s: %.1f groups of %s per class (%.0f%% of images in a class another fold knows): too coarse, "
+                 "trying finer groups", what, per_class, name, 100 * held.mean())
+    return name, groups, fold, held
 
 
 def class_seen_elsewhere(y: np.ndarray, fold: np.ndarray) -> np.ndarray:

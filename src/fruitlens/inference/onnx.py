@@ -68,6 +68,16 @@ def read_metadata(sess) -> dict[str, str]:
     return dict(sess.get_modelmeta().custom_metadata_map)
 
 
+def file_metadata(path: Path) -> dict[str, str]:
+    """The metadata of an ONNX file, without starting a session; empty for a file that is not a readable model."""
+    import onnx
+
+    try:
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # a truncated or foreign file: not the export it should be
+        return {}
+
+
 def _chunked(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
     step = max(4, min(64, int(64 * (96 / batch.shape[-1]) ** 2)))  # small chunks for large inputs
     return np.concatenate([fn(batch[i:i + step]) for i in range(0, len(batch), step)])

@@ -12,6 +12,7 @@ import csv
 import html
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +24,13 @@ from fruitlens.data.dataset import ImageDataset, make_loader
 from fruitlens.errors import DataError
 from fruitlens.evaluation.audit import find_label_issues, thresholds
 from fruitlens.evaluation.report import thumbnail
-from fruitlens.evaluation.trust import class_seen_elsewhere
+from fruitlens.evaluation.trust import choose_folds
 from fruitlens.inference.predictor import softmax
 from fruitlens.jsonio import write_json
 from fruitlens.models.registry import build_model
 from fruitlens.training.auto import auto_image_size
 from fruitlens.training.features import Engine, FeatureStore
-from fruitlens.training.heldout import HeadRecipe, group_folds, out_of_fold_logits
+from fruitlens.training.heldout import HeadRecipe, out_of_fold_logits
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,12 @@ def audit_data(report: CheckReport, out: Path, *, model: str = "mobilenet_v2", i
     paths = [str(report.manifest.resolve(r)) for r in records]
     x = _features(net, paths, classes, records, report.manifest.root)
     y = np.array([classes.index(r.label) for r in records])
-    groups = duplicate_groups(report)[keep]
-    fold = group_folds(y, groups, folds, seed)
+    # folds of whole near-copy groups, so that a mislabelled image's copies under the same wrong label cannot vouch
+    # for it; where a class is one long chain of copies (Fruits-360's turning fruit), finer groups
+    name, groups, fold, held = choose_folds(y, [("near copies", duplicate_groups(report)[keep])], folds, seed,
+                                            "label audit")
     logits = out_of_fold_logits(x, torch.from_numpy(y), fold, len(classes), AUDIT_RECIPE, seed=seed)
-    held = class_seen_elsewhere(y, fold)
-    notes = [f"{len(np.unique(groups))} near-duplicate groups in {len(np.unique(fold))} folds"]
+    notes = [f"{len(np.unique(groups))} groups of {name} in {len(np.unique(fold))} folds"]
     result = audit_heldout(paths, y, softmax(logits), held, classes, [r.split for r in records], notes)
     result.method = (f"confident learning on out-of-fold probabilities of {len(np.unique(fold))} linear heads on "
                      f"ImageNet {model} features at {size} px")
@@ -140,11 +142,26 @@ def audit_heldout(paths: list[str], y: np.ndarray, probs: np.ndarray, held: np.n
 
 
 def _conflicts(report: CheckReport) -> list[AuditItem]:
-    """Identical or near-identical images under different labels, from the check's duplicate pairs (each once)."""
+    """Identical or near-identical images under different labels, from the check's duplicate pairs. An image whose
+    copies mostly carry its own label keeps it (the frames of a fruit turning around one mislabelled frame: only that
+    frame is listed, with its copies' label); where the labels tie (two copies, two labels), both are listed."""
     records = report.manifest.records
-    return [AuditItem(str(report.manifest.resolve(records[b])), records[b].label, records[a].label, None, None, 1.0,
-                      kind="conflict", split=records[b].split)
-            for a, b in report.near_pairs.tolist() if records[a].label != records[b].label]
+    neighbours: dict[int, list[int]] = {}
+    for a, b in report.near_pairs.tolist():
+        neighbours.setdefault(a, []).append(b)
+        neighbours.setdefault(b, []).append(a)
+    out = []
+    for i, near in neighbours.items():
+        own = records[i].label
+        votes = Counter(records[j].label for j in near)
+        if not any(label != own for label in votes):
+            continue
+        other, n_other = max(((lab, n) for lab, n in votes.items() if lab != own), key=lambda t: (t[1], t[0]))
+        if votes.get(own, 0) + 1 > n_other:  # its copies (and itself) mostly say its label
+            continue
+        out.append(AuditItem(str(report.manifest.resolve(records[i])), own, other, None, None, 1.0, kind="conflict",
+                             split=records[i].split))
+    return out
 
 
 def _merge(conflicts: list[AuditItem], issues: list[AuditItem]) -> list[AuditItem]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ from fruitlens.evaluation.classmap import ClassMapping
 from fruitlens.evaluation.metrics import calibration, compute_metrics, validation_gap
 from fruitlens.evaluation.audit import flag_with_thresholds
 from fruitlens.evaluation.card import write_model_card
+from fruitlens.evaluation.domain import DomainFigure, DomainNote
 from fruitlens.evaluation.report import (AuditNote, DatasetNote, Environment, LeakNote, ModelNote, Report, Timing,
                                          TrustNote, gallery, write_report)
 from fruitlens.evaluation.selective import nll, risk_coverage
@@ -61,9 +63,12 @@ class Scored:
 
 def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = "test", class_map: str | None = None,
              batch_size: int = 64, gallery_size: int = 12, train_info: TrainInfo | None = None,
-             predictor: Predictor | None = None) -> Report:
+             predictor: Predictor | None = None, write: bool = True,
+             reference: DomainFigure | None = None) -> Report:
     """Evaluates the run's model and writes report.json, report.html and plots/ (for other data under
-    ``RUN/eval/<name>/``, leaving the run's own report as it is). Returns the Report."""
+    ``RUN/eval/<name>/``, leaving the run's own report as it is; ``write=False``: the caller writes it with
+    ``write_run_report``). A report on other data puts its figures next to the test split's (``reference``, else
+    the run's report.json). Returns the Report."""
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     run.require("checkpoints/best.ckpt", "labels.json", "manifest.csv")
     t0 = time.perf_counter()
@@ -78,12 +83,35 @@ def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = 
     report.timing.eval_seconds = round(time.perf_counter() - t0, 2)
     report.gallery = gallery(scored.paths, scored.y, scored.probs, mapping.columns, gallery_size, scored.groups,
                              scored.class_maps, predictor.preprocessing)
-    page = write_report(report, target.out)
-    if target.data is None:  # the run's own figures: its model card says the same
-        write_model_card(report, run.model_card, licence_note(report.data) if report.data else None)
-    log.info("evaluated %d images (%s) in %.1fs: accuracy %.4f, macro F1 %.4f -> %s", metrics.n, target.name,
-             report.timing.eval_seconds, metrics.accuracy, metrics.macro_f1, page)
+    if target.data is not None:
+        reference = reference or (DomainFigure.of(Report.from_json(run.report_json)) if run.report_json.is_file()
+                                  else None)
+        if reference is not None:
+            report.domain.figures.append(replace(reference, folder=os.path.relpath(run.path, target.out)))
+    log.info("evaluated %d images (%s) in %.1fs: accuracy %.4f, macro F1 %.4f", metrics.n, target.name,
+             report.timing.eval_seconds, metrics.accuracy, metrics.macro_f1)
+    if write:
+        write_run_report(run, report)
     return report
+
+
+def write_run_report(run: RunDir, report: Report) -> Path:
+    """report.json, report.html and plots/ into the report's folder; for the run's own split also MODEL_CARD.md."""
+    page = write_report(report, Path(report.folder))
+    if Path(report.folder).resolve() == run.path.resolve():  # the run's own figures: its model card says the same
+        write_model_card(report, run.model_card, licence_note(report.data) if report.data else None)
+    log.debug("report: %s", page)
+    return page
+
+
+def with_other_data(run: RunDir, report: Report, others: list[Report]) -> Report:
+    """The run's report with the figures of its evaluations on other data next to its own."""
+    for o in others:
+        report.domain.figures.append(DomainFigure.of(o, os.path.relpath(o.folder, run.path)))
+    return report
+
+
+_SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 
 
 def eval_target(run: RunDir, data: str | None, split: str) -> EvalTarget:
@@ -100,6 +128,8 @@ def eval_target(run: RunDir, data: str | None, split: str) -> EvalTarget:
         return EvalTarget(part, split, run.path)
     m = scan(data).manifest
     name = Path(data).stem if Path(data).is_file() else Path(data).name
+    if name.lower() in _SPLIT_NAMES:  # grocery/val: "grocery-val", not "val" (the run's own split has that name)
+        name = f"{Path(data).resolve().parent.name}-{name}"
     if m.splits and split in m.splits:
         m, name = m.split(split), f"{name}/{split}"
     return EvalTarget(_with_groups(m), name, run.eval_dir(name), str(data))
@@ -231,6 +261,7 @@ def _assemble(run: RunDir, target: EvalTarget, mapping: ClassMapping, scored: Sc
         seed=config.get("data", {}).get("seed"))
     if target.name != "val":
         report.validation_gap = validation_gap(history, metrics, split_facts.totals.get("val", 0))
+    report.domain = DomainNote(facts.check.white_background, [DomainFigure.of(report)])
     return report
 
 

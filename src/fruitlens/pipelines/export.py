@@ -17,7 +17,7 @@ from fruitlens.data.manifest import Manifest
 from fruitlens.errors import ExportError, ImageError
 from fruitlens.filehash import sha256_file
 from fruitlens.inference import onnx as onnx_io
-from fruitlens.jsonio import write_json
+from fruitlens.jsonio import read_json, write_json
 from fruitlens.models.checkpoint import load_model
 from fruitlens.models.preprocessing import Preprocessing
 from fruitlens.models.serving import OUTPUTS, ServingModel
@@ -57,10 +57,16 @@ def export(run: RunDir | str | Path, *, int8: bool = False, opset: int = 17, che
     check_images = int(min(check_images, max(32, 256 * 2**20 // (3 * 4 * pre.image_size ** 2))))
     batch = model_inputs(held_out, pre, check_images)
     result = ExportResult(str(run.onnx), opset, len(ckpt.classes), pre.image_size, sha256_file(run.best_ckpt))
-    meta = {"fruitlens_classes": ckpt.classes, "fruitlens_preprocessing": pre.to_dict(),
-            "fruitlens_model": model.name, "fruitlens_checkpoint_sha256": result.checkpoint_sha256,
-            "fruitlens_trust": ckpt.extra.get("trust") or {}}
-    result.parity["fp32"] = _export_checked(model, run.onnx, pre.image_size, opset, meta, batch)
+    earlier = _current_export(run, result)
+    if earlier is not None:  # made from this checkpoint with this opset, and its parity held: not made again
+        log.info("%s is the export of this checkpoint (top-1 agreement %.2f%%): kept", run.onnx,
+                 100 * earlier.parity["fp32"]["top1_agreement"])
+        result.parity["fp32"] = earlier.parity["fp32"]
+    else:
+        meta = {"fruitlens_classes": ckpt.classes, "fruitlens_preprocessing": pre.to_dict(),
+                "fruitlens_model": model.name, "fruitlens_checkpoint_sha256": result.checkpoint_sha256,
+                "fruitlens_trust": ckpt.extra.get("trust") or {}}
+        result.parity["fp32"] = _export_checked(model, run.onnx, pre.image_size, opset, meta, batch)
     (run.export / "labels.txt").write_text("\n".join(ckpt.classes) + "\n")
     if int8:
         qpath = run.export / "model.int8.onnx"
@@ -77,6 +83,22 @@ def export(run: RunDir | str | Path, *, int8: bool = False, opset: int = 17, che
                                          pre.image_size)
     write_json(run.export / "export.json", result)
     return result
+
+
+def _current_export(run: RunDir, wanted: ExportResult) -> ExportResult | None:
+    """The export that ``export/export.json`` describes, when it is of this checkpoint and opset and its file is
+    there; else None."""
+    path = run.export / "export.json"
+    if not (path.is_file() and run.onnx.is_file()):
+        return None
+    try:
+        earlier = read_json(path, ExportResult)
+    except (ValueError, TypeError, KeyError):
+        return None
+    same = (earlier.checkpoint_sha256 == wanted.checkpoint_sha256 and earlier.opset == wanted.opset
+            and "fp32" in earlier.parity
+            and onnx_io.file_metadata(run.onnx).get("fruitlens_checkpoint_sha256") == wanted.checkpoint_sha256)
+    return earlier if same else None
 
 
 def _export_checked(model: torch.nn.Module, dest: Path, image_size: int, opset: int, meta: dict,

@@ -77,5 +77,9 @@ def _log_split(result: SplitResult) -> None:
 
 
 def with_data_path(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with ``data.path`` made absolute (the run's config.yaml then works from any folder)."""
-    return replace(cfg, data=replace(cfg.data, path=resolve_data_path(cfg.data.path))).validated()
+    """``cfg`` with ``data.path`` (and the --eval-data paths) made absolute: the run's config.yaml then works from any
+    folder."""
+    d = cfg.data
+    absolute = lambda p: str(Path(p).resolve()) if p else p
+    return replace(cfg, data=replace(d, path=resolve_data_path(d.path), eval_data=absolute(d.eval_data),
+                                     eval_class_map=absolute(d.eval_class_map))).validated()

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +18,9 @@ import lightning as L
 from fruitlens.config import TrainConfig
 from fruitlens.data.facts import DataFacts
 from fruitlens.data.manifest import Manifest
-from fruitlens.errors import ExportError, Interrupted, RunDirError
+from fruitlens.errors import ConfigError, DataError, ExportError, FruitlensError, Interrupted, RunDirError
+from fruitlens.evaluation.classmap import ClassMapping
+from fruitlens.evaluation.domain import DomainFigure
 from fruitlens.evaluation.report import Report
 from fruitlens.evaluation.trust import HeldOut, Trust
 from fruitlens.inference.predictor import softmax
@@ -26,11 +28,11 @@ from fruitlens.jsonio import json_safe, read_json, write_json
 from fruitlens.models.checkpoint import save_model
 from fruitlens.models.registry import FruitNet, build_model, has_pretrained_weights
 from fruitlens.pipelines.audit import LabelAudit, audit_heldout, write_audit
-from fruitlens.pipelines.evaluate import evaluate
+from fruitlens.pipelines.evaluate import evaluate, with_other_data, write_run_report
 from fruitlens.pipelines.export import ExportResult, export
 from fruitlens.pipelines.prepare import PreparedData, prepare, with_data_path
 from fruitlens.rundir import RunDir
-from fruitlens.runtime import is_ddp_child, limit_heap_growth
+from fruitlens.runtime import STAGES, is_ddp_child, limit_heap_growth
 from fruitlens.training import auto
 from fruitlens.pipelines.calibrate import calibrate
 from fruitlens.pipelines.track import log_results
@@ -55,6 +57,8 @@ class TrainResult:
     audit: LabelAudit | None = None  # training and validation images that look mislabelled
     export: ExportResult | None = None
     export_error: str | None = None  # why there is no ONNX model, where export failed
+    other: list[Report] = field(default_factory=list)  # the evaluations on --eval-data (RUN/eval/<name>/)
+    other_error: str | None = None  # why --eval-data could not be evaluated
 
 
 def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
@@ -65,9 +69,12 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     if is_ddp_child():  # a process that Lightning's DDP launcher started: rank zero prepared the run already
         return _fit_and_ship(run, TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest),
                              read_json(run.facts, DataFacts), [], t0)
+    STAGES.reset()
     with _new_run(run):
         cfg = with_data_path(cfg)
-        prepared = prepare(cfg)
+        with STAGES("check and split"):
+            prepared = prepare(cfg)
+        _check_eval_data(cfg, prepared.manifest.classes)
         cfg = _resolve_auto(cfg, prepared.facts)
         _write_inputs(run, cfg, prepared)
         return _fit_and_ship(run, cfg, prepared.manifest, prepared.facts, [], t0)
@@ -81,6 +88,7 @@ def resume(path: str | Path) -> TrainResult:
                                                                                                         DataFacts)
     if is_ddp_child():
         return _fit_and_ship(run, cfg, manifest, facts, [], t0)
+    STAGES.reset()
     with run.lock():
         log.info("resuming %s", run.path)
         return _fit_and_ship(run, cfg, manifest, facts, read_history(run.history), t0)
@@ -93,6 +101,18 @@ def _new_run(run: RunDir) -> Iterator[None]:
             raise RunDirError(f"{run.path} already holds a trained run",
                               f"pick another --out, or continue it with 'fruitlens train --resume {run.path}'")
         yield
+
+
+def _check_eval_data(cfg: TrainConfig, classes: list[str]) -> None:
+    """--eval-data and --class-map are read after training: a typo fails now, not an hour later."""
+    d = cfg.data
+    if d.eval_data and not Path(d.eval_data).exists():
+        raise DataError(f"--eval-data {d.eval_data}: no such file or folder",
+                        "pass a folder of class folders (or a manifest CSV) of the photos to measure on")
+    if d.eval_class_map:
+        if not d.eval_data:
+            raise ConfigError("--class-map without --eval-data", "pass the data it maps: --eval-data PHOTOS/")
+        ClassMapping.load(d.eval_class_map, classes)  # raises ConfigError naming what does not fit
 
 
 def _resolve_auto(cfg: TrainConfig, facts: DataFacts) -> TrainConfig:
@@ -121,12 +141,31 @@ def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: Data
     result = TrainResult(run, cfg, facts)
     if not fitted.is_global_zero:
         return result
-    result.trust, heldout = calibrate(model, manifest.by_split(), classes, cfg, run, fitted)
+    with STAGES("calibration"):
+        result.trust, heldout = calibrate(model, manifest.by_split(), classes, cfg, run, fitted)
     result.info = _save(run, model, classes, cfg, fitted, time.perf_counter() - t0, result.trust)
-    result.audit = _audit_labels(run, manifest, classes, heldout)
-    result.export, result.export_error = _export_for_serving(run)
-    result.report = evaluate(run, train_info=result.info)
-    log_results(cfg, run, result.report)
+    with STAGES("label audit"):
+        result.audit = _audit_labels(run, manifest, classes, heldout)
+    with STAGES("export"):
+        result.export, result.export_error = _export_for_serving(run)
+    with STAGES("evaluation"):
+        result.report = evaluate(run, train_info=result.info, write=False)
+        if cfg.data.eval_data:  # the figure on the user's other data next to the test split's
+            try:
+                result.other = [evaluate(run, cfg.data.eval_data, class_map=cfg.data.eval_class_map or None,
+                                         reference=DomainFigure.of(result.report))]
+            except FruitlensError as exc:  # the trained run and its own report stay; the user reruns evaluate
+                result.other_error = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+                log.error("--eval-data %s: %s; the run is complete without it (then: fruitlens evaluate %s %s)",
+                          cfg.data.eval_data, result.other_error, run.path, cfg.data.eval_data)
+            with_other_data(run, result.report, result.other)
+        write_run_report(run, result.report)
+    with STAGES("tracking"):
+        log_results(cfg, run, result.report)
+    result.info.stages = dict(STAGES.seconds)
+    result.info.command_seconds = round(time.perf_counter() - t0, 2)
+    write_json(run.train_info, result.info)
+    log.info("time: %s (%.1fs in all)", STAGES.text(), result.info.command_seconds)
     return result
 
 

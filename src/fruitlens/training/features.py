@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 from fruitlens.config import AugmentConfig
 from fruitlens.inference import onnx as onnx_io
 from fruitlens.models.preprocessing import Preprocessing
+from fruitlens.runtime import STAGES
 from fruitlens.training.augment import augment_batch
 
 log = logging.getLogger(__name__)
@@ -47,14 +49,19 @@ class Engine:
             except Exception as exc:  # any exporter/runtime problem: PyTorch still works
                 log.info("feature pass falls back to PyTorch (%s)", exc)
         self.name = "onnxruntime" if self.session is not None else f"pytorch {self.device.type}"
+        self.seconds = 0.0  # spent in the backbone (the rest of a feature pass is decoding and augmentation)
         if self.session is None:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.session is not None:
-            return torch.from_numpy(self.session.run(None, {"input": x.contiguous().numpy()})[0])
-        return self.backbone(x.contiguous(memory_format=torch.channels_last)).float().cpu()
+        t0 = time.perf_counter()
+        try:
+            if self.session is not None:
+                return torch.from_numpy(self.session.run(None, {"input": x.contiguous().numpy()})[0])
+            return self.backbone(x.contiguous(memory_format=torch.channels_last)).float().cpu()
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 def _onnx_session(backbone: nn.Module, image_size: int):
@@ -72,7 +79,7 @@ def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, v
     g = torch.Generator().manual_seed(seed)
     clean, aug_feats, ys, aug_idx = [], [], [], []
     t0, n = time.perf_counter(), 0
-    for x, y in loader:
+    for x, y in _progress(loader, name, views + (known_clean is None)):
         x = x.to(engine.device, non_blocking=True)
         clean.append(engine(pre.normalise(x)) if known_clean is None else known_clean[n:n + len(y)])
         for _ in range(views):
@@ -89,6 +96,15 @@ def extract(engine: Engine, loader: DataLoader, pre: Preprocessing, name: str, v
         # views of one batch were appended batch by batch: targets repeat per view within each batch
         out[f"{name}_aug"] = (torch.cat(aug_feats), torch.cat([t for t in ys for _ in range(views)]), torch.cat(aug_idx))
     return out
+
+
+def _progress(loader: DataLoader, name: str, passes: int):
+    """A bar on a terminal (the feature pass is the longest step of a default run), nothing in a log file."""
+    if not sys.stderr.isatty():
+        return loader
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=f"features: {name} x{passes}", unit="batch", leave=False, dynamic_ncols=True)
 
 
 def cached_features(backbone: nn.Module, pre: Preprocessing, loaders: dict[str, DataLoader], *, views: int,
@@ -119,6 +135,8 @@ def cached_features(backbone: nn.Module, pre: Preprocessing, loaders: dict[str, 
         out.update(extract(engine, loader, pre, name, n_views, aug, seed, known))
         if store is not None and known is None:
             store.add(paths, out[name][0])
+    if engine is not None:
+        STAGES.add("features: backbone", engine.seconds)
     if cache_file is not None:  # atomic: several DDP ranks may write the same (identical) file
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")

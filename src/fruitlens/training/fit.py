@@ -23,6 +23,7 @@ from fruitlens.data.manifest import Manifest
 from fruitlens.models.checkpoint import refused
 from fruitlens.models.registry import FruitNet
 from fruitlens.rundir import RunDir
+from fruitlens.runtime import STAGES
 from fruitlens.training import loaders
 from fruitlens.training.augment import BatchInput
 from fruitlens.training.auto import pretrained
@@ -180,8 +181,9 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
                                           workers=loaders.workers(cfg) if gpu else min(1, loaders.workers(cfg)))
                        for split in ("train", "val")}
     store = FeatureStore(model.name, cfg.model.weights, pre) if cfg.model.weights == "imagenet" else None
-    feats = cached_features(model.backbone, pre, feature_loaders, views=views, aug=cfg.augment, seed=cfg.data.seed,
-                            cache_file=run.cache / "features.pt", gpu=gpu, store=store)
+    with STAGES("features"):
+        feats = cached_features(model.backbone, pre, feature_loaders, views=views, aug=cfg.augment, seed=cfg.data.seed,
+                                cache_file=run.cache / "features.pt", gpu=gpu, store=store)
     xs = [feats["train"][0]] + ([feats["train_aug"][0]] if "train_aug" in feats else [])
     ys = [feats["train"][1]] + ([feats["train_aug"][1]] if "train_aug" in feats else [])
     train_ds = TensorDataset(torch.cat(xs), torch.cat(ys))
@@ -196,7 +198,8 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     module = _module(model.head, cfg, train_ds.tensors[1].tolist(), len(classes), f.lr, channels_last=False)
     trainer, ckpt = _trainer(cfg, run, "head", f.epochs, history, f.target_monitor == "train", progress=False)
     log.info("[head] training the classifier head on %d cached feature vectors (%d classes)", len(train_ds), len(classes))
-    return _run_phase(trainer, ckpt, module, train_dl, val_dl, run, "head", history)
+    with STAGES("head"):
+        return _run_phase(trainer, ckpt, module, train_dl, val_dl, run, "head", history)
 
 
 def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
@@ -219,7 +222,8 @@ def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str]
     what = {0: "the head", -1: "all layers"}.get(train_blocks, f"the head and the top {train_blocks} blocks")
     log.info("[%s] training %s on %d images (%d px, augmentation %s)", phase, what, len(train_ds), pre.image_size,
              "on" if cfg.augment.enabled else "off")
-    _run_phase(trainer, ckpt, module, train_dl, val_dl, run, phase, history)
+    with STAGES(phase):
+        _run_phase(trainer, ckpt, module, train_dl, val_dl, run, phase, history)
     after = ckpt.best_model_score
     if before is not None and after is not None and float(after) > before:
         log.info("[%s] did not improve the validation loss (%.4f vs %.4f): keeping the earlier weights",

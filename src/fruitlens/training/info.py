@@ -22,6 +22,8 @@ class TrainInfo:
     python: str = ""
     machine: str = ""
     gpu: str | None = None
+    stages: dict[str, float] = field(default_factory=dict)  # wall seconds per stage, in the order they ran
+    command_seconds: float | None = None  # the whole train command, evaluation included
 
     @classmethod
     def here(cls, train_seconds: float, fit_seconds: float, phases: list[str], world_size: int = 1) -> "TrainInfo":

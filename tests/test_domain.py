@@ -1,0 +1,142 @@
+"""Studio shots and photos: the white-background share, --eval-data next to the test split, the studio warning,
+the time by stage, the demo's class choice, label conflicts by majority, and an export that is not made twice."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import fruit_image, make_tree
+
+import fruitlens
+from fruitlens.data.check import check
+from fruitlens.data.scan import scan
+from fruitlens.errors import DataError
+
+
+def _photos(root: Path, classes=("apple", "kiwi", "lemon"), per_class: int = 6, size: int = 48,
+            names: dict[str, str] | None = None) -> Path:
+    """The synthetic fruit on a busy, dark, noisy background: photo-like, not a studio shot. ``names``: the folder
+    name of a class, where it differs."""
+    rng = np.random.default_rng(0)
+    for c in classes:
+        folder = root / (names or {}).get(c, c)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            fruit = np.asarray(fruit_image(c, 500 + i, size)).astype(np.int16)
+            background = rng.integers(20, 140, fruit.shape)
+            img = np.where(fruit.min(axis=2, keepdims=True) > 200, background, fruit)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{c}_{i}.jpg")
+    return root
+
+
+def test_white_background_share_tells_studio_shots_from_photos(tmp_path):
+    studio = check(scan(make_tree(tmp_path / "studio", per_class=6)))
+    photos = check(scan(_photos(tmp_path / "photos")))
+    assert studio.summary.white_background == 1.0
+    assert photos.summary.white_background == 0.0
+
+
+def _train(tmp_path: Path, name: str, **options):
+    data = tmp_path / "data"
+    if not data.exists():
+        make_tree(data, per_class=12, size=48)
+    return fruitlens.train(data, tmp_path / name, model="small_cnn", img_size=32, epochs=2, batch_size=16, workers=0,
+                           target_acc=0, group="none", **options)
+
+
+def test_eval_data_stands_next_to_the_test_split_and_studio_runs_say_so(tmp_path, capsys):
+    photos = _photos(tmp_path / "shop", names={"lemon": "citrus"})
+    cmap = tmp_path / "map.json"
+    cmap.write_text(json.dumps({"apple": "apple", "kiwi": "kiwi", "citrus": ["lemon"]}))
+    result = _train(tmp_path, "run", eval_data=str(photos), class_map=str(cmap))
+    run = result.run.path
+    report = json.loads((run / "report.json").read_text())
+    other = json.loads((run / "eval" / "shop" / "report.json").read_text())
+    figures = report["domain"]["figures"]
+    assert [f["name"] for f in figures] == ["test", "shop"]
+    assert figures[1]["accuracy"] == pytest.approx(other["metrics"]["accuracy"])
+    assert figures[1]["balanced_accuracy"] == pytest.approx(other["metrics"]["balanced_accuracy"])
+    assert figures[1]["images"] == other["metrics"]["n"] == 18
+    # the other data's own report puts the test split's figure next to its own
+    assert [f["name"] for f in other["domain"]["figures"]] == ["shop", "test"]
+    assert other["domain"]["figures"][1]["accuracy"] == pytest.approx(report["metrics"]["accuracy"])
+    # synthetic fruit on white: studio shots only, and every place says so
+    assert report["domain"]["white_background"] == 1.0
+    page = (run / "report.html").read_text()
+    assert "id='studio-only'" in page and "id='other-data'" in page and "eval/shop/report.html" in page
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "Studio shots only" in card and "Also evaluated on shop (18 images" in card
+    assert result.other and result.other_error is None
+
+
+def test_bad_eval_data_or_class_map_fails_before_training(tmp_path):
+    with pytest.raises(DataError, match="--eval-data"):
+        _train(tmp_path, "a", eval_data=str(tmp_path / "nowhere"))
+    photos = _photos(tmp_path / "shop")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"apple": "cherry"}))
+    with pytest.raises(DataError, match="cherry"):
+        _train(tmp_path, "b", eval_data=str(photos), class_map=str(bad))
+    for name in ("a", "b"):  # nothing trained
+        assert not (tmp_path / name / "checkpoints").exists()
+
+
+def test_train_info_has_the_time_of_each_stage(trained_run):
+    info = json.loads((trained_run / "train_info.json").read_text())
+    stages = info["stages"]
+    for stage in ("check and split", "full", "calibration", "export", "evaluation"):
+        assert stage in stages and stages[stage] >= 0, stage
+    assert info["command_seconds"] >= sum(v for k, v in stages.items() if ": " not in k) * 0.99
+
+
+def test_stage_text_puts_parts_inside_their_stage():
+    from fruitlens.runtime import Stages
+
+    s = Stages()
+    s.add("features", 3.0)
+    s.add("features: backbone", 2.0)
+    s.add("head", 1.0)
+    assert s.text() == "features 3.0s (backbone 2.0s), head 1.0s"
+
+
+def test_export_is_not_made_twice_for_one_checkpoint(run_copy):
+    onnx = run_copy / "export" / "model.onnx"
+    before = onnx.stat().st_mtime_ns
+    again = fruitlens.export(run_copy, bench=False)
+    assert onnx.stat().st_mtime_ns == before and again.parity["fp32"]["top1_agreement"] >= 0.995
+    from fruitlens.models.checkpoint import load_model, save_model
+
+    c = load_model(run_copy / "checkpoints" / "best.ckpt")  # a changed checkpoint: a new export
+    save_model(run_copy / "checkpoints" / "best.ckpt", c.model, c.classes, {**c.extra, "note": "changed"})
+    fruitlens.export(run_copy, bench=False)
+    assert onnx.stat().st_mtime_ns != before
+
+
+def test_demo_leaves_out_classes_a_leak_free_split_cannot_test(tmp_path):
+    from fruitlens.pipelines.demo import splittable_classes
+
+    data = make_tree(tmp_path / "d", per_class=20, classes=("apple", "kiwi", "lemon", "plum"), size=48)
+    one = (data / "plum" / "plum_000.jpg").read_bytes()
+    for f in (data / "plum").iterdir():  # every plum image a copy of one: one near-duplicate group
+        f.write_bytes(one)
+    ok, test = splittable_classes(scan(data).manifest)
+    assert "plum" not in ok and {"apple", "kiwi", "lemon"} <= set(ok)
+    assert all(test[c] >= 1 for c in ok)
+
+
+def test_a_copy_under_another_label_is_flagged_by_the_majority_of_its_copies():
+    from fruitlens.data.check import CheckReport
+    from fruitlens.data.manifest import Manifest, Record
+    from fruitlens.pipelines.audit import _conflicts
+
+    # a chain of five frames labelled B and one of them, a copy of the others, labelled A; and a tie of two
+    records = [Record(f"b{i}.jpg", "B") for i in range(5)] + [Record("x.jpg", "A"), Record("c1.jpg", "C"),
+                                                             Record("d1.jpg", "D")]
+    pairs = np.array([[0, 1], [1, 2], [2, 3], [3, 4], [2, 5], [1, 5], [6, 7]])
+    report = CheckReport(Manifest(tuple(records), "/data"), near_pairs=pairs)
+    flagged = {Path(i.path).name: i.suggested for i in _conflicts(report)}
+    assert flagged == {"x.jpg": "B", "c1.jpg": "D", "d1.jpg": "C"}
