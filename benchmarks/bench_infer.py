@@ -94,22 +94,27 @@ def _multipart(data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={b}"
 
 
-def serve_load(run_dir: Path, seconds: float = 30, clients: int = 8, workers: int = 1) -> dict:
-    """``clients`` threads post one Fruits-360 JPEG each in a loop for ``seconds`` (loopback only)."""
+def start_server(run_dir: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    """``fruitlens serve RUN`` on a free loopback port, once /health answers."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    server = subprocess.Popen(FRUITLENS + ["serve", str(run_dir), "--port", str(port), "--workers", str(workers)],
-                              env=env,
+    server = subprocess.Popen(FRUITLENS + ["serve", str(run_dir), "--port", str(port), *args], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                break
+        except OSError:
+            time.sleep(0.2)
+    return server, port
+
+
+def serve_load(run_dir: Path, seconds: float = 30, clients: int = 8, workers: int = 1) -> dict:
+    """``clients`` threads post one Fruits-360 JPEG each in a loop for ``seconds`` (loopback only)."""
+    server, port = start_server(run_dir, "--workers", str(workers))
     try:
-        for _ in range(200):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
         files = sorted((SHARED / "fruits360" / "Test").rglob("*.jpg"))[:64]
         payloads = [_multipart(f.read_bytes()) for f in files]
         # warm up, then memory before

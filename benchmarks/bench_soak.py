@@ -10,7 +10,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -19,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from _measure import FRUITLENS, ROOT, SHARED, machine, save, write_section
-from bench_infer import _free_port, _multipart, _tree_rss_mib
+from _measure import SHARED, machine, save, write_section
+from bench_infer import _multipart, _tree_rss_mib, start_server
 
 RUNS = Path(tempfile.gettempdir()) / "fruitlens-bench-trust"
 
@@ -46,19 +45,8 @@ def hostile() -> list[tuple[str, bytes, str, tuple[int, ...]]]:
 
 
 def soak(run_dir: Path, seconds: float = 300, clients: int = 8, hostile_share: float = 0.05) -> dict:
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    server = subprocess.Popen(FRUITLENS + ["serve", str(run_dir), "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port = start_server(run_dir)
     try:
-        for _ in range(300):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
         good = [_multipart(f.read_bytes()) for f in sorted((SHARED / "grocery" / "val").rglob("*.jpg"))[:48]]
         good += [_multipart(f.read_bytes()) for f in sorted((SHARED / "fruits360" / "Test").rglob("*.jpg"))[:48]]
         bad = hostile()

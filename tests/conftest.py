@@ -115,3 +115,14 @@ def mobilenet_cached() -> bool:
     from torchvision.models import MobileNet_V2_Weights
 
     return any(is_cached(w) for w in MobileNet_V2_Weights)
+
+
+def train_small(tmp_path: Path, name: str, epochs: int = 3, **options):
+    """``fruitlens.train`` of a small_cnn for a few epochs on synthetic images in ``tmp_path/data`` (made once)."""
+    import fruitlens
+
+    data = tmp_path / "data"
+    if not data.exists():
+        make_tree(data, per_class=12, size=48)
+    return fruitlens.train(data, tmp_path / name, model="small_cnn", img_size=32, epochs=epochs, batch_size=16,
+                           workers=0, target_acc=0, group="none", **options)

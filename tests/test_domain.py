@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import fruit_image, make_tree
+from conftest import fruit_image, make_tree, train_small
 
 import fruitlens
 from fruitlens.data.check import check
@@ -40,19 +40,11 @@ def test_white_background_share_tells_studio_shots_from_photos(tmp_path):
     assert photos.summary.white_background == 0.0
 
 
-def _train(tmp_path: Path, name: str, **options):
-    data = tmp_path / "data"
-    if not data.exists():
-        make_tree(data, per_class=12, size=48)
-    return fruitlens.train(data, tmp_path / name, model="small_cnn", img_size=32, epochs=2, batch_size=16, workers=0,
-                           target_acc=0, group="none", **options)
-
-
 def test_eval_data_stands_next_to_the_test_split_and_studio_runs_say_so(tmp_path, capsys):
     photos = _photos(tmp_path / "shop", names={"lemon": "citrus"})
     cmap = tmp_path / "map.json"
     cmap.write_text(json.dumps({"apple": "apple", "kiwi": "kiwi", "citrus": ["lemon"]}))
-    result = _train(tmp_path, "run", eval_data=str(photos), class_map=str(cmap))
+    result = train_small(tmp_path, epochs=2, name="run", eval_data=str(photos), class_map=str(cmap))
     run = result.run.path
     report = json.loads((run / "report.json").read_text())
     other = json.loads((run / "eval" / "shop" / "report.json").read_text())
@@ -75,12 +67,12 @@ def test_eval_data_stands_next_to_the_test_split_and_studio_runs_say_so(tmp_path
 
 def test_bad_eval_data_or_class_map_fails_before_training(tmp_path):
     with pytest.raises(DataError, match="--eval-data"):
-        _train(tmp_path, "a", eval_data=str(tmp_path / "nowhere"))
+        train_small(tmp_path, epochs=2, name="a", eval_data=str(tmp_path / "nowhere"))
     photos = _photos(tmp_path / "shop")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"apple": "cherry"}))
     with pytest.raises(DataError, match="cherry"):
-        _train(tmp_path, "b", eval_data=str(photos), class_map=str(bad))
+        train_small(tmp_path, epochs=2, name="b", eval_data=str(photos), class_map=str(bad))
     for name in ("a", "b"):  # nothing trained
         assert not (tmp_path / name / "checkpoints").exists()
 
@@ -140,3 +132,14 @@ def test_a_copy_under_another_label_is_flagged_by_the_majority_of_its_copies():
     report = CheckReport(Manifest(tuple(records), "/data"), near_pairs=pairs)
     flagged = {Path(i.path).name: i.suggested for i in _conflicts(report)}
     assert flagged == {"x.jpg": "B", "c1.jpg": "D", "d1.jpg": "C"}
+
+
+def test_evaluate_run_lists_its_earlier_evaluations_on_other_data(run_copy, tmp_path):
+    photos = _photos(tmp_path / "market", classes=("apple", "kiwi", "lemon"))
+    other = fruitlens.evaluate(run_copy, photos)
+    assert [f.name for f in other.domain.figures] == ["market", "test"]
+    own = fruitlens.evaluate(run_copy)
+    assert [f.name for f in own.domain.figures] == ["test", "market"]
+    assert own.domain.figures[1].accuracy == pytest.approx(other.metrics.accuracy)
+    again = fruitlens.evaluate(run_copy)  # each folder once
+    assert [f.name for f in again.domain.figures] == ["test", "market"]

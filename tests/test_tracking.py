@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HANG, ROOT, make_tree, mobilenet_cached, need
+from conftest import HANG, ROOT, make_tree, mobilenet_cached, need, train_small
 
 import fruitlens
 from fruitlens.errors import ConfigError
@@ -23,21 +23,13 @@ def _need_trackers() -> None:
              f"{module} is not installed (pip install 'fruitlens[tracking]')")
 
 
-def _small(tmp_path: Path, name: str, **options):
-    data = tmp_path / "data"
-    if not data.exists():
-        make_tree(data, per_class=12, size=48)
-    return fruitlens.train(data, tmp_path / name, model="small_cnn", img_size=32, epochs=3, batch_size=16, workers=0,
-                           target_acc=0, group="none", **options)
-
-
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
     """Two small runs logged to csv, TensorBoard and an MLflow SQLite store of their own."""
     _need_trackers()
     tmp = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    runs = [_small(tmp, name, logger="csv,tensorboard,mlflow", mlflow_uri=uri, experiment="fruit-test")
+    runs = [train_small(tmp, name, logger="csv,tensorboard,mlflow", mlflow_uri=uri, experiment="fruit-test")
             for name in ("a", "b")]
     return runs, uri
 
@@ -115,11 +107,11 @@ def test_a_missing_tracker_package_fails_before_training_naming_the_extra(tmp_pa
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(ConfigError) as err:
-        _small(tmp_path, "x", logger="csv,mlflow")
+        train_small(tmp_path, "x", logger="csv,mlflow")
     assert "fruitlens[tracking]" in (err.value.hint or "") + err.value.message
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="track.loggers"):
-        _small(tmp_path, "y", logger="wandb")
+        train_small(tmp_path, "y", logger="wandb")
 
 
 def test_python_api_exactly_as_the_readme_shows_it(tmp_path, monkeypatch):

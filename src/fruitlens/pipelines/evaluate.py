@@ -83,7 +83,9 @@ def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = 
     report.timing.eval_seconds = round(time.perf_counter() - t0, 2)
     report.gallery = gallery(scored.paths, scored.y, scored.probs, mapping.columns, gallery_size, scored.groups,
                              scored.class_maps, predictor.preprocessing)
-    if target.data is not None:
+    if target.data is None:  # the run's evaluations on other data so far, next to its own figures
+        with_other_data(run, report, _earlier_evaluations(run))
+    else:
         reference = reference or (DomainFigure.of(Report.from_json(run.report_json)) if run.report_json.is_file()
                                   else None)
         if reference is not None:
@@ -105,10 +107,22 @@ def write_run_report(run: RunDir, report: Report) -> Path:
 
 
 def with_other_data(run: RunDir, report: Report, others: list[Report]) -> Report:
-    """The run's report with the figures of its evaluations on other data next to its own."""
+    """The run's report with the figures of its evaluations on other data next to its own (each folder once)."""
     for o in others:
-        report.domain.figures.append(DomainFigure.of(o, os.path.relpath(o.folder, run.path)))
+        folder = os.path.relpath(o.folder, run.path)
+        report.domain.figures = [f for f in report.domain.figures if f.folder != folder or f is report.domain.figures[0]]
+        report.domain.figures.append(DomainFigure.of(o, folder))
     return report
+
+
+def _earlier_evaluations(run: RunDir) -> list[Report]:
+    out = []
+    for path in sorted((run.path / "eval").glob("*/report.json")):
+        try:
+            out.append(Report.from_json(path))
+        except (ValueError, TypeError, KeyError) as exc:  # an old or damaged report: the rest still count
+            log.warning("%s: not a readable report (%s); left out of the run's report", path, exc)
+    return out
 
 
 _SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
