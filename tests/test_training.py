@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -153,3 +154,63 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert json.loads((out / "train_info.json").read_text())["world_size"] == 2  # both processes trained
     # one set of messages: rank zero speaks for the run, data preparation ran once
     assert proc.stderr.count("[full] epoch 1:") == 1 and proc.stdout.count("test accuracy") == 1, proc.stderr
+
+
+def _features_of(run: Path) -> dict:
+    return torch.load(run / "cache" / "features.pt", weights_only=True)
+
+
+def test_ddp_shards_the_feature_pass_and_merges_to_the_single_process_cache(tmp_path):
+    need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
+    data = make_tree(tmp_path / "d", per_class=20, size=48)  # 42 training images: two batches of 32, one each
+    common = ["train", str(data), "--img-size", "32", "--epochs", "2", "--workers", "0", "--target-acc", "0",
+              "--group", "none", "--feature-views", "1", "--accelerator", "cpu"]
+    for name, extra in (("single", []), ("ddp", ["--devices", "2", "--strategy", "ddp"])):
+        # a feature store of its own: each run computes every feature itself
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "FRUITLENS_CACHE": str(tmp_path / f"cache-{name}")}
+        proc = subprocess.run([sys.executable, "-m", "fruitlens", *common, "--out", str(tmp_path / name), *extra],
+                              capture_output=True, text=True, timeout=HANG, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = _features_of(tmp_path / "single"), _features_of(tmp_path / "ddp")
+    for key in ("train", "val", "train_aug"):  # the merged shards are the single-process pass, views included
+        assert len(single[key]) == len(ddp[key])
+        for a, b in zip(single[key], ddp[key]):
+            assert torch.equal(a, b), key
+    fp = json.loads((tmp_path / "ddp" / "train_info.json").read_text())["feature_pass"]
+    n_train, n_val = len(single["train"][0]), len(single["val"][0])
+    assert fp["world_size"] == 2 and sum(fp["images_per_rank"]) == n_train + n_val  # each image once, not twice
+    assert all(n > 0 for n in fp["images_per_rank"]) and len(fp["seconds_per_rank"]) == 2
+    assert not list((tmp_path / "ddp" / "cache").glob("*.rank*.pt"))  # the shards are merged and gone
+    solo = json.loads((tmp_path / "single" / "train_info.json").read_text())["feature_pass"]
+    assert solo["world_size"] == 1 and solo["images_per_rank"] == [n_train + n_val]
+
+
+def _mapped(path: Path) -> bool:
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+def test_feature_cache_is_memory_mapped_and_resume_reuses_it(tmp_path):
+    need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
+    need(Path("/proc/self/maps").is_file(), "needs Linux's /proc to see memory maps")
+    from fruitlens.data.check import check
+    from fruitlens.data.scan import scan
+    from fruitlens.data.split import split
+    from fruitlens.models.registry import build_model
+    from fruitlens.training import loaders
+    from fruitlens.training.features import cached_features
+
+    data = make_tree(tmp_path / "d", per_class=8, size=48)
+    cfg = _cfg(data)
+    m = split(check(scan(data)), group="none").manifest
+    net = build_model("mobilenet_v2", 3, weights="imagenet", img_size=32)
+    datasets = {s: loaders.dataset(m.split(s), m.classes, net.preprocessing, cfg) for s in ("train", "val")}
+    cache = tmp_path / "run" / "cache" / "features.pt"
+    kw = dict(batch_size=8, views=1, aug=cfg.augment, seed=0, cache_file=cache)
+    first, fp = cached_features(net.backbone, net.preprocessing, datasets, **kw)
+    assert not fp.reused and fp.images_per_rank == [len(datasets["train"]) + len(datasets["val"])]
+    assert _mapped(cache)  # the head reads pages of the file
+    again, fp2 = cached_features(net.backbone, net.preprocessing, datasets, **kw)  # --resume: no pass
+    assert fp2.reused and fp2.images_per_rank == fp.images_per_rank
+    for key in first:
+        for a, b in zip(first[key], again[key]):
+            assert torch.equal(a, b)

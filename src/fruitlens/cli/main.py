@@ -60,7 +60,8 @@ def _setup_logging(verbose: bool) -> None:
         logger.propagate = False if noisy.startswith("lightning") else logger.propagate
     if not verbose:  # library chatter that says nothing to a fruitlens user
         for pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*litlogger.*", ".*does not have many workers.*",
-                        ".*TracerWarning.*", r".*module\(s\) in eval mode.*", ".*Checkpoint directory.*exists and is not empty.*"):
+                        ".*TracerWarning.*", r".*module\(s\) in eval mode.*", ".*Checkpoint directory.*exists and is not empty.*",
+                        ".*overridden `on_after_batch_transfer`.*"):
             warnings.filterwarnings("ignore", message=pattern)
 
 

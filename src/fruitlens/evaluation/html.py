@@ -78,7 +78,7 @@ def _leak_html(report: "Report") -> str:
 def _domain_html(report: "Report") -> str:
     """The studio-shots warning, and this evaluation's figures next to those on other data (or the test split)."""
     d = report.domain
-    out = f"<div class='warn' id='studio-only'><b>Studio shots only:</b> {_e(studio_text(d))}</div>" if d.studio_only else ""
+    out = f"<div class='warn' id='studio-only'><b>Real photos:</b> {_e(studio_text(d))}</div>" if d.studio_only else ""
     if len(d.figures) > 1:
         ci = lambda c: "-" if not c or c[0] != c[0] else f"{100 * c[0]:.1f}-{100 * c[1]:.1f}%"
         rows = "".join(

@@ -13,7 +13,7 @@ from fruitlens.models.ood import OODScorer
 from fruitlens.models.registry import FruitNet
 from fruitlens.rundir import RunDir
 from fruitlens.training import loaders
-from fruitlens.training.features import Engine
+from fruitlens.training.features import Engine, load_cache
 from fruitlens.training.fit import FitResult, use_gpu
 from fruitlens.training.heldout import HeadRecipe, visual_groups
 from fruitlens.evaluation.trust import HeldOut, Trust, fit_on_validation, fit_out_of_fold
@@ -63,7 +63,7 @@ def _frozen_features(model: FruitNet, train: Manifest, val: Manifest, classes: l
     head trained on it, else one pass of the frozen backbone."""
     cache = run.cache / "features.pt"
     if cfg.fit.feature_cache and cache.is_file():
-        feats = torch.load(cache, weights_only=True)
+        feats = load_cache(cache)[0]
         x = torch.cat([feats["train"][0], feats["val"][0]])
         y = torch.cat([feats["train"][1], feats["val"][1]]).long()
         aug = feats.get("train_aug")

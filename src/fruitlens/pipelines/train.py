@@ -194,6 +194,7 @@ def _save(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, fi
           train_seconds: float | None, trust: Trust | None = None) -> TrainInfo:
     info = TrainInfo.here(train_seconds if train_seconds is not None else fitted.seconds, fitted.seconds,
                           fitted.phases, fitted.world_size)
+    info.feature_pass = json_safe(fitted.feature_pass) if fitted.feature_pass is not None else None
     extra = {"config": cfg.to_dict(), "fit_seconds": round(fitted.seconds, 2)}
     if trust is not None:
         extra["trust"] = json_safe(trust)

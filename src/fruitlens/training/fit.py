@@ -11,14 +11,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset, WeightedRandomSampler
 
 from fruitlens.config import TrainConfig
-from fruitlens.data.dataset import class_weights, make_loader
+from fruitlens.data.dataset import class_weights
 from fruitlens.data.manifest import Manifest
 from fruitlens.models.checkpoint import refused
 from fruitlens.models.registry import FruitNet
@@ -28,7 +29,7 @@ from fruitlens.training import loaders
 from fruitlens.training.augment import BatchInput
 from fruitlens.training.auto import pretrained
 from fruitlens.training.callbacks import EpochSummary, FreezeBackbone, TargetAccuracy
-from fruitlens.training.features import FeatureStore, cached_features
+from fruitlens.training.features import FeaturePass, FeatureStore, cached_features
 from fruitlens.training.loggers import mlflow_run, phase_loggers
 from fruitlens.training.module import ClassifierModule
 
@@ -45,6 +46,7 @@ class FitResult:
     is_global_zero: bool = True
     world_size: int = 1  # processes that trained together (DDP)
     backbone_frozen: bool = True  # the pretrained backbone kept its weights (its cached features stay valid)
+    feature_pass: FeaturePass | None = None  # who computed the feature cache (the cached-feature path)
 
 
 def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
@@ -54,7 +56,7 @@ def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: T
     t0 = time.perf_counter()
     result = FitResult(history, backbone_frozen=pretrained(cfg))
     if pretrained(cfg) and cfg.fit.feature_cache:
-        trainer = _fit_head_on_features(model, splits, classes, cfg, run, history)
+        trainer, result.feature_pass = _fit_head_on_features(model, splits, classes, cfg, run, history)
         result.phases.append("head")
     else:
         phase = "head" if pretrained(cfg) else "full"
@@ -113,8 +115,9 @@ def _load_state(module: ClassifierModule, path: Path) -> None:
         raise refused(path, exc) from None
 
 
-def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModule, train_dl, val_dl,
-               run: RunDir, phase: str, history: list[dict]) -> L.Trainer:
+def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModule,
+               data: tuple[DataLoader, DataLoader] | L.LightningDataModule, run: RunDir, phase: str,
+               history: list[dict]) -> L.Trainer:
     """Fits (resuming from the phase's last.ckpt if present) and loads the best weights back into the module."""
     done = run.checkpoints / phase / "done"
     last = run.checkpoints / phase / "last.ckpt"
@@ -129,7 +132,9 @@ def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModu
 
     _prune_history(history, last, phase)
     try:
-        trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.exists() else None, weights_only=True)
+        loaders_or_data = {"datamodule": data} if isinstance(data, L.LightningDataModule) else dict(
+            zip(("train_dataloaders", "val_dataloaders"), data))
+        trainer.fit(module, **loaders_or_data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     except pickle.UnpicklingError as exc:  # resume reads Lightning's checkpoint as tensors and plain data only
         raise refused(last, exc) from None
     except SystemExit:  # Lightning turns Ctrl-C into exit(1) after its graceful shutdown
@@ -166,8 +171,44 @@ def _module(net, cfg: TrainConfig, targets: list[int], n_classes: int, lr: float
                             plateau_factor=f.plateau_factor, channels_last=channels_last)
 
 
+class FeatureData(L.LightningDataModule):
+    """The head's data, cached backbone features. The feature pass runs in ``setup``: on every process of the run
+    once they all exist (DDP), each on its share of the images, merged before the head trains."""
+
+    def __init__(self, compute: Callable[[int, int, Callable[[], None]], tuple[dict, FeaturePass]], cfg: TrainConfig,
+                 n_classes: int) -> None:
+        super().__init__()
+        self.compute, self.cfg, self.n_classes = compute, cfg, n_classes
+        self.feats: dict | None = None
+        self.feature_pass: FeaturePass | None = None
+        self.seconds = 0.0
+
+    def setup(self, stage: str) -> None:
+        if self.feats is None:
+            t0 = time.perf_counter()
+            t = self.trainer
+            self.feats, self.feature_pass = self.compute(t.global_rank, t.world_size, t.strategy.barrier)
+            self.seconds = time.perf_counter() - t0
+
+    def train_dataloader(self) -> DataLoader:
+        feats, f = self.feats, self.cfg.fit
+        parts = [feats["train"]] + ([feats["train_aug"]] if "train_aug" in feats else [])
+        # no concatenation: the cached features stay memory-mapped
+        ds = ConcatDataset([TensorDataset(p[0], p[1]) for p in parts])
+        gen = torch.Generator().manual_seed(self.cfg.data.seed)
+        if f.balance == "sampler":
+            targets = torch.cat([p[1] for p in parts])
+            w = class_weights(targets.tolist(), self.n_classes)[targets]
+            return DataLoader(ds, batch_size=max(f.batch_size, 256),
+                              sampler=WeightedRandomSampler(w.double(), len(ds), generator=gen))
+        return DataLoader(ds, batch_size=max(f.batch_size, 256), shuffle=True, generator=gen)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.feats["val"]), batch_size=1024)
+
+
 def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig,
-                          run: RunDir, history: list[dict]) -> L.Trainer:
+                          run: RunDir, history: list[dict]) -> tuple[L.Trainer, FeaturePass | None]:
     """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone."""
     pre, f = model.preprocessing, cfg.fit
     views = f.feature_views if cfg.augment.enabled else 0
@@ -176,30 +217,25 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     # a batch at 96 px, fewer at larger sizes so that activations stay small (8 at 448 px). GPU: decoding is the
     # bottleneck (one process: 170 images/s at 448 px on an H200), so all workers, and larger batches
     batch = 64 if gpu else max(8, min(32, int(32 * (96 / pre.image_size) ** 2)))
-    feature_loaders = {split: make_loader(loaders.dataset(splits[split], classes, pre, cfg), batch_size=batch,
-                                          shuffle=False,
-                                          workers=loaders.workers(cfg) if gpu else min(1, loaders.workers(cfg)))
-                       for split in ("train", "val")}
+    datasets = {split: loaders.dataset(splits[split], classes, pre, cfg) for split in ("train", "val")}
     store = FeatureStore(model.name, cfg.model.weights, pre) if cfg.model.weights == "imagenet" else None
-    with STAGES("features"):
-        feats = cached_features(model.backbone, pre, feature_loaders, views=views, aug=cfg.augment, seed=cfg.data.seed,
-                                cache_file=run.cache / "features.pt", gpu=gpu, store=store)
-    xs = [feats["train"][0]] + ([feats["train_aug"][0]] if "train_aug" in feats else [])
-    ys = [feats["train"][1]] + ([feats["train_aug"][1]] if "train_aug" in feats else [])
-    train_ds = TensorDataset(torch.cat(xs), torch.cat(ys))
-    gen = torch.Generator().manual_seed(cfg.data.seed)
-    if f.balance == "sampler":
-        w = class_weights(train_ds.tensors[1].tolist(), len(classes))[train_ds.tensors[1]]
-        train_dl = DataLoader(train_ds, batch_size=max(f.batch_size, 256),
-                              sampler=WeightedRandomSampler(w.double(), len(train_ds), generator=gen))
-    else:
-        train_dl = DataLoader(train_ds, batch_size=max(f.batch_size, 256), shuffle=True, generator=gen)
-    val_dl = DataLoader(TensorDataset(*feats["val"]), batch_size=1024)
-    module = _module(model.head, cfg, train_ds.tensors[1].tolist(), len(classes), f.lr, channels_last=False)
+
+    def compute(rank: int, world: int, barrier: Callable[[], None]) -> tuple[dict, FeaturePass]:
+        return cached_features(model.backbone, pre, datasets, batch_size=batch, views=views, aug=cfg.augment,
+                               seed=cfg.data.seed, cache_file=run.cache / "features.pt", gpu=gpu, store=store,
+                               workers=loaders.workers(cfg) if gpu else min(1, loaders.workers(cfg)),
+                               rank=rank, world=world, barrier=barrier)
+
+    data = FeatureData(compute, cfg, len(classes))
+    module = _module(model.head, cfg, datasets["train"].targets, len(classes), f.lr, channels_last=False)
     trainer, ckpt = _trainer(cfg, run, "head", f.epochs, history, f.target_monitor == "train", progress=False)
-    log.info("[head] training the classifier head on %d cached feature vectors (%d classes)", len(train_ds), len(classes))
-    with STAGES("head"):
-        return _run_phase(trainer, ckpt, module, train_dl, val_dl, run, "head", history)
+    log.info("[head] training the classifier head on %d cached feature vectors (%d classes)",
+             len(datasets["train"]) * (1 + views), len(classes))
+    t0 = time.perf_counter()
+    trainer = _run_phase(trainer, ckpt, module, data, run, "head", history)
+    STAGES.add("features", data.seconds)
+    STAGES.add("head", time.perf_counter() - t0 - data.seconds)
+    return trainer, data.feature_pass
 
 
 def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
@@ -223,7 +259,7 @@ def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str]
     log.info("[%s] training %s on %d images (%d px, augmentation %s)", phase, what, len(train_ds), pre.image_size,
              "on" if cfg.augment.enabled else "off")
     with STAGES(phase):
-        _run_phase(trainer, ckpt, module, train_dl, val_dl, run, phase, history)
+        _run_phase(trainer, ckpt, module, (train_dl, val_dl), run, phase, history)
     after = ckpt.best_model_score
     if before is not None and after is not None and float(after) > before:
         log.info("[%s] did not improve the validation loss (%.4f vs %.4f): keeping the earlier weights",

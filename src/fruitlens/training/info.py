@@ -24,6 +24,7 @@ class TrainInfo:
     gpu: str | None = None
     stages: dict[str, float] = field(default_factory=dict)  # wall seconds per stage, in the order they ran
     command_seconds: float | None = None  # the whole train command, evaluation included
+    feature_pass: dict | None = None  # world_size, images_per_rank, seconds_per_rank, cache_bytes (cached features)
 
     @classmethod
     def here(cls, train_seconds: float, fit_seconds: float, phases: list[str], world_size: int = 1) -> "TrainInfo":
