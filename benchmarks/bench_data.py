@@ -14,17 +14,18 @@ from PIL import Image
 from _measure import FRUITLENS, OUT, SHARED, machine, run, save
 
 
-def synthetic_tree(root: Path, n: int) -> Path:
-    """``n`` small distinct JPEGs in 20 classes (random blobs), written once and reused."""
+def synthetic_tree(root: Path, n: int, side: int = 48, classes: int = 20, quality: int = 80) -> Path:
+    """``n`` distinct JPEGs of ``side`` px in ``classes`` classes (random colour fields), written once and reused."""
     done = root / f".done-{n}"
     if done.exists():
         return root
     rng = np.random.default_rng(0)
     for i in range(n):
-        folder = root / f"class{i % 20:02d}"
+        folder = root / f"class{i % classes:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         arr = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-        Image.fromarray(arr).resize((48, 48), Image.Resampling.BILINEAR).save(folder / f"{i:06d}.jpg", quality=80)
+        Image.fromarray(arr).resize((side, side), Image.Resampling.BILINEAR).save(folder / f"{i:07d}.jpg",
+                                                                                   quality=quality)
     done.write_text("ok")
     return root
 

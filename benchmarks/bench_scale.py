@@ -10,11 +10,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from _measure import FRUITLENS, OUT, SHARED, machine, run, save, write_section
+from bench_data import synthetic_tree
 
 RUNS = Path(tempfile.gettempdir()) / "fruitlens-bench-scale"
 
@@ -44,21 +43,6 @@ def caches_equal(a: Path, b: Path) -> bool:
     keys = [k for k in x if not k.startswith("_")]
     return keys == [k for k in y if not k.startswith("_")] and all(
         torch.equal(p, q) for k in keys for p, q in zip(x[k], y[k]))
-
-
-def synthetic_tree(root: Path, n: int, classes: int = 20, side: int = 96) -> Path:
-    """``n`` distinct JPEGs of ``side`` px in ``classes`` classes (random colour fields), written once."""
-    done = root / f".done-{n}"
-    if done.exists():
-        return root
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        folder = root / f"class{i % classes:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        arr = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
-        Image.fromarray(arr).resize((side, side), Image.Resampling.BILINEAR).save(folder / f"{i:07d}.jpg", quality=85)
-    done.write_text("ok")
-    return root
 
 
 def markdown(res: dict) -> str:
@@ -99,7 +83,8 @@ def main() -> None:
     res["ddp"] = {"single": single, "ddp": ddp, "caches_equal": caches_equal(Path(single["run"]), Path(ddp["run"]))}
     res["sizes"] = []
     for n in (10_000, 30_000, 100_000):
-        data = synthetic_tree(Path(tempfile.gettempdir()) / "fruitlens-bench-synthetic96" / str(n), n)
+        data = synthetic_tree(Path(tempfile.gettempdir()) / "fruitlens-bench-synthetic96" / str(n), n, side=96,
+                              quality=85)
         res["sizes"].append(train(f"synthetic_{n}", data, ["--target-acc", "0"]))
     save("scale", res)
     write_section("scale", markdown(res))
