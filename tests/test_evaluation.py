@@ -236,6 +236,34 @@ def test_class_map_numbers_follow_the_mapping(run_copy, tmp_path):
             evaluate(run_copy, str(data), class_map=str(cmap))
 
 
+def test_a_model_class_that_counts_for_several_data_classes_counts_for_each(run_copy, tmp_path):
+    """GroceryStore's apple varieties each accept every Fruits-360 apple: an image is right when the model's answer
+    is one its own class accepts (a map that gave a shared model class to one column made the others always wrong)."""
+    import shutil
+
+    from fruitlens.evaluation.classmap import ClassMapping
+    from fruitlens.inference.predictor import Predictor, softmax
+
+    data = make_tree(tmp_path / "d", per_class=5, classes=("apple", "plum", "kiwi"), size=48)
+    shutil.move(str(data / "apple"), str(data / "red_one"))
+    shutil.move(str(data / "plum"), str(data / "red_two"))
+    cmap = tmp_path / "m.json"
+    cmap.write_text(json.dumps({"red_one": ["apple", "plum"], "red_two": ["apple", "plum"], "kiwi": "kiwi"}))
+    rep = evaluate(run_copy, str(data), class_map=str(cmap))
+    p = Predictor.load(run_copy)
+    files = [sorted((data / c).iterdir()) for c in ("kiwi", "red_one", "red_two")]
+    probs = [softmax(p.logits(f)) for f in files]
+    col = lambda q, names: float(sum(q[p.classes.index(c)] for c in names))
+    # by hand: the image's own column holds what its class accepts; kiwi and the (other) column (lemon) the rest
+    right = [sum(col(q, ["kiwi"]) > max(col(q, ["apple", "plum"]), col(q, ["lemon"])) for q in probs[0])]
+    right += [sum(col(q, ["apple", "plum"]) > max(col(q, ["kiwi"]), col(q, ["lemon"])) for q in pr) for pr in probs[1:]]
+    assert rep.metrics.accuracy == pytest.approx(sum(right) / 15)
+    both = ClassMapping.load(cmap, p.classes)
+    y = np.array([rep.classes.index("red_one")] * 5)
+    collapsed = both.collapse(probs[1], y)
+    assert np.allclose(collapsed.sum(1), 1) and (collapsed[:, rep.classes.index("red_two")] == 0).all()
+
+
 def test_evaluate_a_folder_whose_images_all_fail(run_copy, tmp_path):
     from fruitlens.errors import DataError
 

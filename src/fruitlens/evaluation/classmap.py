@@ -60,13 +60,26 @@ class ClassMapping:
         covered = {mc for mcs in self.mapping.values() for mc in mcs}
         return sorted(self.mapping) + ([OTHER] if len(covered) < len(self.model_classes) else [])
 
-    def collapse(self, probs: np.ndarray) -> np.ndarray:
-        """(n, model classes) probabilities -> (n, columns): each data class gets the sum of its model classes."""
+    def collapse(self, probs: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """(n, model classes) probabilities -> (n, columns): each data class gets the sum of its model classes.
+
+        A model class that several data classes list (every Fruits-360 apple counts for every GroceryStore apple
+        variety) counts for the image's own class ``y`` (column indices) where that class lists it, else for the first
+        data class that does; one listed by none goes to ``(other)``. Each row still sums to 1.
+        """
         if self.source is None:
             return probs
         columns = self.columns
-        col = {mc: columns.index(dc) for dc, mcs in self.mapping.items() for mc in mcs}
+        owners: dict[str, list[int]] = {}
+        for dc in sorted(self.mapping):
+            for mc in self.mapping[dc]:
+                owners.setdefault(mc, []).append(columns.index(dc))
         out = np.zeros((len(probs), len(columns)))
+        rows = np.arange(len(probs))
         for j, mc in enumerate(self.model_classes):
-            out[:, col.get(mc, len(columns) - 1)] += probs[:, j]
+            cols = owners.get(mc, [len(columns) - 1])
+            target = np.full(len(probs), cols[0])
+            if y is not None and len(cols) > 1:
+                target = np.where(np.isin(y, cols), y, cols[0])
+            np.add.at(out, (rows, target), probs[:, j])
         return out

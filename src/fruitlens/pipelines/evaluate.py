@@ -191,8 +191,8 @@ def score(predictor: Predictor, manifest: Manifest, mapping: ClassMapping, batch
                         "run 'fruitlens check' on the data to list every bad file")
     columns = mapping.columns
     out.logits = np.stack(logits)
-    out.probs = mapping.collapse(softmax(out.logits))
     out.y = np.array([columns.index(lab) for lab in labels])
+    out.probs = mapping.collapse(softmax(out.logits), out.y)
     out.ood = np.array(ood) if len(ood) == len(logits) else None
     out.class_maps = maps if len(maps) == len(logits) else None
     return out
@@ -205,7 +205,7 @@ def trust_note(predictor: Predictor, scored: Scored, mapping: ClassMapping, curv
     if not t:
         return None
     temperature = float(t.get("temperature", 1.0))
-    before = mapping.collapse(softmax(scored.logits * temperature))
+    before = mapping.collapse(softmax(scored.logits * temperature), scored.y)
     conf, correct = scored.probs.max(axis=1), scored.probs.argmax(axis=1) == scored.y
     rc = risk_coverage(conf, correct)
     step = max(1, len(rc.coverage) // curve_points)  # a readable curve in report.json, its last point kept
