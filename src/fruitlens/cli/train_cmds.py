@@ -99,8 +99,8 @@ def run_train(args) -> int:
 
 def print_summary(page, report, export_error: str | None = None) -> None:
     """The headline of a trained run: accuracy with its interval, warnings, where the report is, what to do next."""
-    from fruitlens.evaluation.metrics import ci_text, gap_text
     from fruitlens.evaluation.domain import studio_text
+    from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
 
     m = report.metrics
     run = report.run
@@ -117,7 +117,7 @@ def print_summary(page, report, export_error: str | None = None) -> None:
         print(f"labels: {a.train} training and {a.val} validation images look mislabelled, and {len(a.test)} test "
               f"images: see {Path(run) / a.html} (decide in label_issues.csv, then 'fruitlens relabel')")
     for f in report.domain.figures[1:]:
-        print(f"on {f.name}: accuracy {f.accuracy:.4f} (95% CI {_ci(f.accuracy_ci95)})  balanced {f.balanced_accuracy:.4f}"
+        print(f"on {f.name}: accuracy {f.accuracy:.4f} (95% CI {ci_range(f.accuracy_ci95)})  balanced {f.balanced_accuracy:.4f}"
               f"  ({f.images} images; report {Path(run) / f.folder / 'report.html'})")
     if report.domain.studio_only:
         print(f"warning: {studio_text(report.domain)}")
@@ -125,7 +125,3 @@ def print_summary(page, report, export_error: str | None = None) -> None:
         print(f"warning: no ONNX export ({export_error}); predict and serve use the PyTorch checkpoint")
     print(f"report: {page}")
     print(f"next: fruitlens predict {run} IMAGE | fruitlens export {run} --format onnx | fruitlens serve {run}")
-
-
-def _ci(ci) -> str:
-    return "-" if not ci or ci[0] != ci[0] else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fruitlens.evaluation.metrics import ci_text, gap_text
+from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
 from fruitlens.evaluation.domain import studio_text
 from fruitlens.evaluation.report import Report
 
@@ -70,7 +70,7 @@ def model_card(report: Report, licence: str | None = None) -> str:
     elif report.leak.applies and report.leak.leak_free:
         lines.append("- No test image has a near duplicate in the training images (checked by perceptual hash).")
     for f in report.domain.figures[1:]:
-        ci = f" (95% CI {100 * f.accuracy_ci95[0]:.1f}-{100 * f.accuracy_ci95[1]:.1f}%)" if f.accuracy_ci95 else ""
+        ci = f" (95% CI {ci_range(f.accuracy_ci95)})" if f.accuracy_ci95 else ""
         lines.append(f"- Also evaluated on {f.name} ({f.images:,} images{', class map ' + f.class_map if f.class_map else ''}): "
                      f"accuracy {f.accuracy:.4f}{ci}, balanced accuracy {f.balanced_accuracy:.4f}, macro F1 "
                      f"{f.macro_f1:.4f} (its report: {f.folder}/report.html).")

@@ -11,7 +11,7 @@ import torch
 
 from fruitlens.errors import ConfigError, RunDirError
 from fruitlens.evaluation import plots
-from fruitlens.evaluation.metrics import ci_text
+from fruitlens.evaluation.metrics import ci_range, ci_text
 from fruitlens.evaluation.report import Report
 from fruitlens.models.checkpoint import load_model
 from fruitlens.rundir import RunDir
@@ -35,8 +35,7 @@ class CompareRow:
     @property
     def ci(self) -> str:
         """``65.7-82.1%``: runs whose intervals overlap are not told apart by this test set; ``-`` for old reports."""
-        ci = self.accuracy_ci95
-        return "-" if not ci or ci[0] != ci[0] else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"
+        return ci_range(self.accuracy_ci95)
 
 
 def cpu_latency_ms(checkpoint: Path, repeats: int = 20) -> float:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fruitlens.evaluation.domain import studio_text
-from fruitlens.evaluation.metrics import ci_text, gap_text
+from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
 
 if TYPE_CHECKING:
     from fruitlens.evaluation.report import Report
@@ -80,10 +80,9 @@ def _domain_html(report: "Report") -> str:
     d = report.domain
     out = f"<div class='warn' id='studio-only'><b>Real photos:</b> {_e(studio_text(d))}</div>" if d.studio_only else ""
     if len(d.figures) > 1:
-        ci = lambda c: "-" if not c or c[0] != c[0] else f"{100 * c[0]:.1f}-{100 * c[1]:.1f}%"
         rows = "".join(
             f"<tr><td>{'<b>' + _e(f.name) + '</b> (this report)' if i == 0 else _e(f.name)}</td><td>{f.images}</td>"
-            f"<td>{_pct(f.accuracy)}</td><td>{ci(f.accuracy_ci95)}</td><td>{_pct(f.balanced_accuracy)}</td>"
+            f"<td>{_pct(f.accuracy)}</td><td>{ci_range(f.accuracy_ci95)}</td><td>{_pct(f.balanced_accuracy)}</td>"
             f"<td>{_pct(f.macro_f1)}</td><td>{_e(f.class_map or '-')}</td>"
             f"<td>{'' if i == 0 else '<a href=' + chr(34) + _e(f.folder + '/report.html') + chr(34) + '>report</a>'}</td></tr>"
             for i, f in enumerate(d.figures))

@@ -99,6 +99,11 @@ class Metrics:
     most_confused: list[dict[str, Any]] = field(default_factory=list)  # true, predicted, count
 
 
+def ci_range(ci: Sequence[float] | None) -> str:
+    """``65.7-82.1%`` for a 95% interval; ``-`` where there is none (old reports, NaN)."""
+    return "-" if not ci or ci[0] != ci[0] else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"
+
+
 def ci_text(metrics: Metrics) -> str:
     """``95% CI 66.0-82.1%`` for a report's accuracy, naming the groups when near duplicates widened it; empty for
     reports written before it was recorded."""
@@ -107,7 +112,7 @@ def ci_text(metrics: Metrics) -> str:
         return ""
     groups = metrics.accuracy_groups or metrics.n
     where = f" over {groups} near-duplicate groups" if groups and groups < metrics.n else ""
-    return f"95% CI {100 * lo:.1f}-{100 * hi:.1f}%{where}"
+    return f"95% CI {ci_range((lo, hi))}{where}"
 
 
 @dataclass

@@ -108,10 +108,12 @@ def write_run_report(run: RunDir, report: Report) -> Path:
 
 def with_other_data(run: RunDir, report: Report, others: list[Report]) -> Report:
     """The run's report with the figures of its evaluations on other data next to its own (each folder once)."""
+    own, *rest = report.domain.figures
+    by_folder = {f.folder: f for f in rest}
     for o in others:
         folder = os.path.relpath(o.folder, run.path)
-        report.domain.figures = [f for f in report.domain.figures if f.folder != folder or f is report.domain.figures[0]]
-        report.domain.figures.append(DomainFigure.of(o, folder))
+        by_folder[folder] = DomainFigure.of(o, folder)
+    report.domain.figures = [own, *by_folder.values()]
     return report
 
 
