@@ -32,6 +32,7 @@ class DataConfig:
     num_workers: int = -1  # -1: pick from the CPU count
     eval_data: str = ""  # another labelled folder (or manifest) the run is also evaluated on: RUN/eval/<name>/
     eval_class_map: str = ""  # JSON mapping eval_data's class names onto the training classes
+    adapt_to: str = ""  # a folder of unlabeled photos of where the model will be used (training/adapt.py)
 
 
 RRC_MIN_AREA = 0.08  # torchvision's RandomResizedCrop default: the smallest crop, as a share of the image area
@@ -63,6 +64,7 @@ class ModelConfig:
     name: str = "mobilenet_v2"
     weights: str = "imagenet"  # imagenet | none | PATH to a state dict
     img_size: int = 0  # 0: pick from the data
+    fast: bool = False  # small studio shots keep their own size (96 px) instead of 224: quicker, far worse on photos
     dropout: float = 0.2
 
 
@@ -93,6 +95,8 @@ class FitConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     limit_batches: float = 1.0  # for smoke tests: a fraction or a count of batches per epoch
+    adapt_threshold: float = 0.9  # --adapt-to: the score a photo's pseudo-label needs
+    adapt_rounds: int = 2  # --adapt-to: score the photos, retrain the head; this many times
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ class TrackConfig:
 
 # the names of the train command's options (and of fruitlens.train's keyword arguments) -> config keys
 OPTIONS = {
-    "model": "model.name", "weights": "model.weights", "img_size": "model.img_size",
+    "model": "model.name", "weights": "model.weights", "img_size": "model.img_size", "fast": "model.fast",
     "epochs": "fit.epochs", "batch_size": "fit.batch_size", "lr": "fit.lr", "balance": "fit.balance",
     "label_smoothing": "fit.label_smoothing", "target_acc": "fit.target_acc", "target_monitor": "fit.target_monitor",
     "feature_views": "fit.feature_views", "fine_tune_blocks": "fit.fine_tune_blocks",
@@ -131,7 +135,7 @@ OPTIONS = {
     "num_nodes": "fit.num_nodes", "strategy": "fit.strategy", "accelerator": "fit.accelerator",
     "precision": "fit.precision", "val": "data.val", "test": "data.test", "seed": "data.seed",
     "workers": "data.num_workers", "cache_images": "data.cache_images", "group": "data.group",
-    "eval_data": "data.eval_data", "class_map": "data.eval_class_map",
+    "eval_data": "data.eval_data", "class_map": "data.eval_class_map", "adapt_to": "data.adapt_to",
     "feature_cache": "fit.feature_cache", "augment": "augment.enabled", "logger": "track.loggers",
     "mlflow_uri": "track.mlflow_uri", "experiment": "track.experiment",
 }
@@ -189,6 +193,8 @@ class TrainConfig:
             (f.balance in ("none", "weights", "sampler"), "fit.balance", "none, weights or sampler"),
             (f.feature_views >= 0, "fit.feature_views", ">= 0"),
             (f.fine_tune_blocks >= 0, "fit.fine_tune_blocks", ">= 0"),
+            (0 < f.adapt_threshold <= 1, "fit.adapt_threshold", "a score in (0, 1]"),
+            (f.adapt_rounds >= 1, "fit.adapt_rounds", ">= 1"),
             (0 <= f.label_smoothing < 1, "fit.label_smoothing", "in [0, 1)"),
             (m.img_size == 0 or m.img_size >= 16, "model.img_size", "0 (auto) or >= 16"),
             (0 <= m.dropout < 1, "model.dropout", "in [0, 1)"),

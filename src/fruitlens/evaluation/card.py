@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
 from fruitlens.evaluation.domain import studio_text
+from fruitlens.training.adapt import Adaptation
 from fruitlens.evaluation.report import Report
 
 WEAK_RECALL = 0.80
@@ -56,6 +57,8 @@ def model_card(report: Report, licence: str | None = None) -> str:
               f"- Images: {', '.join(f'{k} {v:,}' for k, v in d.totals.items()) or '-'}"
               + (f"; {len(d.excluded)} left out (unreadable or unusable, listed in report.json)" if d.excluded else "")]
     lines += [f"- {n}" for n in d.split_notes]
+    if report.adaptation:
+        lines.append(f"- Adaptation: {Adaptation(**report.adaptation).text()}.")
     if d.counts:
         splits = list(next(iter(d.counts.values())).keys())
         lines += ["", "<details><summary>images per class and split</summary>", ""]

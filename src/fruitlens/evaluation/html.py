@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fruitlens.evaluation.domain import studio_text
+from fruitlens.training.adapt import Adaptation
 from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ def _domain_html(report: "Report") -> str:
     """The studio-shots warning, and this evaluation's figures next to those on other data (or the test split)."""
     d = report.domain
     out = f"<div class='warn' id='studio-only'><b>Real photos:</b> {_e(studio_text(d))}</div>" if d.studio_only else ""
+    if report.adaptation:
+        out += (f"<div class='ok' id='adaptation'><b>Adaptation:</b> "
+                f"{_e(Adaptation(**report.adaptation).text())}.</div>")
     if len(d.figures) > 1:
         rows = "".join(
             f"<tr><td>{'<b>' + _e(f.name) + '</b> (this report)' if i == 0 else _e(f.name)}</td><td>{f.images}</td>"

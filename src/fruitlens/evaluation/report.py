@@ -131,6 +131,7 @@ class Report:
     trust: TrustNote | None = None  # None for models trained before the trust layer
     label_audit: AuditNote | None = None
     domain: DomainNote = field(default_factory=DomainNote)
+    adaptation: dict[str, Any] | None = None  # what --adapt-to did (training/adapt.py: Adaptation)
     gallery: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # worst_mistakes, least_confident_correct
     plots: dict[str, str] = field(default_factory=dict)  # name -> path relative to the report's folder
 

@@ -278,6 +278,7 @@ def _assemble(run: RunDir, target: EvalTarget, mapping: ClassMapping, scored: Sc
     if target.name != "val":
         report.validation_gap = validation_gap(history, metrics, split_facts.totals.get("val", 0))
     report.domain = DomainNote(facts.check.white_background, [DomainFigure.of(report)])
+    report.adaptation = info.adaptation
     return report
 
 

@@ -82,4 +82,5 @@ def with_data_path(cfg: TrainConfig) -> TrainConfig:
     d = cfg.data
     absolute = lambda p: str(Path(p).resolve()) if p else p
     return replace(cfg, data=replace(d, path=resolve_data_path(d.path), eval_data=absolute(d.eval_data),
-                                     eval_class_map=absolute(d.eval_class_map))).validated()
+                                     eval_class_map=absolute(d.eval_class_map),
+                                     adapt_to=absolute(d.adapt_to))).validated()

@@ -20,7 +20,7 @@ from fruitlens.data.facts import DataFacts
 from fruitlens.data.manifest import Manifest
 from fruitlens.errors import ConfigError, DataError, ExportError, FruitlensError, Interrupted, RunDirError
 from fruitlens.evaluation.classmap import ClassMapping
-from fruitlens.evaluation.domain import DomainFigure
+from fruitlens.evaluation.domain import STUDIO_SHARE, DomainFigure
 from fruitlens.evaluation.report import Report
 from fruitlens.evaluation.trust import HeldOut, Trust
 from fruitlens.inference.predictor import softmax
@@ -38,6 +38,7 @@ from fruitlens.pipelines.calibrate import calibrate
 from fruitlens.pipelines.track import log_results
 from fruitlens.training.fit import FitResult, fit
 from fruitlens.training.history import read_history, write_history
+from fruitlens.training.adapt import unlabeled_images
 from fruitlens.training.info import TrainInfo
 from fruitlens.training.loggers import check_available
 
@@ -74,7 +75,7 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
         cfg = with_data_path(cfg)
         with STAGES("check and split"):
             prepared = prepare(cfg)
-        _check_eval_data(cfg, prepared.manifest.classes)
+        _check_other_data(cfg, prepared.manifest.classes)
         cfg = _resolve_auto(cfg, prepared.facts)
         _write_inputs(run, cfg, prepared)
         return _fit_and_ship(run, cfg, prepared.manifest, prepared.facts, [], t0)
@@ -103,9 +104,15 @@ def _new_run(run: RunDir) -> Iterator[None]:
         yield
 
 
-def _check_eval_data(cfg: TrainConfig, classes: list[str]) -> None:
-    """--eval-data and --class-map are read after training: a typo fails now, not an hour later."""
+def _check_other_data(cfg: TrainConfig, classes: list[str]) -> None:
+    """--eval-data, --class-map and --adapt-to are read after the first training phase: a typo fails now, not an
+    hour later."""
     d = cfg.data
+    if d.adapt_to:
+        if not (auto.pretrained(cfg) and cfg.fit.feature_cache):
+            raise ConfigError("--adapt-to adapts the head trained on cached features of a pretrained backbone",
+                              "drop --no-feature-cache / --weights none, or drop --adapt-to")
+        unlabeled_images(d.adapt_to)  # raises DataError when there is no such folder or no image in it
     if d.eval_data and not Path(d.eval_data).exists():
         raise DataError(f"--eval-data {d.eval_data}: no such file or folder",
                         "pass a folder of class folders (or a manifest CSV) of the photos to measure on")
@@ -116,7 +123,7 @@ def _check_eval_data(cfg: TrainConfig, classes: list[str]) -> None:
 
 
 def _resolve_auto(cfg: TrainConfig, facts: DataFacts) -> TrainConfig:
-    cfg, notes = auto.resolve(cfg, facts.median_side)
+    cfg, notes = auto.resolve(cfg, facts.median_side, facts.check.white_background >= STUDIO_SHARE)
     for note in notes:
         log.info("%s", note)
     return cfg
@@ -195,6 +202,7 @@ def _save(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, fi
     info = TrainInfo.here(train_seconds if train_seconds is not None else fitted.seconds, fitted.seconds,
                           fitted.phases, fitted.world_size)
     info.feature_pass = json_safe(fitted.feature_pass) if fitted.feature_pass is not None else None
+    info.adaptation = json_safe(fitted.adaptation) if fitted.adaptation is not None else None
     extra = {"config": cfg.to_dict(), "fit_seconds": round(fitted.seconds, 2)}
     if trust is not None:
         extra["trust"] = json_safe(trust)

@@ -11,16 +11,23 @@ HEAD_EPOCHS = 200  # a linear head on cached features: about 0.1 s an epoch; ear
 IMAGE_EPOCHS = 30  # a phase on images: minutes an epoch on a CPU
 
 
-def auto_image_size(median_side: int) -> int:
-    """Input size from the data's median shorter side.
+STUDIO_PHOTO_SIZE = 224  # studio shots, unless --fast: the size at which their model holds up on photos
 
-    Small studio shots (Fruits-360, 100 px) keep their size, floored to a multiple of 32 (96): upscaling costs time
-    and adds nothing. Photos in which the fruit is a small part of a cluttered scene gain from a larger input than
-    their own size (GroceryStore, median 348 px: 54% test accuracy at 224 px, 73% at 320, 77% at 448 with frozen
-    MobileNetV2 features), so they get 1.25x their size rounded up to a multiple of 32, at most 448.
+
+def auto_image_size(median_side: int, studio: bool = False, fast: bool = False) -> int:
+    """Input size from the data's median shorter side, and from where the model will be used.
+
+    Small studio shots of one fruit on white (Fruits-360: 100 px) are upscaled to 224 px, ImageNet's size: the
+    model will meet photos, and a Fruits-360 model read GroceryStore's supermarket photos 4.3% right at its own
+    96 px and 30.8% at 224 px (``benchmarks/RESULTS.md``). ``fast`` keeps their own size, floored to a multiple of
+    32 (96 px: several times quicker, and as good on the data's own test split). Other small images keep their own
+    size too. Photos in which the fruit is a small part of a cluttered scene gain from a larger input than their own
+    size (GroceryStore, median 348 px: 54% test accuracy at 224 px, 73% at 320, 77% at 448 with frozen MobileNetV2
+    features), so they get 1.25x their size rounded up to a multiple of 32, at most 448.
     """
     if median_side <= STUDIO_MAX_SIDE:
-        return max(64, (median_side // 32) * 32)
+        own = max(64, (median_side // 32) * 32)
+        return STUDIO_PHOTO_SIZE if studio and not fast else own
     return max(160, min(448, -(-int(median_side * 1.25) // 32) * 32))
 
 
@@ -51,13 +58,17 @@ def auto_epochs(cfg: TrainConfig) -> int:
     return HEAD_EPOCHS if pretrained(cfg) and cfg.fit.feature_cache else IMAGE_EPOCHS
 
 
-def resolve(cfg: TrainConfig, median_side: int) -> tuple[TrainConfig, list[str]]:
-    """``cfg`` with every auto setting decided, and one sentence per decision for the log."""
+def resolve(cfg: TrainConfig, median_side: int, studio: bool = False) -> tuple[TrainConfig, list[str]]:
+    """``cfg`` with every auto setting decided, and one sentence per decision for the log. ``studio``: the data is
+    studio shots on white (``DomainNote.studio_only``)."""
     notes = []
     model, augment, fit = cfg.model, cfg.augment, cfg.fit
     if not model.img_size:
-        model = replace(model, img_size=auto_image_size(median_side))
-        notes.append(f"input size {model.img_size} px, picked from the data (median shorter side {median_side} px)")
+        model = replace(model, img_size=auto_image_size(median_side, studio, model.fast))
+        why = (" for photos: studio shots on white, upscaled (--fast keeps their own size: quicker, far worse on "
+               "photos)" if studio and median_side <= STUDIO_MAX_SIDE and not model.fast else "")
+        notes.append(f"input size {model.img_size} px, picked from the data (median shorter side {median_side} px)"
+                     f"{why}")
     if not augment.crop_scale:
         augment = replace(augment, crop_scale=auto_crop_scale(median_side))
         notes.append(f"random crops of {100 * augment.crop_scale:.0f}-100% of the image area")

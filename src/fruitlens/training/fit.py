@@ -25,7 +25,9 @@ from fruitlens.models.checkpoint import refused
 from fruitlens.models.registry import FruitNet
 from fruitlens.rundir import RunDir
 from fruitlens.runtime import STAGES
+from fruitlens.data.manifest import Record
 from fruitlens.training import loaders
+from fruitlens.training.adapt import METHOD, Adaptation, confident, readable, unlabeled_images
 from fruitlens.training.augment import BatchInput
 from fruitlens.training.auto import pretrained
 from fruitlens.training.callbacks import EpochSummary, FreezeBackbone, TargetAccuracy
@@ -47,6 +49,7 @@ class FitResult:
     world_size: int = 1  # processes that trained together (DDP)
     backbone_frozen: bool = True  # the pretrained backbone kept its weights (its cached features stay valid)
     feature_pass: FeaturePass | None = None  # who computed the feature cache (the cached-feature path)
+    adaptation: Adaptation | None = None  # what --adapt-to did
 
 
 def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
@@ -56,8 +59,10 @@ def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: T
     t0 = time.perf_counter()
     result = FitResult(history, backbone_frozen=pretrained(cfg))
     if pretrained(cfg) and cfg.fit.feature_cache:
-        trainer, result.feature_pass = _fit_head_on_features(model, splits, classes, cfg, run, history)
+        trainer, result.feature_pass, result.adaptation = _fit_head_on_features(model, splits, classes, cfg, run,
+                                                                                history)
         result.phases.append("head")
+        result.phases += [f"adapt-{r + 1}" for r in range(len(result.adaptation.rounds) if result.adaptation else 0)]
     else:
         phase = "head" if pretrained(cfg) else "full"
         trainer, _ = _fit_images(model, splits, classes, cfg, run, history, phase,
@@ -182,6 +187,7 @@ class FeatureData(L.LightningDataModule):
         self.feats: dict | None = None
         self.feature_pass: FeaturePass | None = None
         self.seconds = 0.0
+        self.extra: tuple[torch.Tensor, torch.Tensor] | None = None  # pseudo-labelled photos (--adapt-to)
 
     def setup(self, stage: str) -> None:
         if self.feats is None:
@@ -192,7 +198,8 @@ class FeatureData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         feats, f = self.feats, self.cfg.fit
-        parts = [feats["train"]] + ([feats["train_aug"]] if "train_aug" in feats else [])
+        parts = [feats["train"]] + ([feats["train_aug"]] if "train_aug" in feats else []) + \
+            ([self.extra] if self.extra is not None else [])
         # no concatenation: the cached features stay memory-mapped
         ds = ConcatDataset([TensorDataset(p[0], p[1]) for p in parts])
         gen = torch.Generator().manual_seed(self.cfg.data.seed)
@@ -208,8 +215,9 @@ class FeatureData(L.LightningDataModule):
 
 
 def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig,
-                          run: RunDir, history: list[dict]) -> tuple[L.Trainer, FeaturePass | None]:
-    """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone."""
+                          run: RunDir, history: list[dict]) -> tuple[L.Trainer, FeaturePass | None, Adaptation | None]:
+    """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone; with
+    ``--adapt-to``, the rounds of pseudo-labels after it."""
     pre, f = model.preprocessing, cfg.fit
     views = f.feature_views if cfg.augment.enabled else 0
     gpu = use_gpu(cfg)
@@ -235,7 +243,47 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     trainer = _run_phase(trainer, ckpt, module, data, run, "head", history)
     STAGES.add("features", data.seconds)
     STAGES.add("head", time.perf_counter() - t0 - data.seconds)
-    return trainer, data.feature_pass
+    adaptation = None
+    if cfg.data.adapt_to:
+        with STAGES("adaptation"):
+            trainer, adaptation = _adapt(trainer, model, data, datasets["train"].targets, classes, cfg, run, history,
+                                         batch, gpu, store)
+    return trainer, data.feature_pass, adaptation
+
+
+def _adapt(trainer: L.Trainer, model: FruitNet, data: FeatureData, targets: list[int], classes: list[str],
+           cfg: TrainConfig, run: RunDir, history: list[dict], batch: int, gpu: bool,
+           store: FeatureStore | None) -> tuple[L.Trainer, Adaptation]:
+    """``--adapt-to``: the photos' clean features once, then ``fit.adapt_rounds`` rounds of pseudo-labels, each
+    retraining the head from scratch on the training features plus the photos it is sure of (``training/adapt.py``)."""
+    f = cfg.fit
+    paths, skipped = readable(unlabeled_images(cfg.data.adapt_to), workers=loaders.workers(cfg) or 1)
+    manifest = Manifest(tuple(Record(p, classes[0]) for p in paths))  # the label is never read
+    ds = loaders.dataset(manifest, classes, model.preprocessing, cfg)
+    feats, _ = cached_features(model.backbone, model.preprocessing, {"adapt": ds}, batch_size=batch, views=0,
+                               aug=cfg.augment, seed=cfg.data.seed, cache_file=run.cache / "adapt_features.pt",
+                               gpu=gpu, store=store, workers=min(1, loaders.workers(cfg)))
+    photos = feats["adapt"][0]
+    result = Adaptation(METHOD, cfg.data.adapt_to, len(paths), skipped, f.adapt_threshold)
+    for r in range(f.adapt_rounds):
+        keep, labels = confident(model.head, photos, f.adapt_threshold)
+        if not len(keep):  # nothing to learn from: the head stays as it is
+            log.warning("[adapt-%d] none of the %d photos scored >= %.2f: the head stays as trained (a lower "
+                        "fit.adapt_threshold takes less sure answers)", r + 1, len(photos), f.adapt_threshold)
+            break
+        result.rounds.append(len(keep))
+        log.info("[adapt-%d] %d of %d photos scored >= %.2f: retraining the head with them as class examples",
+                 r + 1, len(keep), len(photos), f.adapt_threshold)
+        data.extra = (photos[keep], labels)
+        result.per_class = {classes[c]: n for c, n in enumerate(torch.bincount(labels, minlength=len(classes)).tolist())
+                            if n}
+        model.linear.reset_parameters()
+        module = _module(model.head, cfg, targets, len(classes), f.lr, channels_last=False)
+        phase = f"adapt-{r + 1}"
+        trainer, ckpt = _trainer(cfg, run, phase, f.epochs, history, f.target_monitor == "train", progress=False)
+        trainer = _run_phase(trainer, ckpt, module, data, run, phase, history)
+    log.info("%s", result.text())
+    return trainer, result
 
 
 def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,

@@ -25,6 +25,7 @@ class TrainInfo:
     stages: dict[str, float] = field(default_factory=dict)  # wall seconds per stage, in the order they ran
     command_seconds: float | None = None  # the whole train command, evaluation included
     feature_pass: dict | None = None  # world_size, images_per_rank, seconds_per_rank, cache_bytes (cached features)
+    adaptation: dict | None = None  # --adapt-to: method, source, images, skipped, threshold, rounds, per_class
 
     @classmethod
     def here(cls, train_seconds: float, fit_seconds: float, phases: list[str], world_size: int = 1) -> "TrainInfo":

@@ -1,0 +1,98 @@
+"""``--adapt-to PHOTOS``: adapting the head to unlabeled photos of the setting the model will be used in.
+
+Pseudo-labels (Lee 2013): the trained head scores the photos, the ones it is sure of (top score >= the threshold)
+join the training data with the class it gave them, and the head trains again from scratch; a second round uses
+the better head's answers. It runs on the cached features (the photos' clean view goes through the backbone once),
+so it costs seconds, and the exported model is the same kind of model: nothing of the photos is needed to predict.
+
+Picked by measurement (``benchmarks/RESULTS.md``, "Adapting to unlabeled photos"): on GroceryStore photos a
+Fruits-360 head gained from pseudo-labels, while re-estimating the backbone's BatchNorm statistics on the photos
+(AdaBN) and aligning feature statistics (CORAL, per-dimension mean and spread) lost accuracy.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fruitlens.data.check import analyse_files
+from fruitlens.data.scan import _hidden, is_image_file
+from fruitlens.errors import DataError
+
+log = logging.getLogger(__name__)
+
+METHOD = "pseudo-labels"
+
+
+@dataclass
+class Adaptation:
+    """What ``--adapt-to`` did: ``train_info.json``'s ``adaptation``, shown in the report and the model card."""
+
+    method: str = METHOD
+    source: str = ""  # the folder (or file list) of unlabeled photos
+    images: int = 0  # photos that could be decoded and were scored
+    skipped: list[str] = field(default_factory=list)  # files that are not readable images (left out, listed)
+    threshold: float = 0.9
+    rounds: list[int] = field(default_factory=list)  # pseudo-labelled photos in each round
+    per_class: dict[str, int] = field(default_factory=dict)  # the last round's pseudo-labels by class
+
+    @property
+    def used(self) -> int:
+        return self.rounds[-1] if self.rounds else 0
+
+    def text(self) -> str:
+        skipped = f" ({len(self.skipped)} unreadable file(s) left out)" if self.skipped else ""
+        if not self.rounds:
+            return (f"--adapt-to {self.source}: none of its {self.images:,} photos{skipped} scored >= "
+                    f"{self.threshold:.2f}, so no pseudo-label was used and the model is the unadapted one")
+        return (f"adapted to {self.images:,} unlabeled photos from {self.source}{skipped} by {self.method}: "
+                f"{self.used:,} that the model was sure of (score >= {self.threshold:.2f}) joined the training data "
+                f"in the last of {len(self.rounds)} round(s)")
+
+
+def unlabeled_images(source: str | Path) -> list[str]:
+    """Every image file under ``source`` (any depth; folder names are not read as labels), or the paths listed in a
+    text file, one per line. Raises ``DataError`` when there is none."""
+    src = Path(source)
+    if not src.exists():
+        raise DataError(f"--adapt-to {source}: no such file or folder",
+                        "pass a folder of unlabeled photos of the setting the model will be used in")
+    if src.is_file():
+        lines = [ln.strip() for ln in src.read_text(errors="replace").splitlines() if ln.strip()]
+        paths = [str((src.parent / p) if not Path(p).is_absolute() else Path(p)) for p in lines]
+    else:
+        paths = sorted(str(p) for p in src.rglob("*") if p.is_file() and is_image_file(p)
+                       and not any(_hidden(part) for part in p.relative_to(src).parts))
+    if not paths:
+        raise DataError(f"--adapt-to {source}: no image files found",
+                        "pass a folder with photos (JPEG, PNG, WebP, ...); subfolders are searched too")
+    return paths
+
+
+def readable(paths: list[str], workers: int = 0) -> tuple[list[str], list[str]]:
+    """(paths that decode, paths that do not): bad files are left out and listed, never fatal."""
+    infos = analyse_files(paths, workers)
+    ok = [p for p, f in zip(paths, infos) if f.ok]
+    bad = [p for p, f in zip(paths, infos) if not f.ok]
+    for p in bad[:10]:
+        log.warning("--adapt-to: skipping %s (not a readable image)", p)
+    if len(bad) > 10:
+        log.warning("--adapt-to: ... and %d more unreadable files", len(bad) - 10)
+    if not ok:
+        raise DataError(f"--adapt-to: none of the {len(paths)} files can be decoded as an image",
+                        "run 'fruitlens check' on the folder to see why")
+    return ok, bad
+
+
+@torch.no_grad()
+def confident(head: torch.nn.Module, features: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, classes) of the photos whose top softmax score is at least ``threshold`` (the head in eval mode)."""
+    was = head.training
+    head.eval()
+    probs = torch.cat([torch.softmax(head(features[i:i + 4096].float()), 1) for i in range(0, len(features), 4096)])
+    head.train(was)
+    score, label = probs.max(1)
+    keep = torch.nonzero(score >= threshold).flatten()
+    return keep, label[keep]
