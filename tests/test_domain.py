@@ -143,3 +143,105 @@ def test_evaluate_run_lists_its_earlier_evaluations_on_other_data(run_copy, tmp_
     assert own.domain.figures[1].accuracy == pytest.approx(other.metrics.accuracy)
     again = fruitlens.evaluate(run_copy)  # each folder once
     assert [f.name for f in again.domain.figures] == ["test", "market"]
+
+
+def test_studio_shots_train_at_photo_size_unless_fast():
+    from fruitlens.config import TrainConfig, apply_overrides
+    from fruitlens.training.auto import auto_image_size, resolve
+
+    assert auto_image_size(100, studio=True) == 224  # Fruits-360: the size at which photos are read
+    assert auto_image_size(100, studio=True, fast=True) == 96  # --fast: the shots' own size
+    assert auto_image_size(100, studio=False) == 96  # small images that are not studio shots keep their size
+    assert auto_image_size(348, studio=True) == auto_image_size(348) == 448  # photos: unchanged
+    cfg = apply_overrides(TrainConfig(), {"data.path": "x"})
+    resolved, notes = resolve(cfg, 100, studio=True)
+    assert resolved.model.img_size == 224 and any("--fast" in n for n in notes)
+    from fruitlens.config import config_from
+
+    fast, _ = resolve(config_from("x", options={"fast": True}), 100, studio=True)
+    assert fast.model.img_size == 96
+    pinned, _ = resolve(apply_overrides(cfg, {"model.img_size": 128}), 100, studio=True)
+    assert pinned.model.img_size == 128  # an explicit size always wins
+
+
+def test_unlabeled_photos_are_found_at_any_depth_and_bad_ones_listed(tmp_path):
+    from fruitlens.training.adapt import readable, unlabeled_images
+
+    root = tmp_path / "photos"
+    (root / "shop" / "monday").mkdir(parents=True)
+    (root / ".thumbs").mkdir()
+    fruit_image("apple", 1).save(root / "a.jpg")
+    fruit_image("kiwi", 2).save(root / "shop" / "monday" / "b.png")
+    fruit_image("kiwi", 3).save(root / ".thumbs" / "hidden.jpg")
+    (root / "notes.txt").write_text("not an image")
+    (root / "shop" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    paths = unlabeled_images(root)
+    assert sorted(Path(p).name for p in paths) == ["a.jpg", "b.png", "broken.jpg"]
+    ok, bad = readable(paths, workers=1)
+    assert [Path(p).name for p in bad] == ["broken.jpg"] and len(ok) == 2
+    listing = tmp_path / "list.txt"
+    listing.write_text("photos/a.jpg\n\nphotos/shop/monday/b.png\n")
+    assert [Path(p).name for p in unlabeled_images(listing)] == ["a.jpg", "b.png"]
+    with pytest.raises(DataError, match="no such file or folder"):
+        unlabeled_images(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files found"):
+        unlabeled_images(tmp_path / "empty")
+
+
+def test_pseudo_labels_are_each_class_s_surest_photos():
+    import torch
+
+    from fruitlens.training.adapt import confident, shares
+
+    head = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[10.0, 0], [0, 10.0], [0, 0]]))
+    # class 0 is given to four photos, class 1 to two: half of each class, surest first
+    feats = torch.tensor([[1.0, 0], [0.2, 0], [0.5, 0], [0.1, 0], [0, 1.0], [0, 0.3]])
+    idx, labels = confident(head, feats, 0.5)
+    assert idx.tolist() == [0, 2, 4] and labels.tolist() == [0, 0, 1]
+    assert confident(head, feats, 0.01)[0].tolist() == [0, 4]  # at least one photo of every class the head gives
+    assert head.training  # its mode is restored
+    assert shares(0.4, 2) == [0.2, 0.4]
+
+
+def test_adapt_to_unlabeled_photos_pseudo_labels_them_and_the_report_says_so(tmp_path, capsys):
+    from conftest import mobilenet_cached, need
+    from fruitlens.cli.main import main
+
+    need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
+    data = make_tree(tmp_path / "data", per_class=14, size=64)
+    photos = _photos(tmp_path / "photos", per_class=8, size=64)  # the same fruit on busy backgrounds, unlabeled
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff broken")
+    before = {p: p.stat().st_mtime_ns for p in photos.rglob("*")}
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--img-size", "64", "--workers", "0", "--target-acc", "0",
+                 "--group", "none", "--adapt-to", str(photos), "fit.epochs=30"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in photos.rglob("*")} == before  # the photos are read, never touched
+    info = json.loads((run / "train_info.json").read_text())
+    a = info["adaptation"]
+    assert a["method"] == "pseudo-labels" and a["images"] == 24 and a["skipped"] == [str(photos / "broken.jpg")]
+    assert a["share"] == 0.4 and len(a["rounds"]) == 2 and 0 < a["rounds"][0] <= a["rounds"][1] <= 24
+    assert sum(a["per_class"].values()) == a["rounds"][-1] and set(a["per_class"]) <= {"apple", "kiwi", "lemon"}
+    assert info["phases"][:2] == ["head", "adapt-1"] and "adaptation" in info["stages"]
+    assert (run / "cache" / "adapt_features.pt").exists()
+    report = json.loads((run / "report.json").read_text())
+    assert report["adaptation"] == a
+    assert "id='adaptation'" in (run / "report.html").read_text()
+    assert "Adaptation: adapted to 24 unlabeled photos" in (run / "MODEL_CARD.md").read_text()
+    assert "adaptation: adapted to 24 unlabeled photos" in capsys.readouterr().out
+
+
+def test_adapt_to_fails_before_training_where_it_cannot_run(tmp_path):
+    from fruitlens.errors import ConfigError
+
+    data = make_tree(tmp_path / "data", per_class=6, size=48)
+    with pytest.raises(DataError, match="--adapt-to .*no such file or folder"):
+        fruitlens.train(data, tmp_path / "r1", adapt_to=str(tmp_path / "missing"), workers=0, group="none")
+    (tmp_path / "photos").mkdir()
+    fruit_image("apple", 1).save(tmp_path / "photos" / "a.jpg")
+    with pytest.raises(ConfigError, match="--adapt-to adapts the head"):
+        fruitlens.train(data, tmp_path / "r2", adapt_to=str(tmp_path / "photos"), model="small_cnn", workers=0,
+                        group="none")
+    assert not (tmp_path / "r1" / "checkpoints").exists() and not (tmp_path / "r2" / "checkpoints").exists()

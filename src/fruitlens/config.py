@@ -95,8 +95,8 @@ class FitConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     limit_batches: float = 1.0  # for smoke tests: a fraction or a count of batches per epoch
-    adapt_threshold: float = 0.9  # --adapt-to: the score a photo's pseudo-label needs
-    adapt_rounds: int = 2  # --adapt-to: score the photos, retrain the head; this many times
+    adapt_share: float = 0.4  # --adapt-to: share of each class's photos (surest first) pseudo-labelled in the last round
+    adapt_rounds: int = 2  # --adapt-to: score the photos, retrain the head; this many times (shares rise to adapt_share)
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ class TrainConfig:
             (f.balance in ("none", "weights", "sampler"), "fit.balance", "none, weights or sampler"),
             (f.feature_views >= 0, "fit.feature_views", ">= 0"),
             (f.fine_tune_blocks >= 0, "fit.fine_tune_blocks", ">= 0"),
-            (0 < f.adapt_threshold <= 1, "fit.adapt_threshold", "a score in (0, 1]"),
+            (0 < f.adapt_share <= 1, "fit.adapt_share", "a fraction in (0, 1]"),
             (f.adapt_rounds >= 1, "fit.adapt_rounds", ">= 1"),
             (0 <= f.label_smoothing < 1, "fit.label_smoothing", "in [0, 1)"),
             (m.img_size == 0 or m.img_size >= 16, "model.img_size", "0 (auto) or >= 16"),

@@ -65,7 +65,7 @@ def register(sub) -> None:
                    "ones the model will see): its figures go next to the test split's, its report to RUN/eval/")
     g.add_argument("--class-map", help="JSON mapping OTHER's class names onto the training classes")
     g.add_argument("--adapt-to", metavar="PHOTOS", help="unlabeled photos of where the model will be used (any folder "
-                   "of images): the head adapts to them by pseudo-labels (fit.adapt_threshold, fit.adapt_rounds)")
+                   "of images): the head adapts to them by class-balanced pseudo-labels (fit.adapt_share, fit.adapt_rounds)")
     g = p.add_argument_group("hardware (Lightning)")
     g.add_argument("--accelerator", help="auto (default), cpu, gpu")
     g.add_argument("--devices", help="number of devices, e.g. 2 (default 1)")

@@ -54,5 +54,6 @@ def studio_text(note: DomainNote) -> str:
                                 "time, or 'fruitlens evaluate RUN PHOTOS --class-map map.json'.")
     return (f"trained on studio shots only ({100 * note.white_background:.0f}% of the images are on a white "
             f"background): accuracy on real photos (shelves, hands, other fruit around) will be much lower than "
-            f"this test split's{measured}.{advice} Training on photos like the ones it will see is what helps; "
-            "a larger input (--img-size 224) helps some (benchmarks/RESULTS.md).")
+            f"this test split's{measured}.{advice} Training on labelled photos like the ones it will see is what "
+            "helps most; unlabeled ones can adapt it (--adapt-to PHOTOS), and --fast's small input makes it much "
+            "worse on photos (benchmarks/RESULTS.md, \"Studio shots and photos\").")

@@ -27,7 +27,7 @@ from fruitlens.rundir import RunDir
 from fruitlens.runtime import STAGES
 from fruitlens.data.manifest import Record
 from fruitlens.training import loaders
-from fruitlens.training.adapt import METHOD, Adaptation, confident, readable, unlabeled_images
+from fruitlens.training.adapt import METHOD, Adaptation, confident, readable, shares, unlabeled_images
 from fruitlens.training.augment import BatchInput
 from fruitlens.training.auto import pretrained
 from fruitlens.training.callbacks import EpochSummary, FreezeBackbone, TargetAccuracy
@@ -264,19 +264,15 @@ def _adapt(trainer: L.Trainer, model: FruitNet, data: FeatureData, targets: list
                                aug=cfg.augment, seed=cfg.data.seed, cache_file=run.cache / "adapt_features.pt",
                                gpu=gpu, store=store, workers=min(1, loaders.workers(cfg)))
     photos = feats["adapt"][0]
-    result = Adaptation(METHOD, cfg.data.adapt_to, len(paths), skipped, f.adapt_threshold)
-    for r in range(f.adapt_rounds):
-        keep, labels = confident(model.head, photos, f.adapt_threshold)
-        if not len(keep):  # nothing to learn from: the head stays as it is
-            log.warning("[adapt-%d] none of the %d photos scored >= %.2f: the head stays as trained (a lower "
-                        "fit.adapt_threshold takes less sure answers)", r + 1, len(photos), f.adapt_threshold)
-            break
+    result = Adaptation(METHOD, cfg.data.adapt_to, len(paths), skipped, f.adapt_share)
+    for r, share in enumerate(shares(f.adapt_share, f.adapt_rounds)):
+        keep, labels = confident(model.head, photos, share)
         result.rounds.append(len(keep))
-        log.info("[adapt-%d] %d of %d photos scored >= %.2f: retraining the head with them as class examples",
-                 r + 1, len(keep), len(photos), f.adapt_threshold)
-        data.extra = (photos[keep], labels)
         result.per_class = {classes[c]: n for c, n in enumerate(torch.bincount(labels, minlength=len(classes)).tolist())
                             if n}
+        log.info("[adapt-%d] the surest %.0f%% of each class's photos: %d of %d, retraining the head with them",
+                 r + 1, 100 * share, len(keep), len(photos))
+        data.extra = (photos[keep], labels)
         model.linear.reset_parameters()
         module = _module(model.head, cfg, targets, len(classes), f.lr, channels_last=False)
         phase = f"adapt-{r + 1}"
