@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -45,6 +46,10 @@ def train(name: str, options: list[str], keep: bool) -> Path:
     if keep and (run_dir / "report.json").exists():
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
+    # an empty feature store for each run: its time is a first run's, not one that reuses another run's features
+    cache = RUNS / f"{name}-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ["FRUITLENS_CACHE"] = str(cache)
     r = run(FRUITLENS + ["train", str(F360), "--out", str(run_dir)] + options, OUT / f"domain_train_{name}.log")
     if r["rc"] != 0:
         sys.exit(f"{name}: training failed\n{r['output'][-3000:]}")
