@@ -245,3 +245,17 @@ def test_adapt_to_fails_before_training_where_it_cannot_run(tmp_path):
         fruitlens.train(data, tmp_path / "r2", adapt_to=str(tmp_path / "photos"), model="small_cnn", workers=0,
                         group="none")
     assert not (tmp_path / "r1" / "checkpoints").exists() and not (tmp_path / "r2" / "checkpoints").exists()
+
+
+def test_pseudo_labelled_photos_join_the_unfamiliar_scorer_s_bank():
+    import numpy as np
+    import torch
+
+    from fruitlens.models.ood import OODScorer
+
+    scorer = OODScorer.fit(torch.eye(4)[:2], np.array([0.1, 0.2, 0.3]), np.array([0.2, 0.4, 0.6]))
+    photo = torch.tensor([[0.0, 0.0, 3.0, 0.0]])
+    assert float(scorer.distance(photo)) == pytest.approx(1.0)  # unlike every training image
+    more = scorer.extended(photo)
+    assert more.bank.shape == (3, 4) and float(more.distance(photo)) == pytest.approx(0.0, abs=1e-3)
+    assert torch.equal(more.scale, scorer.scale)  # the held-out scale stays

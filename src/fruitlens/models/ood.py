@@ -43,6 +43,11 @@ class OODScorer(nn.Module):
     def from_state(cls, state: dict[str, torch.Tensor]) -> "OODScorer":
         return cls(state["bank"], state["scale"])
 
+    def extended(self, features: torch.Tensor) -> "OODScorer":
+        """The same scorer with ``features`` added to its bank (``--adapt-to``'s pseudo-labelled photos: training
+        images of the head now, so photos like them are not "unfamiliar" for their distance alone)."""
+        return OODScorer(torch.cat([self.bank.float(), F.normalize(features.float(), dim=1)]), self.scale)
+
     def distance(self, features: torch.Tensor) -> torch.Tensor:
         """Cosine distance of each row of ``features`` to its nearest stored training feature."""
         return 1 - (F.normalize(features, dim=1) @ self.bank.float().T).max(dim=1).values

@@ -39,7 +39,7 @@ def calibrate(model: FruitNet, splits: dict[str, Manifest], classes: list[str], 
     else:
         trust, scorer, heldout = _from_validation(model, train, val, classes, cfg)
     model.fold_temperature(trust.temperature)
-    model.ood = scorer
+    model.ood = scorer if fitted.adapted is None else scorer.extended(fitted.adapted)
     log.info("calibration: temperature %.2f from %d held-out images (%s); 'not sure' below %.2f (%.0f%% of held-out "
              "images answered at %.0f%% accuracy); 'unfamiliar' above ood_score %.3f; %.1fs", trust.temperature,
              trust.heldout_images, trust.source.split(",")[0], trust.unknown_threshold,

@@ -50,6 +50,7 @@ class FitResult:
     backbone_frozen: bool = True  # the pretrained backbone kept its weights (its cached features stay valid)
     feature_pass: FeaturePass | None = None  # who computed the feature cache (the cached-feature path)
     adaptation: Adaptation | None = None  # what --adapt-to did
+    adapted: torch.Tensor | None = None  # the features of the photos that became pseudo-labels (--adapt-to)
 
 
 def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
@@ -59,8 +60,8 @@ def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: T
     t0 = time.perf_counter()
     result = FitResult(history, backbone_frozen=pretrained(cfg))
     if pretrained(cfg) and cfg.fit.feature_cache:
-        trainer, result.feature_pass, result.adaptation = _fit_head_on_features(model, splits, classes, cfg, run,
-                                                                                history)
+        trainer, result.feature_pass, adapted = _fit_head_on_features(model, splits, classes, cfg, run, history)
+        result.adaptation, result.adapted = adapted if adapted is not None else (None, None)
         result.phases.append("head")
         result.phases += [f"adapt-{r + 1}" for r in range(len(result.adaptation.rounds) if result.adaptation else 0)]
     else:
@@ -215,7 +216,8 @@ class FeatureData(L.LightningDataModule):
 
 
 def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig,
-                          run: RunDir, history: list[dict]) -> tuple[L.Trainer, FeaturePass | None, Adaptation | None]:
+                          run: RunDir, history: list[dict]) -> tuple[L.Trainer, FeaturePass | None,
+                                                                     tuple[Adaptation, torch.Tensor] | None]:
     """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone; with
     ``--adapt-to``, the rounds of pseudo-labels after it."""
     pre, f = model.preprocessing, cfg.fit
@@ -253,7 +255,7 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
 
 def _adapt(trainer: L.Trainer, model: FruitNet, data: FeatureData, targets: list[int], classes: list[str],
            cfg: TrainConfig, run: RunDir, history: list[dict], batch: int, gpu: bool,
-           store: FeatureStore | None) -> tuple[L.Trainer, Adaptation]:
+           store: FeatureStore | None) -> tuple[L.Trainer, tuple[Adaptation, torch.Tensor]]:
     """``--adapt-to``: the photos' clean features once, then ``fit.adapt_rounds`` rounds of pseudo-labels, each
     retraining the head from scratch on the training features plus the photos it is sure of (``training/adapt.py``)."""
     f = cfg.fit
@@ -279,7 +281,7 @@ def _adapt(trainer: L.Trainer, model: FruitNet, data: FeatureData, targets: list
         trainer, ckpt = _trainer(cfg, run, phase, f.epochs, history, f.target_monitor == "train", progress=False)
         trainer = _run_phase(trainer, ckpt, module, data, run, phase, history)
     log.info("%s", result.text())
-    return trainer, result
+    return trainer, (result, data.extra[0])
 
 
 def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
