@@ -259,3 +259,19 @@ def test_pseudo_labelled_photos_join_the_unfamiliar_scorer_s_bank():
     more = scorer.extended(photo)
     assert more.bank.shape == (3, 4) and float(more.distance(photo)) == pytest.approx(0.0, abs=1e-3)
     assert torch.equal(more.scale, scorer.scale)  # the held-out scale stays
+
+
+def test_a_class_map_counts_the_answer_predict_gives_not_the_summed_probabilities():
+    from fruitlens.evaluation.classmap import ClassMapping
+    from fruitlens.evaluation.metrics import compute_metrics
+
+    model = ["Lemon", "Apple A", "Apple B"] + [f"Other {i}" for i in range(5)]
+    mapping = ClassMapping({"lemon": ["Lemon"], "apple": ["Apple A", "Apple B"]}, model, "map.json")
+    assert mapping.columns == ["apple", "lemon", "(other)"]
+    probs = np.array([[0.30] + [0.0, 0.0] + [0.14] * 5,  # a lemon: predict says Lemon, the others sum to 0.70
+                      [0.0, 0.30, 0.0] + [0.14] * 5])  # an apple: predict says Apple A
+    y = np.array([1, 0])
+    assert mapping.collapse(probs, y).argmax(1).tolist() == [2, 2]  # summed, both would be "(other)"
+    assert mapping.predicted(probs, y).tolist() == [1, 0]  # what predict answers: both right
+    m = compute_metrics(y, mapping.collapse(probs, y), mapping.columns, y_pred=mapping.predicted(probs, y))
+    assert m.accuracy == 1.0 and m.confusion_matrix[1][1] == 1

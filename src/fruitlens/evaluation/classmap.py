@@ -83,3 +83,13 @@ class ClassMapping:
                 target = np.where(np.isin(y, cols), y, cols[0])
             np.add.at(out, (rows, target), probs[:, j])
         return out
+
+    def predicted(self, probs: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """The column of each image's top model class: what ``predict`` answers, mapped (right when the class map
+        lists that class for the image's own class). Summed probabilities (``collapse``) can disagree: ten model
+        classes that no data class lists, each a little likely, outweigh the one class the model picked."""
+        if self.source is None:
+            return probs.argmax(axis=1)
+        top = np.zeros_like(probs)
+        top[np.arange(len(probs)), probs.argmax(axis=1)] = 1.0
+        return self.collapse(top, y).argmax(axis=1)

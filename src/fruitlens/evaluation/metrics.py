@@ -154,21 +154,22 @@ def gap_text(gap: ValidationGap | None, evaluated_on: str) -> str:
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
-                    groups: Sequence[str] | None = None) -> Metrics:
+                    groups: Sequence[str] | None = None, y_pred: np.ndarray | None = None) -> Metrics:
     """Accuracy (with a 95% interval that counts near-duplicate ``groups`` as such), balanced/top-k accuracy, P/R/F1
-    (macro, weighted, per class), log loss, ECE, confusion matrix."""
+    (macro, weighted, per class), log loss, ECE, confusion matrix. ``y_pred``: the answers, where they are not the
+    argmax of ``probs`` (a class map: the top model class's column)."""
     with warnings.catch_warnings():  # a prediction of a class absent from the data is an error already counted
         warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
         warnings.filterwarnings("ignore", "A single label was found")  # balanced accuracy on a one-class folder
-        return _compute_metrics(y_true, probs, classes, groups)
+        return _compute_metrics(y_true, probs, classes, groups, y_pred)
 
 
 def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
-                     groups: Sequence[str] | None) -> Metrics:
+                     groups: Sequence[str] | None, y_pred: np.ndarray | None) -> Metrics:
     n_cls = len(classes)
     labels = list(range(n_cls))
     y_true = np.asarray(y_true, dtype=int)
-    y_pred = probs.argmax(axis=1)
+    y_pred = probs.argmax(axis=1) if y_pred is None else np.asarray(y_pred, dtype=int)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     present = s > 0

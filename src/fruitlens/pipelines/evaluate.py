@@ -53,6 +53,7 @@ class Scored:
     paths: list[str] = field(default_factory=list)
     y: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    pred: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # the column of each image's top model class
     groups: list[str] = field(default_factory=list)
     bad: list[dict[str, str]] = field(default_factory=list)
     unmapped: dict[str, int] = field(default_factory=dict)
@@ -76,7 +77,7 @@ def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = 
     target = eval_target(run, data, split)
     mapping = ClassMapping.load(class_map, predictor.classes)
     scored = score(predictor, target.manifest, mapping, batch_size)
-    metrics = compute_metrics(scored.y, scored.probs, mapping.columns, scored.groups)
+    metrics = compute_metrics(scored.y, scored.probs, mapping.columns, scored.groups, scored.pred)
     report = _assemble(run, target, mapping, scored, metrics, predictor, train_info)
     report.trust = trust_note(predictor, scored, mapping)
     report.label_audit = audit_note(run, target, scored, mapping) if target.data is None else None
@@ -195,6 +196,7 @@ def score(predictor: Predictor, manifest: Manifest, mapping: ClassMapping, batch
     out.logits = np.stack(logits)
     out.y = np.array([columns.index(lab) for lab in labels])
     out.probs = mapping.collapse(softmax(out.logits), out.y)
+    out.pred = mapping.predicted(out.logits, out.y)
     out.ood = np.array(ood) if len(ood) == len(logits) else None
     out.class_maps = maps if len(maps) == len(logits) else None
     return out
@@ -208,7 +210,7 @@ def trust_note(predictor: Predictor, scored: Scored, mapping: ClassMapping, curv
         return None
     temperature = float(t.get("temperature", 1.0))
     before = mapping.collapse(softmax(scored.logits * temperature), scored.y)
-    conf, correct = scored.probs.max(axis=1), scored.probs.argmax(axis=1) == scored.y
+    conf, correct = scored.probs.max(axis=1), scored.pred == scored.y
     rc = risk_coverage(conf, correct)
     step = max(1, len(rc.coverage) // curve_points)  # a readable curve in report.json, its last point kept
     keep = sorted(set(range(0, len(rc.coverage), step)) | {len(rc.coverage) - 1})
