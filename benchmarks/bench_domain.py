@@ -108,8 +108,9 @@ def markdown(res: dict) -> str:
     for r in adapted:
         a = r["adaptation"]
         lines += ["", f"Adaptation ({r['label']}): {a['method']} on {a['images']:,} unlabeled grocery/train photos "
-                      f"(all 28 kinds, labels never read), {a['rounds']} pseudo-labelled per round at score >= "
-                      f"{a['threshold']}; it is scored on grocery/val only."]
+                      f"(all 28 kinds, labels never read): the surest {100 * a['share'] / len(a['rounds']):.0f}% then "
+                      f"{100 * a['share']:.0f}% of each class's photos, {' then '.join(map(str, a['rounds']))} photos; "
+                      "it is scored on grocery/val only."]
     lines += ["", "Commands: " + "; ".join(
         f"`fruitlens train ../shared/data/fruits360 {' '.join(RECIPES[r['run']][1]).replace(str(SHARED), '../shared/data')}`"
         for r in rows) + "; then `fruitlens evaluate RUN grocery-photos.csv --class-map "
