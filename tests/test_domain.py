@@ -156,10 +156,12 @@ def test_studio_shots_train_at_photo_size_unless_fast():
     cfg = apply_overrides(TrainConfig(), {"data.path": "x"})
     resolved, notes = resolve(cfg, 100, studio=True)
     assert resolved.model.img_size == 224 and any("--fast" in n for n in notes)
+    assert resolved.fit.feature_views == 3  # studio shots at photo size: more augmented views
     from fruitlens.config import config_from
 
     fast, _ = resolve(config_from("x", options={"fast": True}), 100, studio=True)
-    assert fast.model.img_size == 96
+    assert fast.model.img_size == 96 and fast.fit.feature_views == 1
+    assert resolve(cfg, 348, studio=False)[0].fit.feature_views == 1  # photos: one view
     pinned, _ = resolve(apply_overrides(cfg, {"model.img_size": 128}), 100, studio=True)
     assert pinned.model.img_size == 128  # an explicit size always wins
 

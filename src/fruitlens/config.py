@@ -79,7 +79,7 @@ class FitConfig:
     label_smoothing: float = 0.0
     balance: str = "none"  # none | weights | sampler
     feature_cache: bool = True
-    feature_views: int = 1
+    feature_views: int = -1  # augmented views per image in the feature cache; -1: picked from the data (auto.py)
     fine_tune_blocks: int = 0
     fine_tune_epochs: int = 2
     fine_tune_lr: float = 1e-4
@@ -191,7 +191,7 @@ class TrainConfig:
             (0 <= f.target_acc <= 1, "fit.target_acc", "a fraction in [0, 1]"),
             (f.target_monitor in ("val", "train"), "fit.target_monitor", "val or train"),
             (f.balance in ("none", "weights", "sampler"), "fit.balance", "none, weights or sampler"),
-            (f.feature_views >= 0, "fit.feature_views", ">= 0"),
+            (f.feature_views >= -1, "fit.feature_views", "-1 (auto) or >= 0"),
             (f.fine_tune_blocks >= 0, "fit.fine_tune_blocks", ">= 0"),
             (0 < f.adapt_share <= 1, "fit.adapt_share", "a fraction in (0, 1]"),
             (f.adapt_rounds >= 1, "fit.adapt_rounds", ">= 1"),

@@ -49,7 +49,8 @@ def register(sub) -> None:
     g.add_argument("--target-monitor", choices=["val", "train"], help="accuracy the target watches (default val)")
     g.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
                    help="train the head on images every epoch instead of on cached backbone features")
-    g.add_argument("--feature-views", type=int, help="augmented views per image in the feature cache (default 1)")
+    g.add_argument("--feature-views", type=int, help="augmented views per image in the feature cache (default 1; 3 for studio shots "
+                   "at photo size)")
     g.add_argument("--fine-tune-blocks", type=int, help="then fine-tune the top N backbone blocks (default 0)")
     g.add_argument("--fine-tune-epochs", type=int)
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="switch augmentation off")
