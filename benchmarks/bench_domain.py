@@ -96,14 +96,14 @@ def markdown(res: dict) -> str:
              "../shared/data/grocery-from-fruits360.json`; photos of other kinds (banana, melons, ...) are counted "
              "apart.", "",
              "| recipe | px | train s | Fruits-360 test accuracy | grocery train+val: photos | accuracy (95% CI) | "
-             "balanced | 'not sure' | 'unfamiliar' | grocery val: photos | accuracy (95% CI) | balanced |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "balanced | 'not sure' | 'unfamiliar' | grocery val: photos | accuracy (95% CI) | balanced | 'not sure' | "
+             "'unfamiliar' |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a, v = r.get("all") or {}, r["val"]
         lines.append(f"| {r['label']} | {r['image_size']} | {r['train_seconds']} | {pct(r['test_accuracy'])} | "
                      f"{a.get('photos', '-')} | {pct(a.get('accuracy'))} ({ci(a)}) | {pct(a.get('balanced_accuracy'))} | "
                      f"{pct(a.get('not_sure'))} | {pct(a.get('unfamiliar'))} | {v['photos']} | {pct(v['accuracy'])} "
-                     f"({ci(v)}) | {pct(v['balanced_accuracy'])} |")
+                     f"({ci(v)}) | {pct(v['balanced_accuracy'])} | {pct(v.get('not_sure'))} | {pct(v.get('unfamiliar'))} |")
     adapted = [r for r in rows if r.get("adaptation")]
     for r in adapted:
         a = r["adaptation"]
