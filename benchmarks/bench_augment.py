@@ -9,8 +9,8 @@ The ideas: the default augmentation (``training/augment.py``) at several crop ra
 position (the fruit small and off centre); backgrounds under the white-background mask (gradients, and blurred
 clutter of other fruit); piles (several fruit of the class in one view); colour, white balance, shadows, blur and
 noise. Then the adaptations to unlabeled photos (grocery/train, scored on grocery/val and on all 812):
-pseudo-labels (over a score threshold, and class-balanced as ``--adapt-to`` does), CORAL, mean and per-dimension alignment of the features, and AdaBN (the backbone's BatchNorm
-statistics re-estimated on the photos).
+pseudo-labels (over a score threshold, and class-balanced as ``--adapt-to`` does), CORAL, mean and per-dimension
+alignment of the features, and AdaBN (the backbone's BatchNorm statistics re-estimated on the photos).
 """
 from __future__ import annotations
 

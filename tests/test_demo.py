@@ -207,6 +207,6 @@ def test_demo_on_real_fruits360_subset(tmp_path, capsys):
     data = shared_data("fruits360")
     out = tmp_path / "demo"
     assert main(["demo", "--data", str(data), "--classes", "Kiwi,Lemon,Orange,Strawberry", "--out", str(out),
-                 "--no-int8", "fit.fine_tune_epochs=1", "fit.limit_batches=20"]) == 0
+                 "--no-int8", "fit.fine_tune_epochs=1", "fit.limit_batches=20", "fit.feature_views=1"]) == 0
     text = capsys.readouterr().out
     assert "accuracy" in text and (out / "report.html").exists()

@@ -26,7 +26,7 @@ from fruitlens.errors import DataError
 
 log = logging.getLogger(__name__)
 
-METHOD = "pseudo-labels"
+METHOD = "class-balanced pseudo-labels"
 
 
 @dataclass
