@@ -278,3 +278,19 @@ def test_a_class_map_counts_the_answer_predict_gives_not_the_summed_probabilitie
     assert mapping.predicted(probs, y).tolist() == [1, 0]  # what predict answers: both right
     m = compute_metrics(y, mapping.collapse(probs, y), mapping.columns, y_pred=mapping.predicted(probs, y))
     assert m.accuracy == 1.0 and m.confusion_matrix[1][1] == 1
+
+
+def test_the_head_s_training_data_holds_the_pseudo_labelled_photos():
+    import torch
+
+    from fruitlens.config import TrainConfig
+    from fruitlens.training.fit import FeatureData
+
+    data = FeatureData(lambda *a: None, TrainConfig(), 3)
+    data.feats = {"train": (torch.zeros(10, 4), torch.zeros(10, dtype=torch.long)),
+                  "train_aug": (torch.zeros(20, 4), torch.zeros(20, dtype=torch.long), torch.zeros(20, dtype=torch.long)),
+                  "val": (torch.zeros(5, 4), torch.zeros(5, dtype=torch.long))}
+    assert len(data.train_dataloader().dataset) == 30
+    data.extra = (torch.ones(7, 4), torch.full((7,), 2))
+    rows = data.train_dataloader().dataset
+    assert len(rows) == 37 and sum(int(y == 2) for _, y in rows) == 7  # the photos, with their pseudo-labels
