@@ -20,12 +20,11 @@ from torch.utils.data import ConcatDataset, DataLoader, TensorDataset, WeightedR
 
 from fruitlens.config import TrainConfig
 from fruitlens.data.dataset import class_weights
-from fruitlens.data.manifest import Manifest
+from fruitlens.data.manifest import Manifest, Record
 from fruitlens.models.checkpoint import refused
 from fruitlens.models.registry import FruitNet
 from fruitlens.rundir import RunDir
 from fruitlens.runtime import STAGES
-from fruitlens.data.manifest import Record
 from fruitlens.training import loaders
 from fruitlens.training.adapt import METHOD, Adaptation, confident, readable, shares, unlabeled_images
 from fruitlens.training.augment import BatchInput
