@@ -166,6 +166,27 @@ def test_studio_shots_train_at_photo_size_unless_fast():
     assert pinned.model.img_size == 128  # an explicit size always wins
 
 
+def test_a_head_on_studio_shots_at_photo_size_gets_the_loose_recipe_unless_told_otherwise():
+    from fruitlens.config import TrainConfig, apply_overrides, config_from
+    from fruitlens.training.auto import resolve
+
+    cfg = apply_overrides(TrainConfig(), {"data.path": "x"})
+    studio, notes = resolve(cfg, 100, studio=True)
+    assert (studio.fit.weight_decay, studio.fit.target_acc) == (1e-3, 0.0)  # no 98% stop, more weight decay
+    assert any("weight decay 0.001" in n for n in notes)
+    original = (1e-4, 0.98)  # the original's recipe everywhere else
+    assert (lambda f: (f.weight_decay, f.target_acc))(resolve(cfg, 348, studio=False)[0].fit) == original
+    assert (lambda f: (f.weight_decay, f.target_acc))(resolve(cfg, 100, studio=False)[0].fit) == original
+    fast = resolve(config_from("x", options={"fast": True}), 100, studio=True)[0].fit
+    assert (fast.weight_decay, fast.target_acc) == original  # --fast: the studio shots' own size
+    tuned = resolve(apply_overrides(cfg, {"fit.fine_tune_blocks": 2}), 100, studio=True)[0].fit
+    assert (tuned.weight_decay, tuned.target_acc) == original  # phases that train the backbone keep it
+    told = resolve(config_from("x", options={"target_acc": 0.98}), 100, studio=True)[0].fit
+    assert (told.weight_decay, told.target_acc) == (1e-3, 0.98)  # an explicit value always wins
+    with pytest.raises(Exception, match="fit.weight_decay"):
+        apply_overrides(cfg, {"fit.weight_decay": -0.5}).validated()
+
+
 def test_unlabeled_photos_are_found_at_any_depth_and_bad_ones_listed(tmp_path):
     from fruitlens.training.adapt import readable, unlabeled_images
 

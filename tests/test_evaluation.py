@@ -79,6 +79,15 @@ def test_gallery_shows_one_image_per_near_duplicate_group(tmp_path):
     assert [(g["path"][-5:], g["like_it"]) for g in got["worst_mistakes"]] == [("0.jpg", 2), ("3.jpg", 0)]
     assert [(g["path"][-5:], g["like_it"]) for g in got["least_confident_correct"]] == [("5.jpg", 0)]
     assert "+2 near-duplicates like it" in gallery_html(got["worst_mistakes"])
+    # under a class map the answer is the top model class, mapped; image 4's summed probabilities favour "a", but
+    # its answer was "b": it is a mistake, shown with the summed probability of its answer
+    answers = np.array([1, 1, 1, 1, 1, 0])
+    mapped = _gallery(paths, y, probs, ["a", "b"], 3, [str(i) for i in range(6)], pred=answers)
+    assert [g["path"][-5:] for g in mapped["worst_mistakes"]] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert [(g["path"][-5:], g["predicted"]) for g in mapped["least_confident_correct"]] == [("5.jpg", "a")]
+    assert 4 not in [int(g["path"][-5]) for g in mapped["least_confident_correct"]]
+    later = _gallery(paths, y, probs, ["a", "b"], 9, [str(i) for i in range(6)], pred=answers)["worst_mistakes"]
+    assert ("4.jpg", 0.1) in [(g["path"][-5:], g["confidence"]) for g in later]
 
 
 def test_validation_gap_when_validation_photos_resemble_training():

@@ -75,7 +75,7 @@ class FitConfig:
     epochs: int = 0  # max epochs of the first phase; 0: picked by training/fit.py: auto_epochs
     batch_size: int = 64
     lr: float = 1e-3
-    weight_decay: float = 1e-4
+    weight_decay: float = -1.0  # -1: picked from the data (auto.py: 1e-4; 1e-3 for studio shots upscaled)
     label_smoothing: float = 0.0
     balance: str = "none"  # none | weights | sampler
     feature_cache: bool = True
@@ -86,7 +86,8 @@ class FitConfig:
     early_stopping_patience: int = 5
     plateau_patience: int = 2
     plateau_factor: float = 0.2
-    target_acc: float = 0.98  # 0 switches the TargetAccuracy stop off
+    target_acc: float = -1.0  # the TargetAccuracy stop; 0: off; -1: picked from the data (auto.py: 0.98, off for
+    # studio shots upscaled for photos)
     target_monitor: str = "val"  # val | train
     deterministic: bool = False
     precision: str = "auto"
@@ -188,7 +189,8 @@ class TrainConfig:
             (f.epochs >= 0, "fit.epochs", "0 (auto) or more"),
             (f.batch_size >= 1, "fit.batch_size", ">= 1"),
             (f.lr > 0, "fit.lr", "> 0"),
-            (0 <= f.target_acc <= 1, "fit.target_acc", "a fraction in [0, 1]"),
+            (f.target_acc == -1 or 0 <= f.target_acc <= 1, "fit.target_acc", "-1 (auto) or a fraction in [0, 1]"),
+            (f.weight_decay == -1 or f.weight_decay >= 0, "fit.weight_decay", "-1 (auto) or >= 0"),
             (f.target_monitor in ("val", "train"), "fit.target_monitor", "val or train"),
             (f.balance in ("none", "weights", "sampler"), "fit.balance", "none, weights or sampler"),
             (f.feature_views >= -1, "fit.feature_views", "-1 (auto) or >= 0"),

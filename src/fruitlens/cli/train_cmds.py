@@ -45,7 +45,8 @@ def register(sub) -> None:
     g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     g.add_argument("--balance", choices=["none", "weights", "sampler"], help="for imbalanced classes")
     g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--target-acc", type=float, help="stop once accuracy reaches this (default 0.98; 0 = off)")
+    g.add_argument("--target-acc", type=float,
+                   help="stop once accuracy reaches this (default 0.98, off for studio shots upscaled for photos; 0 = off)")
     g.add_argument("--target-monitor", choices=["val", "train"], help="accuracy the target watches (default val)")
     g.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
                    help="train the head on images every epoch instead of on cached backbone features")

@@ -159,12 +159,13 @@ def thumbnail(path: str, size: int = 96, class_map: np.ndarray | None = None, pr
 
 def gallery(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: list[str], n: int,
             groups: list[str] | None, class_maps: list[np.ndarray] | None = None,
-            pre: Preprocessing | None = None) -> dict[str, list[dict]]:
+            pre: Preprocessing | None = None, pred: np.ndarray | None = None) -> dict[str, list[dict]]:
     """The ``n`` most confident mistakes and least confident correct answers, one image per near-duplicate group
     (twelve frames of one misread fruit are one mistake); ``like_it``: the group's other mistakes. With
-    ``class_maps`` each picture shows where the model looked for its answer."""
-    pred = probs.argmax(1)
-    conf = probs.max(1)
+    ``class_maps`` each picture shows where the model looked for its answer. ``pred``: each image's answer where it
+    is not the argmax of ``probs`` (under a class map: the top model class, mapped; ``probs`` summed per column)."""
+    pred = probs.argmax(1) if pred is None else np.asarray(pred)
+    conf = probs[np.arange(len(pred)), pred]
     keys = group_keys(groups, len(paths))
 
     def pick(idx: np.ndarray, count: bool) -> list[dict]:

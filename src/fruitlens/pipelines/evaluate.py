@@ -83,7 +83,7 @@ def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = 
     report.label_audit = audit_note(run, target, scored, mapping) if target.data is None else None
     report.timing.eval_seconds = round(time.perf_counter() - t0, 2)
     report.gallery = gallery(scored.paths, scored.y, scored.probs, mapping.columns, gallery_size, scored.groups,
-                             scored.class_maps, predictor.preprocessing)
+                             scored.class_maps, predictor.preprocessing, scored.pred)
     if target.data is None:  # the run's evaluations on other data so far, next to its own figures
         with_other_data(run, report, _earlier_evaluations(run))
     else:
