@@ -1,7 +1,8 @@
 """Studio shots and photos (issue 18): Fruits-360 models on GroceryStore's supermarket photos of the fruit kinds they
 know (``../shared/data/grocery-from-fruits360.json`` says which Fruits-360 classes count as right), in one benchmark
 run: the plain recipe (the original's: 224 px, frozen MobileNetV2, augmentation, no feature cache), today's default
-(224 px for studio shots), the default's features with the original's head recipe, ``--fast`` (96 px, the earlier default) and ``--adapt-to grocery/train`` (unlabeled).
+(224 px for studio shots), the default's features with the original's head recipe, ``--fast`` (96 px, the earlier
+default) and ``--adapt-to grocery/train`` (unlabeled).
 Scored on grocery train + val (1,253 photos; the classes Fruits-360 lacks are counted apart) and on val alone (the
 adaptation saw train's photos, without their labels); with each run's own test accuracy and the time it took.
 
@@ -91,8 +92,9 @@ def row(name: str, label: str, run_dir: Path, photos: Path, val: Path) -> dict:
 def markdown(res: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
     ci = lambda e: f"{100 * e['ci95'][0]:.1f}-{100 * e['ci95'][1]:.1f}%" if e.get("ci95") else "-"
-    order = ["f360_plain", "f360_default", "f360_original_head", "f360_fast", "f360_adapt"]  # the adapted run trains first (the longest
-    rows = sorted(res["rows"], key=lambda r: order.index(r["run"]))  # to wait for is the plain recipe's)
+    # the adapted run trains first (the longest to wait for is the plain recipe's)
+    order = ["f360_plain", "f360_default", "f360_original_head", "f360_fast", "f360_adapt"]
+    rows = sorted(res["rows"], key=lambda r: order.index(r["run"]))
     lines = ["## Studio shots and photos (`python benchmarks/bench_domain.py`)", "",
              f"Measured {res['machine']['date']}, one benchmark run, one seed. Models trained on Fruits-360 (studio "
              f"shots on white: the check counts {100 * rows[0]['studio_share']:.0f}% of its images on a white "

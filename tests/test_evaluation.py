@@ -209,12 +209,22 @@ def test_evaluate_other_folder_with_class_map(run_copy, tmp_path, capsys):
     assert "which the model does not know" in capsys.readouterr().err
 
 
-def test_class_map_numbers_follow_the_mapping(run_copy, tmp_path):
+def test_class_map_numbers_follow_the_mapping(run_copy, tmp_path, monkeypatch):
     """Accuracy and confusion matrix on a map where a wrong class-to-column mapping would give other numbers."""
     import shutil
 
+    import fruitlens.pipelines.evaluate as evaluate_module
     from fruitlens.evaluation.classmap import ClassMapping
     from fruitlens.inference.predictor import Predictor, softmax
+
+    shown = {}  # the answers the report's gallery is given
+    real_gallery = evaluate_module.gallery
+
+    def capture(*args, **kwargs):
+        shown["pred"] = args[8] if len(args) > 8 else kwargs.get("pred")
+        return real_gallery(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "gallery", capture)
 
     p = Predictor.load(run_copy)
     data = make_tree(tmp_path / "d", per_class=5, classes=("apple", "kiwi", "lemon", "plum"), size=48)
@@ -229,6 +239,7 @@ def test_class_map_numbers_follow_the_mapping(run_copy, tmp_path):
     probs = softmax(p.logits(files))
     column = {"apple": 0, "plum": 1, "kiwi": 1, "lemon": 2}
     pred = [column[p.classes[i]] for i in probs.argmax(1)]
+    assert shown["pred"] is not None and list(shown["pred"]) == pred  # the gallery shows what predict answers
     mapped = ClassMapping.load(cmap, p.classes).collapse(probs).argmax(1)
     truth = [0] * 5 + [1] * 5
     cm = np.zeros((3, 3), int)
