@@ -30,8 +30,11 @@ def _history(run: Path) -> list[tuple[str, int]]:
 
 
 def _start(args: list[str]) -> subprocess.Popen:
+    # Ctrl-C's default action in the child: a suite started in the background ('make test &' from a script) ignores
+    # SIGINT, and an ignored signal stays ignored across exec, so the run would never see it
     return subprocess.Popen([sys.executable, "-m", "fruitlens", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+                            stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(proc: subprocess.Popen, text: str) -> list[str]:
