@@ -8,7 +8,9 @@ Fruits-360 has (train + val, 812 photos, ``grocery-from-fruits360.json``): accur
 The ideas: the default augmentation (``training/augment.py``) at several crop ranges and colour strengths; scale and
 position (the fruit small and off centre); backgrounds under the white-background mask (gradients, and blurred
 clutter of other fruit); piles (several fruit of the class in one view); colour, white balance, shadows, blur and
-noise. Then the adaptations to unlabeled photos (grocery/train, scored on grocery/val and on all 812):
+noise; dense mosaics (a k x k pile of the class packed edge to edge, any rotation). On the photo side: test-time
+crops (the mean of the scores over crops and tiles of each photo) and features from an earlier block of the
+backbone. Then the adaptations to unlabeled photos (grocery/train, scored on grocery/val and on all 812):
 pseudo-labels (over a score threshold, and class-balanced as ``--adapt-to`` does), CORAL, mean and per-dimension
 alignment of the features, and AdaBN (the backbone's BatchNorm statistics re-estimated on the photos).
 """
@@ -64,8 +66,10 @@ def load_data() -> dict:
                 gy.append(gi)
                 gval.append(split == "val")
     unlabeled = sorted((SHARED / "grocery" / "train").rglob("*.jpg"))  # all 28 kinds, labels never read
+    big = PRE.with_image_size(2 * SIZE)  # for test-time crops: a crop of half the side still has 224 px
+    gx2 = torch.from_numpy(np.stack([big.pixels(f) for f in gfiles])).permute(0, 3, 1, 2).contiguous()
     return {"x": _pixels(files), "y": torch.tensor(ys), "gx": _pixels(gfiles), "gy": torch.tensor(gy),
-            "gval": torch.tensor(gval), "allowed": allowed, "ux": _pixels(unlabeled)}
+            "gval": torch.tensor(gval), "allowed": allowed, "ux": _pixels(unlabeled), "gx2": gx2}
 
 
 def features(x8: torch.Tensor, backbone=None) -> torch.Tensor:
@@ -156,6 +160,30 @@ def photo_aug(x8, y, g, pile=(1, 1), scale=(0.35, 1.0), bg="white", color=0.0, b
     return out.clamp(0, 1)
 
 
+def mosaic(x8, y, g, k=(2, 5), scale=(1.1, 1.6)):
+    """A supermarket pile: k x k fruit of the class (k drawn from ``k``) packed on a jittered grid, each at
+    ``scale`` of its cell, any rotation, drawn in random order over a dark colour gradient."""
+    x = x8.float() / 255
+    n, _, h, w = x.shape
+    m = fg_mask(x)
+    out = backgrounds(x, g, "solid") * _u(n, 0.2, 0.8, g).view(n, 1, 1, 1)
+    kn = torch.randint(k[0], k[1] + 1, (n,), generator=g).float()
+    for t in torch.randperm(k[1] ** 2, generator=g).tolist():
+        r, c = divmod(t, k[1])
+        src = _same_class(y, g)
+        sc = _u(n, *scale, g) / kn
+        px = (c + 0.5) / kn * 2 - 1 + _u(n, -0.3, 0.3, g) / kn
+        py = (r + 0.5) / kn * 2 - 1 + _u(n, -0.3, 0.3, g) / kn
+        ang = _u(n, -math.pi, math.pi, g)
+        tx = -(torch.cos(ang) * px - torch.sin(ang) * py) / sc
+        ty = -(torch.sin(ang) * px + torch.cos(ang) * py) / sc
+        flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        wv = _warp(torch.cat([x[src] - 1, m[src]], 1), ang, sc, tx, ty, flip)
+        mm = wv[:, 3:] * ((r < kn) & (c < kn)).float().view(n, 1, 1, 1)
+        out = out * (1 - mm) + (wv[:, :3] + 1) * mm
+    return out.clamp(0, 1)
+
+
 def default_aug(**kw):
     aug = AugmentConfig(**{"crop_scale": 0.6, **kw})
     return lambda x8, y, g: augment_batch(x8, aug, g)
@@ -178,6 +206,8 @@ IDEAS = [  # (name, what it is, the augmentation)
     ("piles on clutter", "the same on clutter backgrounds", lambda x, y, g: photo_aug(x, y, g, pile=(1, 8), bg="mix")),
     ("default + clutter", "the default augmentation's views on clutter backgrounds",
      lambda x, y, g: photo_aug(x, y, g, bg="mix", geo=0.6)),
+    ("mosaic piles", "2x2 to 5x5 fruit of the class packed edge to edge, any rotation, on dark gradients",
+     lambda x, y, g: mosaic(x, y, g)),
     ("default + clutter + light + blur", "and white balance, brightness, shadows (0.3), blur, noise",
      lambda x, y, g: photo_aug(x, y, g, bg="mix", geo=0.6, color=0.3, blur=2.0)),
 ]
@@ -213,7 +243,11 @@ def head(X, Y, seed=0, epochs=60):
 
 def score(d, lin, gf, sel=None) -> tuple[float, float]:
     with torch.no_grad():
-        ok = d["allowed"][d["gy"], lin(gf).argmax(1)]
+        return score_probs(d, lin(gf), sel)
+
+
+def score_probs(d, scores, sel=None) -> tuple[float, float]:
+    ok = d["allowed"][d["gy"], scores.argmax(1)]
     sel = torch.ones(len(ok), dtype=torch.bool) if sel is None else sel
     ok, y = ok[sel], d["gy"][sel]
     return float(ok.float().mean()), float(torch.stack([ok[y == c].float().mean() for c in y.unique()]).mean())
@@ -222,6 +256,72 @@ def score(d, lin, gf, sel=None) -> tuple[float, float]:
 def mean_score(d, X, Y, gf, sel=None):
     r = [score(d, head(X, Y, s), gf, sel) for s in range(SEEDS)]
     return tuple(sum(v) / len(v) for v in zip(*r))
+
+
+# --- the photo side: test-time crops, features of an earlier block ---
+
+def _crops(x8: torch.Tensor, scheme: str) -> list[torch.Tensor]:
+    """The views of 448-px photos that a test-time scheme averages, each resized to 224 px (float [0, 1])."""
+    n, _, h, w = x8.shape
+    down = lambda v: F.interpolate(v.float() / 255, size=(SIZE, SIZE), mode="bilinear", antialias=True)
+    if scheme == "full":
+        return [down(x8)]
+    if scheme == "5 crops":  # the centre and the four corners, half the area each
+        k = int(h * 0.5 ** 0.5)
+        return [down(x8[:, :, a:a + k, b:b + k]) for a, b in
+                [((h - k) // 2, (w - k) // 2), (0, 0), (0, w - k), (h - k, 0), (h - k, w - k)]]
+    t = int(scheme[0])  # "2x2 tiles", "3x3 tiles"
+    return [down(x8[:, :, a * h // t:(a + 1) * h // t, b * w // t:(b + 1) * w // t]) for a in range(t) for b in range(t)]
+
+
+def test_time(d, X, Y) -> list[dict]:
+    heads = [head(X, Y, s) for s in range(SEEDS)]
+    feats = {s: [features(v) for v in _crops(d["gx2"], s)] for s in ("full", "5 crops", "2x2 tiles", "3x3 tiles")}
+    schemes = [("one view of the whole photo (as predict does)", ["full"]), ("5 crops of half the area", ["5 crops"]),
+               ("the whole photo + 5 crops", ["full", "5 crops"]), ("the whole photo + 2x2 tiles", ["full", "2x2 tiles"]),
+               ("the whole photo + 3x3 tiles", ["full", "3x3 tiles"])]
+    rows = []
+    for name, keys in schemes:
+        fs = [f for k in keys for f in feats[k]]
+        with torch.no_grad():
+            r = [score_probs(d, sum(F.softmax(h(f), 1) for f in fs)) for h in heads]
+        rows.append({"scheme": name, "views": len(fs), "accuracy": sum(a for a, _ in r) / len(r),
+                     "balanced": sum(b for _, b in r) / len(r)})
+    return rows
+
+
+BLOCKS = {"the last layer (1280 channels), mean (fruitlens)": (18, "mean"), "the last layer, max": (18, "max"),
+          "block 17 (320 channels), mean": (17, "mean"), "block 6 (32 channels), mean": (6, "mean")}
+
+
+@torch.inference_mode()
+def block_features(x8: torch.Tensor, fn=None, y=None, g=None) -> dict:
+    """Pooled outputs of the blocks in ``BLOCKS`` (PyTorch: ONNX Runtime's graph gives the last layer only)."""
+    out = {k: [] for k in BLOCKS}
+    for i in range(0, len(x8), 64):
+        h = PRE.normalise(fn(x8[i:i + 64], y[i:i + 64], g) if fn else x8[i:i + 64])
+        maps = {}
+        for j, m in enumerate(NET.backbone.features):
+            h = maps[j] = m(h)
+        for k, (j, pool) in BLOCKS.items():
+            out[k].append(maps[j].mean((2, 3)) if pool == "mean" else maps[j].amax((2, 3)))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def blocks(d) -> list[dict]:
+    """A head on each block's features (clean view + one default view; each dimension standardised on the studio
+    shots, which a linear head trained by Adam needs when the blocks' scales differ)."""
+    g = torch.Generator().manual_seed(0)
+    clean, aug, photos = block_features(d["x"]), block_features(d["x"], default_aug(), d["y"], g), block_features(d["gx"])
+    rows = []
+    for k in BLOCKS:
+        X, Y = torch.cat([clean[k], aug[k]]), torch.cat([d["y"], d["y"]])
+        for std in (False, True):
+            mu, sd = (X.mean(0), X.std(0) + 1e-3) if std else (0.0, 1.0)
+            acc, bal = mean_score(d, (X - mu) / sd, Y, (photos[k] - mu) / sd)
+            rows.append({"features": k + (", standardised" if std else ""), "dims": X.shape[1], "accuracy": acc,
+                         "balanced": bal})
+    return rows
 
 
 # --- adaptation to unlabeled photos ---
@@ -303,6 +403,15 @@ def markdown(res: dict) -> str:
              "| idea | what | accuracy on photos | balanced |", "|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['what']} | {pct(r['accuracy'])} | {pct(r['balanced'])} |" for r in res["ideas"]]
     lines += ["", f"Clean views alone (no augmentation): {pct(res['clean'][0])} ({pct(res['clean'][1])} balanced).", "",
+              "Test-time crops: the default's head (clean + 2 default views), each photo's scores averaged over several "
+              "views cut from it at 448 px and resized to 224 px:", "",
+              "| views of each photo | views | accuracy on photos | balanced |", "|---|---|---|---|"]
+    lines += [f"| {r['scheme']} | {r['views']} | {pct(r['accuracy'])} | {pct(r['balanced'])} |" for r in res["test_time"]]
+    lines += ["", "Features of another block of the backbone (clean view + 1 default view, PyTorch), each raw and "
+              "standardised per dimension on the studio shots:", "",
+              "| features | dims | accuracy on photos | balanced |", "|---|---|---|---|"]
+    lines += [f"| {r['features']} | {r['dims']} | {pct(r['accuracy'])} | {pct(r['balanced'])} |" for r in res["blocks"]]
+    lines += ["",
               "Adaptation to unlabeled photos (grocery/train, 1,142 photos of all 28 kinds, labels never read), on "
               "the default augmentation's features; scored on grocery/val (the photos the adaptation did not see) "
               "and on train + val (transductive for train's photos, but 812 photos instead of "
@@ -329,6 +438,11 @@ def main() -> None:
         print(json.dumps(res["ideas"][-1]), flush=True)
         if name == "default":
             default_views = (fa, ya)
+    X, Y = torch.cat([clean, default_views[0]]), torch.cat([d["y"], default_views[1]])
+    res["test_time"] = test_time(d, X, Y)
+    print(json.dumps(res["test_time"]), flush=True)
+    res["blocks"] = blocks(d)
+    print(json.dumps(res["blocks"]), flush=True)
     res["adaptations"] = adaptations(d, clean, default_views)
     print(json.dumps(res["adaptations"]), flush=True)
     save("augment", res)
