@@ -121,6 +121,17 @@ def _same_class(y, g):
                         for i in range(len(y))])
 
 
+def _paste(out, fruit, mask, ang, sc, px, py, on, g):
+    """``out`` with ``fruit`` (under its ``mask``) rotated by ``ang``, scaled to ``sc`` of the frame, centred at
+    ``(px, py)`` in [-1, 1] and flipped at random, where ``on``."""
+    tx = -(torch.cos(ang) * px - torch.sin(ang) * py) / sc
+    ty = -(torch.sin(ang) * px + torch.cos(ang) * py) / sc
+    flip = torch.where(torch.rand(len(out), generator=g) < 0.5, -1.0, 1.0)
+    wv = _warp(torch.cat([fruit - 1, mask], 1), ang, sc, tx, ty, flip)
+    mm = wv[:, 3:] * on.float().view(-1, 1, 1, 1)
+    return out * (1 - mm) + (wv[:, :3] + 1) * mm
+
+
 def photo_aug(x8, y, g, pile=(1, 1), scale=(0.35, 1.0), bg="white", color=0.0, blur=0.0, rot=20.0, geo=0.0):
     """Pasting ``pile`` fruit of the class (the image itself on top) at ``scale`` of the frame on ``bg``; or, with
     ``geo``, the default augmentation's warp (crops of ``geo``-100% of the area) on ``bg``; then colour and blur."""
@@ -141,12 +152,7 @@ def photo_aug(x8, y, g, pile=(1, 1), scale=(0.35, 1.0), bg="white", color=0.0, b
             lim = torch.where(k > 1, torch.full((n,), 0.75), (1 - sc).clamp(min=0))  # where the centre lands
             px, py = _u(n, -1, 1, g) * lim, _u(n, -1, 1, g) * lim
             ang = _u(n, -rot, rot, g) * math.pi / 180
-            tx = -(torch.cos(ang) * px - torch.sin(ang) * py) / sc
-            ty = -(torch.sin(ang) * px + torch.cos(ang) * py) / sc
-            flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-            wv = _warp(torch.cat([x[src] - 1, m[src]], 1), ang, sc, tx, ty, flip)
-            mm = wv[:, 3:] * (j >= kmax - k).float().view(n, 1, 1, 1)
-            out = out * (1 - mm) + (wv[:, :3] + 1) * mm
+            out = _paste(out, x[src], m[src], ang, sc, px, py, j >= kmax - k, g)
     if color:  # white balance, brightness, a shadow across the view
         out = out * torch.exp(_u(n * 3, -color, color, g)).view(n, 3, 1, 1) * torch.exp(_u(n, -color, color, g)).view(n, 1, 1, 1)
         a = _u(n, 0, 2 * math.pi, g).view(n, 1, 1, 1)
@@ -174,13 +180,7 @@ def mosaic(x8, y, g, k=(2, 5), scale=(1.1, 1.6)):
         sc = _u(n, *scale, g) / kn
         px = (c + 0.5) / kn * 2 - 1 + _u(n, -0.3, 0.3, g) / kn
         py = (r + 0.5) / kn * 2 - 1 + _u(n, -0.3, 0.3, g) / kn
-        ang = _u(n, -math.pi, math.pi, g)
-        tx = -(torch.cos(ang) * px - torch.sin(ang) * py) / sc
-        ty = -(torch.sin(ang) * px + torch.cos(ang) * py) / sc
-        flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-        wv = _warp(torch.cat([x[src] - 1, m[src]], 1), ang, sc, tx, ty, flip)
-        mm = wv[:, 3:] * ((r < kn) & (c < kn)).float().view(n, 1, 1, 1)
-        out = out * (1 - mm) + (wv[:, :3] + 1) * mm
+        out = _paste(out, x[src], m[src], _u(n, -math.pi, math.pi, g), sc, px, py, (r < kn) & (c < kn), g)
     return out.clamp(0, 1)
 
 
@@ -309,8 +309,8 @@ def block_features(x8: torch.Tensor, fn=None, y=None, g=None) -> dict:
 
 
 def blocks(d) -> list[dict]:
-    """A head on each block's features (clean view + one default view; each dimension standardised on the studio
-    shots, which a linear head trained by Adam needs when the blocks' scales differ)."""
+    """A head on each block's features (clean view + one default view), on the raw features and on features
+    standardised per dimension on the studio shots (the blocks' scales differ)."""
     g = torch.Generator().manual_seed(0)
     clean, aug, photos = block_features(d["x"]), block_features(d["x"], default_aug(), d["y"], g), block_features(d["gx"])
     rows = []
