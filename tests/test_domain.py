@@ -315,3 +315,20 @@ def test_the_head_s_training_data_holds_the_pseudo_labelled_photos():
     data.extra = (torch.ones(7, 4), torch.full((7,), 2))
     rows = data.train_dataloader().dataset
     assert len(rows) == 37 and sum(int(y == 2) for _, y in rows) == 7  # the photos, with their pseudo-labels
+
+
+def test_a_head_on_studio_shots_at_photo_size_reads_mid_level_features_unless_told_otherwise():
+    from fruitlens.config import TrainConfig, apply_overrides, config_from
+    from fruitlens.training.auto import resolve
+
+    cfg = apply_overrides(TrainConfig(), {"data.path": "x"})
+    studio, notes = resolve(cfg, 100, studio=True)
+    assert studio.model.feature_layer == "mid" and any("--feature-layer last" in n for n in notes)
+    assert resolve(cfg, 348, studio=False)[0].model.feature_layer == "last"  # photos: the last layer
+    assert resolve(config_from("x", options={"fast": True}), 100, studio=True)[0].model.feature_layer == "last"
+    for kw in ({"fit.feature_cache": False}, {"fit.fine_tune_blocks": 2}, {"model.name": "resnet18"},
+               {"model.feature_layer": "last"}):
+        assert resolve(apply_overrides(cfg, kw), 100, studio=True)[0].model.feature_layer == "last", kw
+    assert resolve(config_from("x", options={"feature_layer": "mid"}), 348)[0].model.feature_layer == "mid"
+    with pytest.raises(Exception, match="model.feature_layer"):
+        apply_overrides(cfg, {"model.feature_layer": "middle"}).validated()

@@ -31,6 +31,48 @@ def test_every_model_builds_and_runs(name):
     torch.testing.assert_close(cams.mean((2, 3)) + model.linear.bias, model(x), atol=1e-4, rtol=1e-4)
 
 
+def test_mid_layer_features_are_an_earlier_block_standardised_and_class_maps_stay_exact(tmp_path):
+    from fruitlens.models.checkpoint import load_model, save_model
+
+    model = build_model("mobilenet_v2", 3, weights="none", img_size=64, feature_layer="mid").eval()
+    last = build_model("mobilenet_v2", 3, weights="none", img_size=64).eval()
+    assert model.feature_dim == 320 and last.feature_dim == 1280 and model.feature_layer == "mid"
+    assert len(model.blocks()) == len(last.blocks()) - 1  # the dropped block is no block to fine-tune
+    x = torch.randn(2, 3, 64, 64)
+    assert not model.standardise.active
+    feats = model.backbone(x)
+    torch.testing.assert_close(feats, model.backbone.features[:18](x).mean((2, 3)))
+    model.standardise.fit(torch.randn(50, 320) * 3 + 2)
+    assert model.standardise.active
+    torch.testing.assert_close(model.head[0](feats), (feats - model.standardise.mean) / model.standardise.std)
+    cams = model.class_maps(model.feature_map(x))  # standardised map: its mean is the standardised features
+    torch.testing.assert_close(cams.mean((2, 3)) + model.linear.bias, model(x), atol=1e-4, rtol=1e-4)
+    save_model(tmp_path / "m.ckpt", model, ["a", "b", "c"])
+    back = load_model(tmp_path / "m.ckpt").model
+    assert back.feature_layer == "mid"
+    torch.testing.assert_close(back(x), model(x))
+    with pytest.raises(ModelError, match="resnet18 has no mid-layer features"):
+        build_model("resnet18", 3, weights="none", feature_layer="mid")
+    with pytest.raises(ModelError, match="unknown feature layer 'middle'"):
+        build_model("mobilenet_v2", 3, weights="none", feature_layer="middle")
+
+
+def test_a_checkpoint_of_the_earlier_format_still_loads(tmp_path):
+    from fruitlens.models.checkpoint import load_model, save_model
+
+    model = build_model("small_cnn", 3, weights="none", img_size=32).eval()
+    save_model(tmp_path / "new.ckpt", model, ["a", "b", "c"])
+    old = torch.load(tmp_path / "new.ckpt", weights_only=True)  # format 2: Dropout + Linear (head.1), no layer
+    old.update(fruitlens_format=2, state_dict={k.replace("head.2.", "head.1."): v for k, v in old["state_dict"].items()
+                                               if not k.startswith("head.0.")})
+    old.pop("feature_layer")
+    torch.save(old, tmp_path / "old.ckpt")
+    back = load_model(tmp_path / "old.ckpt").model
+    x = torch.randn(2, 3, 32, 32)
+    assert back.feature_layer == "last" and not back.standardise.active
+    torch.testing.assert_close(back(x), model(x))
+
+
 def test_folding_the_temperature_divides_the_logits_and_keeps_the_argmax():
     model = build_model("small_cnn", 4, weights="none", img_size=32).eval()
     x = torch.randn(5, 3, 32, 32)

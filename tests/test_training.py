@@ -83,6 +83,30 @@ def test_mobilenet_feature_cache_then_fine_tune(tmp_path):
     assert Report.from_json(run.report_json).metrics.accuracy >= 0.8
 
 
+def test_mid_layer_features_train_a_standardised_head_end_to_end(tmp_path):
+    need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
+    from fruitlens.pipelines.calibrate import _recipe
+    from fruitlens.training.features import FeatureStore
+
+    data = make_tree(tmp_path / "d", per_class=12, size=64)
+    cfg = _cfg(data, **{"model.img_size": 64, "model.feature_layer": "mid", "fit.epochs": 40, "fit.feature_views": 1,
+                        "fit.target_acc": 0})
+    result = train(cfg, tmp_path / "run")
+    run = result.run
+    feats = torch.load(run.path / "cache" / "features.pt")
+    rows = torch.cat([feats["train"][0], feats["train_aug"][0]])
+    assert rows.shape[1] == 320  # block 17's channels, cached raw
+    model = load_model(run.best_ckpt).model
+    assert model.feature_layer == "mid"
+    # the head standardises on every training row; the trust layer's fold heads do too
+    torch.testing.assert_close(model.standardise.mean, rows.mean(0), atol=1e-4, rtol=1e-4)
+    assert _recipe(cfg, [], model).standardise
+    assert "features of a mid-level block" in (run.path / "MODEL_CARD.md").read_text()
+    assert FeatureStore("mobilenet_v2", "imagenet", model.preprocessing, layer="mid").path != \
+        FeatureStore("mobilenet_v2", "imagenet", model.preprocessing).path  # 320 and 1280 channels never mix
+    assert Report.from_json(run.report_json).metrics.accuracy >= 0.8
+
+
 def test_feature_engine_matches_pytorch_and_leaves_no_temp_files(tmp_path, monkeypatch):
     import tempfile
 

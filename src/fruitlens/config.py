@@ -65,6 +65,9 @@ class ModelConfig:
     weights: str = "imagenet"  # imagenet | none | PATH to a state dict
     img_size: int = 0  # 0: pick from the data
     fast: bool = False  # small studio shots keep their own size (96 px) instead of 224: quicker, far worse on photos
+    # auto | last | mid: the backbone's last layer, or an earlier block's features, standardised (auto: mid for a head
+    # on cached features of studio shots upscaled for photos, training/auto.py: auto_feature_layer)
+    feature_layer: str = "auto"
     dropout: float = 0.2
 
 
@@ -129,6 +132,7 @@ class TrackConfig:
 # the names of the train command's options (and of fruitlens.train's keyword arguments) -> config keys
 OPTIONS = {
     "model": "model.name", "weights": "model.weights", "img_size": "model.img_size", "fast": "model.fast",
+    "feature_layer": "model.feature_layer",
     "epochs": "fit.epochs", "batch_size": "fit.batch_size", "lr": "fit.lr", "balance": "fit.balance",
     "label_smoothing": "fit.label_smoothing", "target_acc": "fit.target_acc", "target_monitor": "fit.target_monitor",
     "feature_views": "fit.feature_views", "fine_tune_blocks": "fit.fine_tune_blocks",
@@ -200,6 +204,7 @@ class TrainConfig:
             (0 <= f.label_smoothing < 1, "fit.label_smoothing", "in [0, 1)"),
             (m.img_size == 0 or m.img_size >= 16, "model.img_size", "0 (auto) or >= 16"),
             (0 <= m.dropout < 1, "model.dropout", "in [0, 1)"),
+            (m.feature_layer in ("auto", "last", "mid"), "model.feature_layer", "auto, last or mid"),
             (0 <= a.zoom < 1, "augment.zoom", "in [0, 1)"),
             (0 <= a.shift < 1, "augment.shift", "in [0, 1)"),
             (0 <= a.crop_scale <= 1, "augment.crop_scale", "0 (auto) or a fraction in (0, 1]"),

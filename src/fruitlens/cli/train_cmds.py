@@ -38,6 +38,9 @@ def register(sub) -> None:
     g.add_argument("--fast", action="store_true", default=None, help="small studio shots keep their own size (96 px "
                    "for Fruits-360) instead of 224: several times quicker, as good on their own test split, far worse "
                    "on photos")
+    g.add_argument("--feature-layer", choices=["auto", "last", "mid"], help="the features the head reads: the "
+                   "backbone's last layer, or an earlier block's (mid: MobileNetV2's block 17, 320 channels, "
+                   "standardised); auto (default): mid for studio shots upscaled for photos, else last")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="max epochs of the first phase (default 200 for a head on cached features, "
                    "30 on images; early stopping ends sooner)")

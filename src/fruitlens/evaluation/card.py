@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
-from fruitlens.evaluation.domain import studio_text
+from fruitlens.evaluation.domain import features_text, studio_text
 from fruitlens.training.adapt import Adaptation
 from fruitlens.evaluation.report import Report
 
@@ -37,7 +37,8 @@ def model_card(report: Report, licence: str | None = None) -> str:
              "## Model details",
              f"- Architecture: {report.model.name}, {report.model.parameters:,} parameters "
              f"({report.model.checkpoint_mb} MB checkpoint), weights started from "
-             f"{model_cfg.get('weights', '?')}; classifier head: global average pooling, dropout, linear layer.",
+             f"{model_cfg.get('weights', '?')}; classifier head: global average pooling, dropout, linear layer, on "
+             f"{features_text(model_cfg)}.",
              f"- Input: RGB; the shorter side resized to {pre.get('resize_size', '?')} px, then the centre "
              f"{pre.get('image_size', '?')} px square, normalised with mean {pre.get('mean')} and std {pre.get('std')}.",
              f"- Training: phases {', '.join(dict.fromkeys(r.get('phase', '') for r in report.history)) or '-'}, "

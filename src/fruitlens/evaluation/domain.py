@@ -57,3 +57,11 @@ def studio_text(note: DomainNote) -> str:
             f"this test split's{measured}.{advice} Training on labelled photos like the ones it will see is what "
             "helps most; unlabeled ones can adapt it (--adapt-to PHOTOS), and --fast's small input makes it much "
             "worse on photos (benchmarks/RESULTS.md, \"Studio shots and photos\").")
+
+
+def features_text(model_cfg: dict) -> str:
+    """Which features the head reads (``model.feature_layer``), in words."""
+    if model_cfg.get("feature_layer") == "mid":
+        return ("the features of a mid-level block of the backbone (--feature-layer mid), standardised on the "
+                "training features")
+    return "the features of the backbone's last layer"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fruitlens.evaluation.domain import studio_text
+from fruitlens.evaluation.domain import features_text, studio_text
 from fruitlens.training.adapt import Adaptation
 from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
 
@@ -191,7 +191,7 @@ weighted precision {_pct(m.weighted_precision)}, recall {_pct(m.weighted_recall)
 <h2>Data</h2>{_table(['class', 'train', 'val', 'test'], count_rows) if count_rows else ''}
 <ul>{notes}</ul><p>check findings:</p><ul>{findings or '<li>none</li>'}</ul>
 <h2>Model and run</h2>
-<ul><li>model {_e(model.name)}, {model.parameters:,} parameters, checkpoint {model.checkpoint_mb} MB, engine {_e(model.engine)}</li>
+<ul><li>model {_e(model.name)}, {model.parameters:,} parameters, checkpoint {model.checkpoint_mb} MB, engine {_e(model.engine)}; the head reads {_e(features_text(report.config.get('model', {})))}</li>
 <li>preprocessing: resize {_e(pre.get('resize_size'))} px, centre crop {_e(pre.get('image_size'))} px, mean {_e(pre.get('mean'))}, std {_e(pre.get('std'))}</li>
 <li>training time {_e(t.train_seconds)} s (fitting {_e(t.fit_seconds)} s); evaluation {_e(t.eval_seconds)} s</li>
 <li>seed {_e(report.seed)}; Python {_e(env.python)};

@@ -20,7 +20,8 @@ from fruitlens.models.registry import FruitNet, build_model
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: the head's temperature and the out-of-distribution statistics may be present
+FORMAT = 3  # 2: the head's temperature and the out-of-distribution statistics may be present; 3: the feature layer,
+# and the head's standardisation (head.0) before its Dropout (head.1) and Linear (head.2)
 
 
 @dataclass
@@ -39,6 +40,7 @@ def save_model(path: Path, model: FruitNet, classes: list[str], extra: dict[str,
     payload = {
         "fruitlens_format": FORMAT,
         "model_name": model.name,
+        "feature_layer": model.feature_layer,
         "num_classes": model.num_classes,
         "dropout": model.dropout,
         "preprocessing": model.preprocessing.to_dict(),
@@ -79,9 +81,12 @@ def load_model(path: Path) -> Checkpoint:
         raise RunDirError(f"{path}: not a fruitlens checkpoint")
     pre = Preprocessing.from_dict(ckpt["preprocessing"])
     model = build_model(ckpt["model_name"], ckpt["num_classes"], weights="none", img_size=pre.image_size,
-                        dropout=ckpt.get("dropout", 0.2))
+                        dropout=ckpt.get("dropout", 0.2), feature_layer=ckpt.get("feature_layer", "last"))
     model.preprocessing = pre
     state = ckpt["state_dict"]
+    if ckpt["fruitlens_format"] < 3:  # Dropout + Linear: the Linear was head.1; no standardisation (the identity)
+        state = {("head.2." + k.removeprefix("head.1.") if k.startswith("head.1.") else k): v for k, v in state.items()}
+        state.update({f"head.0.{k}": v for k, v in model.standardise.state_dict().items()})
     ood = {k.removeprefix("ood."): v for k, v in state.items() if k.startswith("ood.")}
     if ood:
         model.ood = OODScorer.from_state(ood)

@@ -50,11 +50,14 @@ class ModelSpec:
     # the last feature map, (N, C, h, w): the backbone's pooled features are its spatial mean (a test holds them so),
     # which makes the class activation map exact
     feature_map: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _features
+    # ``feature_layer="mid"``: the index in ``features`` of the last block kept (the blocks above it are dropped);
+    # None: the model has only its last layer
+    mid_block: int | None = None
 
 
 MODELS: dict[str, ModelSpec] = {
     "mobilenet_v2": ModelSpec("mobilenet_v2", tvm.mobilenet_v2, tvm.MobileNet_V2_Weights, "classifier", ("features",),
-                              32, "MobileNetV2 (3.5M params), ImageNet weights; the fast default"),
+                              32, "MobileNetV2 (3.5M params), ImageNet weights; the fast default", mid_block=17),
     "densenet121": ModelSpec("densenet121", tvm.densenet121, tvm.DenseNet121_Weights, "classifier", ("features",),
                              32, "DenseNet121 (8.0M params), ImageNet weights; slower on a CPU", _densenet),
     "resnet18": ModelSpec("resnet18", tvm.resnet18, tvm.ResNet18_Weights, "fc",
@@ -65,16 +68,48 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+FEATURE_LAYERS = ("last", "mid")
+
+
+class Standardise(nn.Module):
+    """``(x - mean) / std`` per feature dimension with fixed statistics (buffers, not trained): the identity until
+    ``fit`` sets them from the training features. Works on pooled features (N, C) and on feature maps (N, C, h, w)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - self.mean.view(shape)) / self.std.view(shape)
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, floor: float = 1e-3) -> None:
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0) + floor)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.mean.any() or (self.std != 1).any())
+
+
 class FruitNet(nn.Module):
-    """``head(backbone(x))``: backbone -> pooled features, head -> Dropout + Linear(num_classes)."""
+    """``head(backbone(x))``: backbone -> pooled features, head -> Standardise + Dropout + Linear(num_classes).
+
+    ``feature_layer``: "last" (the backbone's last layer) or "mid" (the output of an earlier block, ``mid_block``);
+    the head standardises mid-layer features on the training features (``Standardise.fit``), else passes them on.
+    """
 
     def __init__(self, name: str, backbone: nn.Module, feature_dim: int, num_classes: int, dropout: float,
                  preprocessing: Preprocessing, blocks: list[nn.Module],
-                 feature_map: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _features) -> None:
+                 feature_map: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _features,
+                 feature_layer: str = "last") -> None:
         super().__init__()
         self.name = name
+        self.feature_layer = feature_layer
         self.backbone = backbone
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+        self.head = nn.Sequential(Standardise(feature_dim), nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
         self.dropout = float(dropout)
         self.preprocessing = preprocessing
         self.feature_dim = feature_dim
@@ -92,16 +127,20 @@ class FruitNet(nn.Module):
 
     @property
     def linear(self) -> nn.Linear:
-        return self.head[1]
+        return self.head[-1]
+
+    @property
+    def standardise(self) -> Standardise:
+        return self.head[0]
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map (N, C, h, w); ``backbone(x)`` is its mean over h and w."""
         return self._feature_map(self.backbone, x)
 
     def class_maps(self, fmap: torch.Tensor) -> torch.Tensor:
-        """Class activation maps (N, classes, h, w): each class's head weights over the feature map (Zhou et al.
-        2016). Exact for this head: a map's spatial mean plus the bias is the class's logit."""
-        return torch.einsum("kc,nchw->nkhw", self.linear.weight, fmap)
+        """Class activation maps (N, classes, h, w): each class's head weights over the (standardised) feature map
+        (Zhou et al. 2016). Exact for this head: a map's spatial mean plus the bias is the class's logit."""
+        return torch.einsum("kc,nchw->nkhw", self.linear.weight, self.standardise(fmap))
 
     @torch.no_grad()
     def fold_temperature(self, temperature: float) -> None:
@@ -146,9 +185,16 @@ def _preprocessing(spec: ModelSpec, img_size: int) -> Preprocessing:
 
 
 def build_model(name: str, num_classes: int, *, weights: str = "imagenet", img_size: int = 0,
-                dropout: float = 0.2) -> FruitNet:
-    """Builds ``name`` with ``num_classes`` outputs. ``weights``: imagenet | none | PATH to a state dict."""
+                dropout: float = 0.2, feature_layer: str = "last") -> FruitNet:
+    """Builds ``name`` with ``num_classes`` outputs. ``weights``: imagenet | none | PATH to a state dict.
+    ``feature_layer``: "last", or "mid" (the features of an earlier block, ``ModelSpec.mid_block``)."""
     spec = get_spec(name)
+    if feature_layer not in FEATURE_LAYERS:
+        raise ModelError(f"unknown feature layer {feature_layer!r}", f"use one of: {', '.join(FEATURE_LAYERS)}")
+    if feature_layer == "mid" and spec.mid_block is None:
+        raise ModelError(f"{name} has no mid-layer features (feature layer 'mid' is built for "
+                         f"{', '.join(k for k, v in MODELS.items() if v.mid_block is not None)})",
+                         "use --feature-layer last (or auto)")
     if num_classes < 2:
         raise ModelError(f"a classifier needs at least 2 classes but received {num_classes}",
                          "add a second class folder to the data")
@@ -165,11 +211,22 @@ def build_model(name: str, num_classes: int, *, weights: str = "imagenet", img_s
     feature_dim = head.in_features if isinstance(head, nn.Linear) else next(
         m.in_features for m in head.modules() if isinstance(m, nn.Linear))
     setattr(net, spec.head_attr, nn.Identity())
+    if feature_layer == "mid":  # the blocks above mid_block go; the pooled output is then mid_block's
+        top = net.features
+        for i in range(spec.mid_block + 1, len(top)):
+            top[i] = nn.Identity()
+        feature_dim = _channels(top[spec.mid_block])
     blocks: list[nn.Module] = []
     for attr in spec.block_attrs:
         mod = getattr(net, attr)
         blocks.extend(mod.children() if isinstance(mod, nn.Sequential) else [mod])
-    return FruitNet(name, net, feature_dim, num_classes, dropout, pre, blocks, spec.feature_map)
+    blocks = [b for b in blocks if not isinstance(b, nn.Identity)]
+    return FruitNet(name, net, feature_dim, num_classes, dropout, pre, blocks, spec.feature_map, feature_layer)
+
+
+def _channels(block: nn.Module) -> int:
+    """Output channels of a block: those of its last BatchNorm (torchvision's blocks end in one)."""
+    return [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
 
 def _load_file(net: nn.Module, path: Path, spec: ModelSpec) -> None:

@@ -34,7 +34,7 @@ def calibrate(model: FruitNet, splits: dict[str, Manifest], classes: list[str], 
         if cfg.trust.groups == "visual":
             groupings.insert(0, ("similar images", visual_groups(near, x, y.numpy(), cfg.trust.images_per_group,
                                                                  cfg.data.seed)))
-        trust, scorer, heldout = fit_out_of_fold(x, y, groupings, len(classes), _recipe(cfg, fitted.history),
+        trust, scorer, heldout = fit_out_of_fold(x, y, groupings, len(classes), _recipe(cfg, fitted.history, model),
                                                  cfg.trust.target_precision, augmented, cfg.trust.folds, cfg.data.seed)
     else:
         trust, scorer, heldout = _from_validation(model, train, val, classes, cfg)
@@ -47,14 +47,15 @@ def calibrate(model: FruitNet, splits: dict[str, Manifest], classes: list[str], 
     return trust, heldout
 
 
-def _recipe(cfg: TrainConfig, history: list[dict]) -> HeadRecipe:
-    """The real head's recipe, for as many epochs as it trained until its best validation loss."""
+def _recipe(cfg: TrainConfig, history: list[dict], model: FruitNet) -> HeadRecipe:
+    """The real head's recipe, for as many epochs as it trained until its best validation loss (and standardising
+    the features where it does)."""
     rows = [r for r in history if r.get("phase") == "head" and r.get("val_loss") is not None]
     best = int(min(rows, key=lambda r: r["val_loss"])["epoch"]) if rows else cfg.fit.epochs
     f = cfg.fit
     return HeadRecipe(epochs=max(1, best), lr=f.lr, weight_decay=f.weight_decay, dropout=cfg.model.dropout,
                       label_smoothing=f.label_smoothing, batch_size=max(f.batch_size, 256),
-                      balance=f.balance != "none")
+                      balance=f.balance != "none", standardise=model.standardise.active)
 
 
 def _frozen_features(model: FruitNet, train: Manifest, val: Manifest, classes: list[str], cfg: TrainConfig,

@@ -177,8 +177,9 @@ def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: Data
 
 
 def _build(cfg: TrainConfig, classes: list[str]) -> FruitNet:
+    layer = "last" if cfg.model.feature_layer == "auto" else cfg.model.feature_layer
     model = build_model(cfg.model.name, len(classes), weights=cfg.model.weights, img_size=cfg.model.img_size,
-                        dropout=cfg.model.dropout)
+                        dropout=cfg.model.dropout, feature_layer=layer)
     if cfg.model.weights == "none" and has_pretrained_weights(cfg.model.name):
         log.warning("%s trains from scratch (--weights none): expect far lower accuracy than with ImageNet weights",
                     model.name)

@@ -246,18 +246,22 @@ class FeatureStore:
     """Clean-view backbone features per image file, cached under ``~/.cache/fruitlens/features`` (never beside the
     user's images), so that ``check --labels`` and a following ``train`` compute them once.
 
-    One file per (model, weights, input size, preprocessing); an entry is keyed by the image's absolute path, size
-    and modification time, so a changed file is computed again, and a manifest of the same files finds them too.
+    One file per (model, feature layer, weights, input size, preprocessing); an entry is keyed by the image's absolute
+    path, size and modification time, so a changed file is computed again, and a manifest of the same files finds
+    them too.
     """
 
-    def __init__(self, model: str, weights: str, pre: Preprocessing, cache: Path | None = None) -> None:
+    def __init__(self, model: str, weights: str, pre: Preprocessing, cache: Path | None = None,
+                 layer: str = "last") -> None:
         import hashlib
         import json
 
         from fruitlens.data.download import cache_root
 
-        tag = hashlib.sha1(f"{model}|{weights}|{json.dumps(pre.to_dict())}".encode()).hexdigest()[:12]
-        self.path = (cache or cache_root() / "features") / f"{model}-{pre.image_size}px-{tag}.pt"
+        key = f"{model}|{weights}|{json.dumps(pre.to_dict())}" + ("" if layer == "last" else f"|{layer}")
+        tag = hashlib.sha1(key.encode()).hexdigest()[:12]
+        name = f"{model}{'' if layer == 'last' else '-' + layer}-{pre.image_size}px-{tag}.pt"
+        self.path = (cache or cache_root() / "features") / name
         self.index: dict[tuple, int] = {}
         self.x: torch.Tensor | None = None
         if self.path.is_file():

@@ -227,13 +227,17 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     # bottleneck (one process: 170 images/s at 448 px on an H200), so all workers, and larger batches
     batch = 64 if gpu else max(8, min(32, int(32 * (96 / pre.image_size) ** 2)))
     datasets = {split: loaders.dataset(splits[split], classes, pre, cfg) for split in ("train", "val")}
-    store = FeatureStore(model.name, cfg.model.weights, pre) if cfg.model.weights == "imagenet" else None
+    store = FeatureStore(model.name, cfg.model.weights, pre, layer=model.feature_layer) \
+        if cfg.model.weights == "imagenet" else None
 
     def compute(rank: int, world: int, barrier: Callable[[], None]) -> tuple[dict, FeaturePass]:
-        return cached_features(model.backbone, pre, datasets, batch_size=batch, views=views, aug=cfg.augment,
-                               seed=cfg.data.seed, cache_file=run.cache / "features.pt", gpu=gpu, store=store,
-                               workers=loaders.workers(cfg) if gpu else min(1, loaders.workers(cfg)),
-                               rank=rank, world=world, barrier=barrier)
+        feats, fp = cached_features(model.backbone, pre, datasets, batch_size=batch, views=views, aug=cfg.augment,
+                                    seed=cfg.data.seed, cache_file=run.cache / "features.pt", gpu=gpu, store=store,
+                                    workers=loaders.workers(cfg) if gpu else min(1, loaders.workers(cfg)),
+                                    rank=rank, world=world, barrier=barrier)
+        if model.feature_layer == "mid":  # the head reads them standardised on every training row (views included)
+            model.standardise.fit(torch.cat([feats[k][0] for k in ("train", "train_aug") if k in feats]).float())
+        return feats, fp
 
     data = FeatureData(compute, cfg, len(classes))
     module = _module(model.head, cfg, datasets["train"].targets, len(classes), f.lr, channels_last=False)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fruitlens.models.registry import Standardise
+
 log = logging.getLogger(__name__)
 
 
@@ -29,13 +31,17 @@ class HeadRecipe:
     label_smoothing: float = 0.0
     batch_size: int = 256
     balance: bool = False  # inverse-frequency class weights in the loss
+    standardise: bool = False  # the features standardised on the head's training rows first (mid-layer features)
 
 
 def train_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, recipe: HeadRecipe, seed: int = 0) -> nn.Module:
-    """Dropout + Linear trained on features ``x`` (n, d) with labels ``y`` (n,)."""
+    """Dropout + Linear trained on features ``x`` (n, d) with labels ``y`` (n,), after a ``Standardise`` fitted on
+    ``x`` where the recipe says so (the identity otherwise)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    head = nn.Sequential(nn.Dropout(recipe.dropout), nn.Linear(x.shape[1], n_classes))
+    head = nn.Sequential(Standardise(x.shape[1]), nn.Dropout(recipe.dropout), nn.Linear(x.shape[1], n_classes))
+    if recipe.standardise:
+        head[0].fit(x)
     opt = torch.optim.Adam(head.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     weight = None
     if recipe.balance:
