@@ -72,6 +72,21 @@ def test_ood_score_ranks_out_of_class_features_higher():
     assert "95th percentile" in trust.ood_rule and scorer.bank.dtype == torch.float16
 
 
+def test_fold_heads_standardise_their_features_as_a_mid_layer_head_does():
+    from fruitlens.training.heldout import train_head
+
+    x, y, _ = _clusters(20, 3, 0, spread=0.3)
+    x = x * 5 + 3  # features far from zero mean, unit spread
+    plain = train_head(x, y, 3, HeadRecipe(epochs=2))
+    assert not plain[0].active  # the last layer's recipe: the identity
+    std = train_head(x, y, 3, HeadRecipe(epochs=2, standardise=True))
+    torch.testing.assert_close(std[0].mean, x.mean(0))
+    torch.testing.assert_close(std[0].std, x.std(0) + 1e-3)
+    with torch.no_grad():
+        z = std[0](x)
+    assert z.mean(0).abs().max() < 1e-4 and ((z.std(0) - 1).abs() < 1e-2).all()
+
+
 def test_folds_keep_groups_whole_and_coarse_groups_join_near_copies():
     y = np.repeat([0, 1, 2], 20)
     groups = np.arange(60) // 4

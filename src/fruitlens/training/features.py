@@ -258,10 +258,9 @@ class FeatureStore:
 
         from fruitlens.data.download import cache_root
 
-        key = f"{model}|{weights}|{json.dumps(pre.to_dict())}" + ("" if layer == "last" else f"|{layer}")
-        tag = hashlib.sha1(key.encode()).hexdigest()[:12]
-        name = f"{model}{'' if layer == 'last' else '-' + layer}-{pre.image_size}px-{tag}.pt"
-        self.path = (cache or cache_root() / "features") / name
+        tag = hashlib.sha1(f"{model}|{weights}|{json.dumps(pre.to_dict())}".encode()).hexdigest()[:12]
+        layer = "" if layer == "last" else f"-{layer}"  # the last layer's files keep their names
+        self.path = (cache or cache_root() / "features") / f"{model}{layer}-{pre.image_size}px-{tag}.pt"
         self.index: dict[tuple, int] = {}
         self.x: torch.Tensor | None = None
         if self.path.is_file():
