@@ -1,4 +1,7 @@
-"""Runs every benchmark in order and writes benchmarks/RESULTS.md (about 80 minutes on two CPU cores)."""
+"""Runs the core benchmarks in order and writes their sections of benchmarks/RESULTS.md (about 80 minutes on two CPU
+cores). The others run one at a time, each writing its own section: bench_domain.py (studio shots and photos, about
+75 minutes), bench_augment.py and bench_layers.py (photo-like augmentation, adaptation and feature ideas on frozen
+features), bench_trust.py, bench_speed.py, bench_audit.py, bench_scale.py and bench_soak.py."""
 import subprocess
 import sys
 from pathlib import Path
