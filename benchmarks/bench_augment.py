@@ -226,19 +226,21 @@ def views(d: dict, fn, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(fs), torch.cat(ys)
 
 
-def head(X, Y, seed=0, epochs=60):
+def head(X, Y, seed=0, epochs=60, wd=1e-4, drop=0.2, smoothing=0.0, cosine=0.0):
+    """A linear head (or a cosine classifier of scale ``cosine``), Adam; returns its scoring function."""
     torch.manual_seed(seed)
-    lin = torch.nn.Linear(X.shape[1], 27)
-    opt = torch.optim.Adam(lin.parameters(), 1e-3, weight_decay=1e-4)
+    lin = torch.nn.Linear(X.shape[1], 27, bias=not cosine)
+    opt = torch.optim.Adam(lin.parameters(), 1e-3, weight_decay=wd)
+    fwd = (lambda z: cosine * F.normalize(z, dim=1) @ F.normalize(lin.weight, dim=1).T) if cosine else lin
     for _ in range(epochs):
         perm = torch.randperm(len(X))
         for i in range(0, len(X), 256):
             b = perm[i:i + 256]
-            loss = F.cross_entropy(lin(F.dropout(X[b], 0.2)), Y[b])
+            loss = F.cross_entropy(fwd(F.dropout(X[b], drop)), Y[b], label_smoothing=smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return lin
+    return fwd
 
 
 def score(d, lin, gf, sel=None) -> tuple[float, float]:

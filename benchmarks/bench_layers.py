@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from _measure import SHARED, machine, save, write_section
 from bench_augment import NET, PRE, SEEDS, _crops, default_aug, load_data, score_probs
+from bench_augment import head as augment_head
 
 BLOCKS = (13, 14, 15, 16, 17, 18)  # 96, 160, 160, 160, 320 channels; 18: the last layer (1280)
 POOLS = ("mean", "max", "gem")  # gem: generalised mean, p = 3
@@ -40,21 +41,9 @@ def block_features(x8: torch.Tensor, fn=None, y=None, g=None) -> dict:
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def head(X, Y, seed=0, epochs=60, wd=1e-3, drop=0.2, smoothing=0.0, cosine=0.0):
-    """A linear head (or a cosine classifier of scale ``cosine``); returns its scoring function."""
-    torch.manual_seed(seed)
-    lin = torch.nn.Linear(X.shape[1], 27, bias=not cosine)
-    opt = torch.optim.Adam(lin.parameters(), 1e-3, weight_decay=wd)
-    fwd = (lambda z: cosine * F.normalize(z, dim=1) @ F.normalize(lin.weight, dim=1).T) if cosine else lin
-    for _ in range(epochs):
-        perm = torch.randperm(len(X))
-        for i in range(0, len(X), 256):
-            b = perm[i:i + 256]
-            loss = F.cross_entropy(fwd(F.dropout(X[b], drop)), Y[b], label_smoothing=smoothing)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return fwd
+def head(X, Y, seed=0, epochs=60, wd=1e-3, **kw):
+    """``bench_augment.head`` with the default's weight decay for a head on studio shots (1e-3)."""
+    return augment_head(X, Y, seed, epochs, wd=wd, **kw)
 
 
 class Probe:
