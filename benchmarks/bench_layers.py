@@ -53,9 +53,9 @@ class Probe:
 
     def matrices(self, keys, std=True, l2=False, pca=0):
         """Training rows (clean + 2 views) and the photos' rows, of the features ``keys`` side by side."""
-        part = lambda name: (lambda f: F.normalize(f, dim=1) if l2 else f)(torch.cat([self.f[name][k] for k in keys], 1))
-        X, others = torch.cat([part("clean"), part("aug1"), part("aug2")]), {n: part(n) for n in ("photos", "unl")}
-        others["tiles"] = [torch.cat([t[k] for k in keys], 1) for t in self.f["tiles"]]
+        side = lambda f: (lambda z: F.normalize(z, dim=1) if l2 else z)(torch.cat([f[k] for k in keys], 1))
+        X = torch.cat([side(self.f["clean"]), side(self.f["aug1"]), side(self.f["aug2"])])
+        others = {"photos": side(self.f["photos"]), "unl": side(self.f["unl"]), "tiles": [side(t) for t in self.f["tiles"]]}
         mu, sd = (X.mean(0), X.std(0) + 1e-3) if std else (torch.zeros(X.shape[1]), torch.ones(X.shape[1]))
         tf = lambda z: (z - mu) / sd
         if pca:  # whitened on the studio shots' top components
