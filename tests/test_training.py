@@ -163,6 +163,14 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert "Did you mean 'mobilenet_v2'" in err and "Traceback" not in err
     assert main(["train", str(two), "--img-size", "16", "--weights", "none", "--out", str(tmp_path / "r4")]) != 0
     assert "too small for mobilenet_v2" in capsys.readouterr().err
+    assert main(["train", str(two), "--weights", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "r5")]) != 0
+    assert "nope.pth: no such file" in capsys.readouterr().err
+    assert not [r for r in ("r1", "r2", "r3", "r4", "r5") if (tmp_path / r).exists()]  # no empty run folder left
+    kept = tmp_path / "mine"
+    (kept / "notes.txt").parent.mkdir()
+    (kept / "notes.txt").write_text("the user's")
+    assert main(["train", str(tmp_path / "empty"), "--out", str(kept)]) != 0
+    assert (kept / "notes.txt").read_text() == "the user's"  # a folder that was there stays, with what it held
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):

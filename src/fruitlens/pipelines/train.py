@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -77,8 +77,10 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
             prepared = prepare(cfg)
         _check_other_data(cfg, prepared.manifest.classes)
         cfg = _resolve_auto(cfg, prepared.facts)
+        L.seed_everything(cfg.data.seed, workers=True, verbose=False)
+        model = _build(cfg, prepared.manifest.classes)  # missing weights, a bad --weights file: before any file
         _write_inputs(run, cfg, prepared)
-        return _fit_and_ship(run, cfg, prepared.manifest, prepared.facts, [], t0)
+        return _fit_and_ship(run, cfg, prepared.manifest, prepared.facts, [], t0, model)
 
 
 def resume(path: str | Path) -> TrainResult:
@@ -97,11 +99,21 @@ def resume(path: str | Path) -> TrainResult:
 
 @contextmanager
 def _new_run(run: RunDir) -> Iterator[None]:
-    with run.lock():
-        if run.best_ckpt.exists():
-            raise RunDirError(f"{run.path} already holds a trained run",
-                              f"pick another --out, or continue it with 'fruitlens train --resume {run.path}'")
-        yield
+    """Holds the run folder's lock; a folder this command created and left holding nothing but its lock (bad data,
+    a bad option, missing weights: every check runs before the first file) is removed again when the command fails."""
+    created = not run.path.exists()
+    try:
+        with run.lock():
+            if run.best_ckpt.exists():
+                raise RunDirError(f"{run.path} already holds a trained run",
+                                  f"pick another --out, or continue it with 'fruitlens train --resume {run.path}'")
+            yield
+    except BaseException:
+        if created and [p.name for p in run.path.iterdir()] == [".lock"]:
+            with suppress(OSError):  # another command took the folder meanwhile: it stays
+                (run.path / ".lock").unlink()
+                run.path.rmdir()
+        raise
 
 
 def _check_other_data(cfg: TrainConfig, classes: list[str]) -> None:
@@ -138,12 +150,14 @@ def _write_inputs(run: RunDir, cfg: TrainConfig, prepared: PreparedData) -> None
 
 
 def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: DataFacts, history: list[dict],
-                  t0: float) -> TrainResult:
+                  t0: float, model: FruitNet | None = None) -> TrainResult:
+    """Fits, calibrates, audits, exports and evaluates; ``model``: built (after seeding) by a new run's checks."""
     limit_heap_growth()  # else large image batches fragment glibc's heaps (GiBs at 448 px)
-    L.seed_everything(cfg.data.seed, workers=True, verbose=False)
     classes = manifest.classes
+    if model is None:
+        L.seed_everything(cfg.data.seed, workers=True, verbose=False)
+        model = _build(cfg, classes)
     run.labels.write_text(json.dumps(classes, indent=2))
-    model = _build(cfg, classes)
     fitted = _fit(model, manifest, classes, cfg, run, history)
     result = TrainResult(run, cfg, facts)
     if not fitted.is_global_zero:
