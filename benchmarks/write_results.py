@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -18,6 +20,10 @@ def _pct(v) -> str:
 
 def main() -> None:
     data, train, infer = _load("data"), _load("train"), _load("infer")
+    missing = [n for n, d in (("data", data), ("train", train), ("infer", infer)) if not d]
+    if missing:  # RESULTS.md keeps the figures it has rather than losing the parts no JSON is left for
+        sys.exit(f"benchmarks/out/ has no {', '.join(n + '.json' for n in missing)}: RESULTS.md is left as it is "
+                 "(run 'python benchmarks/run_all.py', which runs those benchmarks first)")
     m = (train or data or infer).get("machine", {})
     lines = ["# fruitlens benchmark results", "",
              f"Measured {m.get('date', '?')} on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
@@ -120,8 +126,16 @@ def main() -> None:
                              f"{s['req_per_s']} | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | "
                              f"{s['errors']} / {s['requests']} | {s['rss_before_mib']} -> {s['rss_after_mib']} |")
         lines.append("")
-    (OUT.parent / "RESULTS.md").write_text("\n".join(lines))
+    path = OUT.parent / "RESULTS.md"
+    kept = _sections(path.read_text()) if path.exists() else []
+    path.write_text("\n".join(lines).rstrip() + "\n" + "".join(f"\n{block}\n" for block in kept))
     print("\n".join(lines))
+
+
+def _sections(text: str) -> list[str]:
+    """The ``<!-- name -->`` ... ``<!-- /name -->`` sections that the other benchmarks wrote (``_measure.
+    write_section``): this script writes the core parts and keeps those as they were measured."""
+    return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+) -->\n.*?\n<!-- /\1 -->", text, re.S)]
 
 
 if __name__ == "__main__":
