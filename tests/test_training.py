@@ -166,6 +166,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert main(["train", str(two), "--weights", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "r5")]) != 0
     assert "nope.pth: no such file" in capsys.readouterr().err
     assert not [r for r in ("r1", "r2", "r3", "r4", "r5") if (tmp_path / r).exists()]  # no empty run folder left
+    assert main(["train", str(tmp_path / "empty"), "--out", str(tmp_path / "runs" / "a" / "r6")]) != 0
+    assert not (tmp_path / "runs").exists()  # nor the parents it made for it
     kept = tmp_path / "mine"
     (kept / "notes.txt").parent.mkdir()
     (kept / "notes.txt").write_text("the user's")

@@ -101,7 +101,7 @@ def resume(path: str | Path) -> TrainResult:
 def _new_run(run: RunDir) -> Iterator[None]:
     """Holds the run folder's lock; a folder this command created and left holding nothing but its lock (bad data,
     a bad option, missing weights: every check runs before the first file) is removed again when the command fails."""
-    created = not run.path.exists()
+    made = [d for d in (run.path, *run.path.parents) if not d.exists()]  # the folders the lock will create
     try:
         with run.lock():
             if run.best_ckpt.exists():
@@ -109,10 +109,11 @@ def _new_run(run: RunDir) -> Iterator[None]:
                                   f"pick another --out, or continue it with 'fruitlens train --resume {run.path}'")
             yield
     except BaseException:
-        if created and [p.name for p in run.path.iterdir()] == [".lock"]:
-            with suppress(OSError):  # another command took the folder meanwhile: it stays
+        if made and [p.name for p in run.path.iterdir()] == [".lock"]:
+            with suppress(OSError):  # another command took a folder meanwhile: it stays
                 (run.path / ".lock").unlink()
-                run.path.rmdir()
+                for d in made:  # innermost first; each is empty unless something else wrote there
+                    d.rmdir()
         raise
 
 
