@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from _measure import machine, save, write_section
 from bench_augment import NET, PRE, SEEDS, default_aug, fg_mask, load_data, photo_aug, score_probs
-from bench_layers import CLASS_MAP, block_features, head
+from bench_layers import CLASS_MAP, block_features, head, result, studio_views
 
 from fruitlens.models.registry import get_spec  # bench_augment put src/ on the path
 from fruitlens.models.weights import load_state_dict, pick
@@ -84,11 +84,9 @@ def local_rows(d: dict) -> list[dict]:
             scores = [h(z.reshape(-1, z.shape[-1])).view(*z.shape[:3], -1) for h in heads]
         for how, agg in (("mean score", lambda s: s.mean((1, 2))), ("mean probability",
                                                                      lambda s: F.softmax(s, -1).mean((1, 2)))):
-            r = [score_probs(d, agg(s)) for s in scores]
-            out.append({"name": f"block 17 at each fruit position ({len(X):,} rows), the photo at {px} px, "
-                                f"the {how} of its {z.shape[1]} x {z.shape[2]} positions", "dims": X.shape[1],
-                        "accuracy": sum(a for a, _ in r) / len(r), "balanced": sum(b for _, b in r) / len(r)})
-            print(json.dumps(out[-1]), flush=True)
+            out.append(result(f"block 17 at each fruit position ({len(X):,} rows), the photo at {px} px, the {how} "
+                              f"of its {z.shape[1]} x {z.shape[2]} positions", X.shape[1],
+                              [score_probs(d, agg(s)) for s in scores]))
     return out
 
 
@@ -104,18 +102,14 @@ def row(d: dict, name: str, train: list[torch.Tensor], ys: torch.Tensor, photos:
         h = head(X, ys, s)
         with torch.no_grad():
             r.append(score_probs(d, h(P)))
-    out = {"name": name, "dims": X.shape[1], "accuracy": sum(a for a, _ in r) / len(r),
-           "balanced": sum(b for _, b in r) / len(r)}
-    print(json.dumps(out), flush=True)
-    return out
+    return result(name, X.shape[1], r)
 
 
 def main() -> None:
     t0 = time.perf_counter()
     d = load_data()
     g = torch.Generator().manual_seed(0)
-    f = {"clean": block_features(d["x"]), "aug1": block_features(d["x"], default_aug(), d["y"], g),
-         "aug2": block_features(d["x"], default_aug(), d["y"], g), "photos": block_features(d["gx"])}
+    f = studio_views(d, g)
     clutter = clutter_view(d, g)
     feature_seconds = round(time.perf_counter() - t0, 1)
     lin, names = imagenet_head()

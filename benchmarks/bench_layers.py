@@ -73,19 +73,28 @@ class Probe:
             h = head(X, self.Y, s, **kw)
             with torch.no_grad():
                 r.append(score_probs(self.d, h(o["photos"])))
-        out = {"name": name, "dims": X.shape[1], "accuracy": sum(a for a, _ in r) / len(r),
-               "balanced": sum(b for _, b in r) / len(r)}
-        print(json.dumps(out), flush=True)
-        return out
+        return result(name, X.shape[1], r)
+
+
+def result(name: str, dims: int, r: list[tuple[float, float]]) -> dict:
+    """A table row from each seed's (accuracy, balanced accuracy), printed as it comes."""
+    out = {"name": name, "dims": dims, "accuracy": sum(a for a, _ in r) / len(r),
+           "balanced": sum(b for _, b in r) / len(r)}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def studio_views(d: dict, g: torch.Generator) -> dict:
+    """Every block's features of the studio shots' clean view and 2 default views, and of the photos."""
+    return {"clean": block_features(d["x"]), "aug1": block_features(d["x"], default_aug(), d["y"], g),
+            "aug2": block_features(d["x"], default_aug(), d["y"], g), "photos": block_features(d["gx"])}
 
 
 def main() -> None:
     t0 = time.perf_counter()
     d = load_data()
     g = torch.Generator().manual_seed(0)
-    feats = {"clean": block_features(d["x"]), "aug1": block_features(d["x"], default_aug(), d["y"], g),
-             "aug2": block_features(d["x"], default_aug(), d["y"], g), "photos": block_features(d["gx"]),
-             "unl": block_features(d["ux"]),
+    feats = {**studio_views(d, g), "unl": block_features(d["ux"]),
              "tiles": [block_features((v * 255).round().to(torch.uint8)) for v in _crops(d["gx2"], "2x2 tiles")]}
     feature_seconds = round(time.perf_counter() - t0, 1)
     p = Probe(d, feats)
