@@ -86,7 +86,6 @@ def _speedup(res: dict) -> None:
     if plain is None:
         print("no plain-recipe run in benchmarks/out/train.json (run 'bench_train.py fruits360'): no speed-up", flush=True)
         return
-    res["fruits360_plain"] = plain
     res["fruits360_speedup"] = round(plain["seconds"] / res["fruits360_default"]["seconds"], 1)
 
 

@@ -77,7 +77,6 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
             prepared = prepare(cfg)
         _check_other_data(cfg, prepared.manifest.classes)
         cfg = _resolve_auto(cfg, prepared.facts)
-        L.seed_everything(cfg.data.seed, workers=True, verbose=False)
         model = _build(cfg, prepared.manifest.classes)  # missing weights, a bad --weights file: before any file
         _write_inputs(run, cfg, prepared)
         return _fit_and_ship(run, cfg, prepared.manifest, prepared.facts, [], t0, model)
@@ -152,12 +151,10 @@ def _write_inputs(run: RunDir, cfg: TrainConfig, prepared: PreparedData) -> None
 
 def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: DataFacts, history: list[dict],
                   t0: float, model: FruitNet | None = None) -> TrainResult:
-    """Fits, calibrates, audits, exports and evaluates; ``model``: built (after seeding) by a new run's checks."""
+    """Fits, calibrates, audits, exports and evaluates; ``model``: built by a new run's checks."""
     limit_heap_growth()  # else large image batches fragment glibc's heaps (GiBs at 448 px)
     classes = manifest.classes
-    if model is None:
-        L.seed_everything(cfg.data.seed, workers=True, verbose=False)
-        model = _build(cfg, classes)
+    model = _build(cfg, classes) if model is None else model
     run.labels.write_text(json.dumps(classes, indent=2))
     fitted = _fit(model, manifest, classes, cfg, run, history)
     result = TrainResult(run, cfg, facts)
@@ -192,6 +189,8 @@ def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: Data
 
 
 def _build(cfg: TrainConfig, classes: list[str]) -> FruitNet:
+    """Seeds every generator (the head's initialisation and all that follows draw from it), then builds the model."""
+    L.seed_everything(cfg.data.seed, workers=True, verbose=False)
     layer = "last" if cfg.model.feature_layer == "auto" else cfg.model.feature_layer
     model = build_model(cfg.model.name, len(classes), weights=cfg.model.weights, img_size=cfg.model.img_size,
                         dropout=cfg.model.dropout, feature_layer=layer)
