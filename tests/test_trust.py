@@ -108,6 +108,15 @@ def test_folds_that_hold_out_whole_classes_fall_back_to_finer_groups():
     assert trust.heldout_accuracy > 0.8  # not the near-chance figure of heads that never saw the class
 
 
+def test_a_grouping_that_joins_every_image_falls_back_to_finer_groups():
+    # a near copy filed under both classes can join every image into one visual group: no folds can be made of it
+    x, y, _ = _clusters(10, 2, 1, spread=0.3)
+    one_group = np.zeros(len(y), dtype=int)
+    assert len(set(group_folds(y.numpy(), one_group, 5))) == 1
+    trust, _, _ = fit_out_of_fold(x, y, [("near copies", one_group)], 2, HeadRecipe(epochs=100), 0.95)
+    assert "single images" in trust.source
+
+
 def test_trained_run_folds_the_temperature_and_onnx_matches(trained_run):
     from fruitlens.models.checkpoint import load_model
     from fruitlens.models.serving import ServingModel

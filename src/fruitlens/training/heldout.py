@@ -58,13 +58,17 @@ def train_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, recipe: HeadRec
 
 
 def group_folds(y: np.ndarray, groups: np.ndarray, k: int = 5, seed: int = 0) -> np.ndarray:
-    """Fold index (0..k-1) of each item: whole groups per fold, classes spread evenly (StratifiedGroupKFold)."""
+    """Fold index (0..k-1) of each item: whole groups per fold, classes spread evenly (StratifiedGroupKFold).
+    One group (a near copy filed under two classes can join every image into one) gives one fold: no image in it
+    has a class that another fold knows, so callers fall back to finer groups."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     y, groups = np.asarray(y), np.asarray(groups)
     n_groups = len(np.unique(groups))
-    k = max(2, min(k, n_groups))
     folds = np.zeros(len(y), dtype=int)
+    if n_groups < 2:
+        return folds
+    k = max(2, min(k, n_groups))
     with np.errstate(all="ignore"):
         import warnings
 
