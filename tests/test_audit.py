@@ -164,3 +164,26 @@ def test_train_audits_its_own_labels(tmp_path, capsys):
     assert len(rows) <= 8  # the planted three first, few clean images accused
     planted_in_test = [t for t in note["test"] if "planted" in t["path"]]
     assert all(t["suggested"] == "lemon" for t in planted_in_test)
+
+
+def test_the_runs_audit_thresholds_are_on_the_calibrated_scale(tmp_path):
+    # evaluate applies the audit's thresholds to the calibrated (temperature-folded) test predictions: the audit must
+    # set them on held-out probabilities that carry the same temperature
+    from fruitlens.data.manifest import Manifest, Record
+    from fruitlens.evaluation.trust import HeldOut
+    from fruitlens.pipelines.train import _audit_labels
+    from fruitlens.rundir import RunDir
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    logits = rng.normal(0, 1, (60, 3)) + 4 * np.eye(3)[y]
+    records = tuple(Record(f"/d/{'abc'[c]}/{i}.jpg", "abc"[c], "train" if i % 4 else "val") for i, c in enumerate(y))
+    manifest = Manifest(records)
+    order = [i for s in ("train", "val") for i, r in enumerate(records) if r.split == s]  # train rows, then val
+    held = HeldOut(logits[order], y[order], np.ones(60, bool))
+    audit = _audit_labels(RunDir(tmp_path / "run"), manifest, list("abc"), held, temperature=2.0)
+    z = logits[order] / 2.0
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    expected = thresholds(p, y[order])
+    assert [audit.thresholds[c] for c in "abc"] == pytest.approx(expected.tolist())

@@ -107,6 +107,26 @@ def test_mid_layer_features_train_a_standardised_head_end_to_end(tmp_path):
     assert Report.from_json(run.report_json).metrics.accuracy >= 0.8
 
 
+def test_the_feature_store_tells_weights_apart(tmp_path, monkeypatch):
+    # importing MobileNetV2's IMAGENET1K_V2 beside V1 switches 'imagenet' to it: V1's cached features must not be read
+    from torchvision.models import MobileNet_V2_Weights
+
+    from fruitlens.models.preprocessing import Preprocessing
+    from fruitlens.training import features
+
+    pre = Preprocessing(96, 96, (0.5,) * 3, (0.25,) * 3)
+    store = lambda weights: features.FeatureStore("mobilenet_v2", weights, pre, cache=tmp_path).path
+    monkeypatch.setattr("fruitlens.models.weights.pick", lambda enum: MobileNet_V2_Weights.IMAGENET1K_V1)
+    v1 = store("imagenet")
+    monkeypatch.setattr("fruitlens.models.weights.pick", lambda enum: MobileNet_V2_Weights.IMAGENET1K_V2)
+    assert store("imagenet") != v1
+    own = tmp_path / "mine.pth"
+    own.write_bytes(b"one")
+    first = store(str(own))
+    own.write_bytes(b"other weights")  # the same file name, other contents
+    assert store(str(own)) != first and first != v1
+
+
 def test_feature_engine_matches_pytorch_and_leaves_no_temp_files(tmp_path, monkeypatch):
     import tempfile
 
@@ -173,6 +193,20 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     (kept / "notes.txt").write_text("the user's")
     assert main(["train", str(tmp_path / "empty"), "--out", str(kept)]) != 0
     assert (kept / "notes.txt").read_text() == "the user's"  # a folder that was there stays, with what it held
+
+
+def test_a_new_run_refuses_an_unfinished_runs_folder(tmp_path, capsys):
+    # a run killed after its feature pass leaves config.yaml and cache/: a new run must not read them as its own
+    data = make_tree(tmp_path / "d", per_class=6, classes=("apple", "kiwi"))
+    out = tmp_path / "run"
+    (out / "cache").mkdir(parents=True)
+    (out / "cache" / "features.pt").write_bytes(b"an earlier run's features")
+    (out / "config.yaml").write_text("earlier: run\n")
+    assert main(["train", str(data), "--out", str(out), "--model", "small_cnn", "--img-size", "32"]) == 6
+    err = capsys.readouterr().err
+    assert "holds an unfinished run (config.yaml, cache)" in err and f"--resume {out}" in err
+    assert (out / "cache" / "features.pt").read_bytes() == b"an earlier run's features"  # left as it was
+    assert (out / "config.yaml").read_text() == "earlier: run\n"
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):

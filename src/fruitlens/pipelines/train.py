@@ -106,6 +106,12 @@ def _new_run(run: RunDir) -> Iterator[None]:
             if run.best_ckpt.exists():
                 raise RunDirError(f"{run.path} already holds a trained run",
                                   f"pick another --out, or continue it with 'fruitlens train --resume {run.path}'")
+            # an interrupted or failed run's files (its config, cached features, phase checkpoints) would be read
+            # back by this run's feature pass and phases as if they were its own
+            earlier = [p.name for p in (run.config, run.checkpoints, run.cache) if p.exists()]
+            if earlier:
+                raise RunDirError(f"{run.path} holds an unfinished run ({', '.join(earlier)})",
+                                  f"continue it with 'fruitlens train --resume {run.path}', or pick another --out")
             yield
     except BaseException:
         if made and [p.name for p in run.path.iterdir()] == [".lock"]:
@@ -164,7 +170,7 @@ def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: Data
         result.trust, heldout = calibrate(model, manifest.by_split(), classes, cfg, run, fitted)
     result.info = _save(run, model, classes, cfg, fitted, time.perf_counter() - t0, result.trust)
     with STAGES("label audit"):
-        result.audit = _audit_labels(run, manifest, classes, heldout)
+        result.audit = _audit_labels(run, manifest, classes, heldout, result.trust.temperature)
     with STAGES("export"):
         result.export, result.export_error = _export_for_serving(run)
     with STAGES("evaluation"):
@@ -227,12 +233,15 @@ def _save(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, fi
     return info
 
 
-def _audit_labels(run: RunDir, manifest: Manifest, classes: list[str], heldout: HeldOut) -> LabelAudit:
-    """The label audit on the held-out predictions that calibration made anyway: seconds, no extra forward pass."""
+def _audit_labels(run: RunDir, manifest: Manifest, classes: list[str], heldout: HeldOut,
+                  temperature: float) -> LabelAudit:
+    """The label audit on the held-out predictions that calibration made anyway: seconds, no extra forward pass.
+    Their probabilities take the model's temperature, so that its per-class thresholds, which ``evaluate`` applies
+    to the (calibrated) test predictions, are on the scale of those predictions."""
     splits = manifest.by_split()
     records = list(splits["train"]) + list(splits["val"])
     paths = [str(manifest.resolve(r)) for r in records]
-    audit = audit_heldout(paths, heldout.labels, softmax(heldout.logits), heldout.held, classes,
+    audit = audit_heldout(paths, heldout.labels, softmax(heldout.logits / temperature), heldout.held, classes,
                           [r.split for r in records])
     write_audit(audit, run.path, classes)
     if audit.issues:

@@ -242,6 +242,23 @@ def load_cache(path: Path) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict]:
     return saved, saved.pop("_feature_pass", None) or {}
 
 
+def _weights_key(model: str, weights: str) -> str:
+    """What the backbone's weights are, for the store's file name: "imagenet" names the torchvision entry it loads
+    (importing IMAGENET1K_V2 beside V1 switches to it), a file its path, size and modification time."""
+    from fruitlens.models.registry import get_spec
+    from fruitlens.models.weights import pick
+
+    enum = get_spec(model).weights_enum
+    if weights == "imagenet" and enum is not None:
+        chosen = pick(enum)  # V1 keeps the store's name from before the entry was in it
+        return "imagenet" if chosen == getattr(enum, "IMAGENET1K_V1", None) else f"imagenet:{chosen.name}"
+    path = Path(weights)
+    if path.is_file():
+        st = path.stat()
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return weights
+
+
 class FeatureStore:
     """Clean-view backbone features per image file, cached under ``~/.cache/fruitlens/features`` (never beside the
     user's images), so that ``check --labels`` and a following ``train`` compute them once.
@@ -258,7 +275,8 @@ class FeatureStore:
 
         from fruitlens.data.download import cache_root
 
-        tag = hashlib.sha1(f"{model}|{weights}|{json.dumps(pre.to_dict())}".encode()).hexdigest()[:12]
+        key = f"{model}|{_weights_key(model, weights)}|{json.dumps(pre.to_dict())}"
+        tag = hashlib.sha1(key.encode()).hexdigest()[:12]
         layer = "" if layer == "last" else f"-{layer}"  # the last layer's files keep their names
         self.path = (cache or cache_root() / "features") / f"{model}{layer}-{pre.image_size}px-{tag}.pt"
         self.index: dict[tuple, int] = {}
