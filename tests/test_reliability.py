@@ -5,6 +5,7 @@ Timeouts here are safety nets against a hang (generous: minutes), never a speed 
 """
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -102,6 +103,28 @@ def test_sigint_mid_fine_tune_then_resume(tmp_path):
     assert [e for p, e in after if p == "fine-tune"] == [1, 2, 3, 4] and [p for p, _ in after].count("head") == 3
     uninterrupted = ["head"] * 3 + ["fine-tune"] * 4
     assert [p for p, _ in after] == uninterrupted
+
+
+def test_a_rejected_fine_tune_stays_rejected_on_resume(tmp_path, caplog):
+    need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
+    caplog.set_level(logging.INFO, logger="fruitlens")
+    data = make_tree(tmp_path / "d", per_class=12, size=64)
+    out = tmp_path / "run"
+    # a learning rate that wrecks the backbone: the fine-tune worsens the validation loss and is not kept
+    args = ["train", str(data), "--out", str(out), "--img-size", "64", "--epochs", "3", "--workers", "0",
+            "--target-acc", "0", "--group", "none", "--fine-tune-blocks", "2", "--fine-tune-epochs", "1",
+            "fit.fine_tune_lr=50", "fit.early_stopping_patience=1000"]
+    assert main(args) == 0
+    assert "[fine-tune] did not improve the validation loss" in caplog.text
+    source = json.loads((out / "report.json").read_text())["trust"]["source"]
+    assert source.startswith("out-of-fold")  # calibrated on the frozen backbone it kept
+    caplog.clear()
+    for name in ("checkpoints/best.ckpt", "report.json"):  # as if stopped after the phases, before shipping
+        (out / name).unlink()
+    assert main(["train", "--resume", str(out)]) == 0
+    assert "[fine-tune] already done" in caplog.text
+    assert "[fine-tune] did not improve the validation loss" in caplog.text  # still rejected, not brought back
+    assert json.loads((out / "report.json").read_text())["trust"]["source"] == source
 
 
 def test_second_train_on_the_same_folder_refuses_while_the_first_runs(tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -153,8 +154,18 @@ def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModu
     load_best()
     if trainer.is_global_zero:
         done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(f"best {ckpt.best_model_score}\n")
+        score = ckpt.best_model_score
+        done.write_text(f"best {'none' if score is None else float(score)}\n")
     return trainer
+
+
+def _phase_best(run: RunDir, phase: str) -> float | None:
+    """The best monitored value a finished phase recorded in its ``done`` file (None: none recorded)."""
+    try:
+        m = re.search(r"[-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?", (run.checkpoints / phase / "done").read_text())
+    except OSError:
+        return None
+    return float(m.group()) if m else None
 
 
 def _prune_history(history: list[dict], last: Path, phase: str) -> None:
@@ -302,14 +313,15 @@ def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str]
     trainer, ckpt = _trainer(cfg, run, phase, epochs, history, f.target_monitor == "train", progress=True)
     if train_blocks >= 0:
         trainer.callbacks.append(FreezeBackbone(train_blocks))
-    before = _val_loss(history)
+    before = _val_loss([r for r in history if r.get("phase") != phase])  # a resumed run's history holds this phase
     state = {k: v.clone() for k, v in model.state_dict().items()}
     what = {0: "the head", -1: "all layers"}.get(train_blocks, f"the head and the top {train_blocks} blocks")
     log.info("[%s] training %s on %d images (%d px, augmentation %s)", phase, what, len(train_ds), pre.image_size,
              "on" if cfg.augment.enabled else "off")
     with STAGES(phase):
         _run_phase(trainer, ckpt, module, (train_dl, val_dl), run, phase, history)
-    after = ckpt.best_model_score
+    # a phase finished before a resume is not fitted again: its best value comes from its done file
+    after = ckpt.best_model_score if ckpt.best_model_score is not None else _phase_best(run, phase)
     if before is not None and after is not None and float(after) > before:
         log.info("[%s] did not improve the validation loss (%.4f vs %.4f): keeping the earlier weights",
                  phase, float(after), before)
