@@ -4,6 +4,7 @@ import logging
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from fruitlens.cli.main import main
 from fruitlens.errors import ExportError, ImageError
@@ -98,6 +99,7 @@ def test_export_metadata_parity_and_speed(exported):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert (run / "export" / "labels.txt").read_text().split() == ["apple", "kiwi", "lemon", "plum"]
     assert res.parity["fp32"]["top1_agreement"] == 1.0 and res.parity["fp32"]["max_abs_logit_diff"] < 1e-3
+    assert res.parity["fp32"]["max_abs_ood_diff"] < 1e-3  # the score serve's "unfamiliar" rests on, checked too
     assert {"pytorch", "model.onnx", "model.int8.onnx"} <= set(res.speed)
     assert json.loads((run / "export" / "export.json").read_text())["parity"]["fp32"]["top1_agreement"] == 1.0
     assert not list((run / "export").glob("*partial*"))  # temporary files are gone
@@ -126,6 +128,31 @@ def test_int8_below_the_agreement_threshold_warns_and_keeps_fp32(run_copy, monke
         res = ex.export(run_copy, int8=True, bench=False)
     assert "keep using the fp32 model" in caplog.text and res.parity["fp32"]["top1_agreement"] == 1.0
     assert (run_copy / "export" / "model.onnx").is_file()
+
+
+def test_an_export_whose_ood_score_drifts_is_refused(run_copy, monkeypatch):
+    # a broken OOD scorer in the graph changes every "unfamiliar" answer of serve while the logits still agree
+    from fruitlens.models.serving import ServingModel
+
+    (run_copy / "export" / "model.onnx").unlink()
+    real = ex.onnx_io.export_module
+
+    def drifting(module, path, *args, **kwargs):
+        class Drift(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                out = self.inner(x)
+                return (*out[:3], out[3] + 1.0)
+
+        return real(Drift(module) if isinstance(module, ServingModel) else module, path, *args, **kwargs)
+
+    monkeypatch.setattr(ex.onnx_io, "export_module", drifting)
+    with pytest.raises(ExportError, match="ood_score differs from PyTorch's"):
+        ex.export(run_copy, bench=False)
+    assert not list((run_copy / "export").glob("*.onnx"))
 
 
 def test_onnx_predictor_matches_pytorch(exported):

@@ -178,7 +178,8 @@ def run_export(args) -> int:
     print(f"wrote {res.onnx} (opset {res.opset}, {res.classes} classes, {res.image_size} px) and labels.txt")
     for name, p in res.parity.items():
         print(f"parity {name}: top-1 agreement {p['top1_agreement']:.2%} on {p['images']} validation images, "
-              f"max |logit diff| {p['max_abs_logit_diff']:.2e}")
+              f"max |logit diff| {p['max_abs_logit_diff']:.2e}"
+              + (f", max |ood_score diff| {p['max_abs_ood_diff']:.2e}" if "max_abs_ood_diff" in p else ""))
     if res.int8:
         print(f"wrote {res.int8}")
     print_speed(res.speed, "speed")

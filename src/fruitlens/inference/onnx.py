@@ -86,14 +86,34 @@ def _chunked(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.nd
 def parity(model: nn.Module, path: Path, batch: np.ndarray) -> dict[str, float]:
     """Top-1 agreement and the largest logit difference between PyTorch ``model`` and the ONNX model at ``path``
     (its first output), on ``batch`` (the normalised input of real images, made by the predictor's own
-    preprocessing)."""
-    with torch.inference_mode():
-        ref = _chunked(lambda x: model(torch.from_numpy(x)).float().numpy(), batch)
+    preprocessing). When the ONNX model is a serving model (models/serving.py), also the largest difference of its
+    ``ood_score``, which decides "unfamiliar" in serve, against the same serving model in PyTorch."""
+    from fruitlens.models.serving import OUTPUTS, ServingModel
+
     sess = session(path)
     name = sess.get_inputs()[0].name
-    got = _chunked(lambda x: sess.run(None, {name: x})[0], batch)
-    return {"images": int(len(batch)), "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
-            "max_abs_logit_diff": float(np.abs(ref - got).max())}
+    serving = output_names(sess) == list(OUTPUTS) and not isinstance(model, ServingModel)
+    ref_model = ServingModel(model).eval() if serving else model
+    ood = OUTPUTS.index("ood_score")
+
+    def torch_out(x: np.ndarray) -> np.ndarray:  # logits, then the ood score as one more column
+        out = ref_model(torch.from_numpy(x))
+        return torch.cat([out[0], out[ood][:, None]], 1).float().numpy() if serving else out.float().numpy()
+
+    def onnx_out(x: np.ndarray) -> np.ndarray:
+        out = sess.run(None, {name: x})
+        return np.concatenate([out[0], out[ood][:, None]], 1) if serving else out[0]
+
+    with torch.inference_mode():
+        ref = _chunked(torch_out, batch)
+    got = _chunked(onnx_out, batch)
+    k = ref.shape[1] - serving
+    figures = {"images": int(len(batch)),
+               "top1_agreement": float((ref[:, :k].argmax(1) == got[:, :k].argmax(1)).mean()),
+               "max_abs_logit_diff": float(np.abs(ref[:, :k] - got[:, :k]).max())}
+    if serving:
+        figures["max_abs_ood_diff"] = float(np.abs(ref[:, k] - got[:, k]).max())
+    return figures
 
 
 def output_names(sess) -> list[str]:

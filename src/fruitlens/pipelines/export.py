@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MIN_AGREEMENT_FP32 = 0.995
 MIN_AGREEMENT_INT8 = 0.99
+MAX_OOD_DIFF_FP32 = 0.01  # robust z-units (models/ood.py); float32 differences are about 1e-5
 
 
 @dataclass
@@ -112,6 +113,10 @@ def _export_checked(model: torch.nn.Module, dest: Path, image_size: int, opset: 
         if figures["top1_agreement"] < MIN_AGREEMENT_FP32:
             raise ExportError(f"ONNX export disagrees with PyTorch: top-1 agreement {figures['top1_agreement']:.2%} "
                               f"< {MIN_AGREEMENT_FP32:.1%} on {figures['images']} images; no model.onnx was written",
+                              "try another --opset, and report the model and versions")
+        if figures.get("max_abs_ood_diff", 0.0) > MAX_OOD_DIFF_FP32:  # serve decides "unfamiliar" on it
+            raise ExportError(f"ONNX export's ood_score differs from PyTorch's by up to "
+                              f"{figures['max_abs_ood_diff']:.3g} (> {MAX_OOD_DIFF_FP32}) on {figures['images']} images; no model.onnx was written",
                               "try another --opset, and report the model and versions")
         tmp.replace(dest)
         return figures
