@@ -126,6 +126,35 @@ def test_batcher_splits_a_large_request_into_bounded_calls():
     assert asyncio.run(go())["logits"].shape == (10, 2) and calls == [4, 4, 2]
 
 
+def test_a_request_of_many_images_decodes_a_few_at_a_time(trained_run, monkeypatch):
+    # each image may decode to --max-pixels: a request of 64 must not hold them all in memory at once
+    import threading
+
+    from fruitlens.serve import routes
+
+    app = create_app(ServeSettings(str(trained_run)))
+    with TestClient(app) as c:
+        real = app.state.predictor
+        decode = real.pixels
+        lock, now, peak = threading.Lock(), [0], [0]
+
+        def pixels(data):
+            with lock:
+                now[0] += 1
+                peak[0] = max(peak[0], now[0])
+            time.sleep(0.05)
+            with lock:
+                now[0] -= 1
+            return decode(data)
+
+        monkeypatch.setattr(real, "pixels", pixels)
+        files = [("files", (f"{i}.jpg", jpeg_bytes(fruit_image("apple", i, 48)), "image/jpeg")) for i in range(24)]
+        r = c.post("/predict", files=files)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 24
+    slots = routes.DECODE_SLOTS._initial_value
+    assert 2 <= peak[0] <= slots < 24
+
+
 def test_dependency_override_reaches_predict(trained_run):
     import numpy as np
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from importlib import resources
 
 import numpy as np
@@ -24,6 +25,9 @@ router = APIRouter()
 
 # ImageError.reason -> HTTP status: what cannot be an image is 415, what is too big 413, what fails to decode 422
 _STATUS = {"not-an-image": 415, "too-many-pixels": 413}
+# images decoded at once in this worker: a 100 KB PNG can decode to --max-pixels (120 MB at 40 MP), and a request of
+# 64 of them on every thread of the default executor would take gigabytes
+DECODE_SLOTS = threading.BoundedSemaphore(max(2, min(8, os.cpu_count() or 2)))
 
 
 class TopK(BaseModel):
@@ -92,12 +96,14 @@ async def predict(request: Request, top_k: int | None = None, explain: bool = Fa
 def _heatmap(upload: Upload, prediction, pred: Predictor) -> str | None:
     if prediction.class_map is None:
         return None
-    return png_data_url(explain_image(upload.data, prediction, pred.preprocessing, pred.max_pixels))
+    with DECODE_SLOTS:
+        return png_data_url(explain_image(upload.data, prediction, pred.preprocessing, pred.max_pixels))
 
 
 def _decode(upload: Upload, pred: Predictor) -> np.ndarray:
     """The predictor's own decode and geometry; a bad image is the client's error, with its name."""
     try:
-        return pred.pixels(upload.data)
+        with DECODE_SLOTS:
+            return pred.pixels(upload.data)
     except ImageError as exc:
         raise HTTPException(_STATUS.get(exc.reason, 422), exc.message.replace("image bytes", upload.name, 1)) from None
