@@ -42,3 +42,43 @@ def test_models_and_weights_list(capsys):
     assert "mobilenet_v2" in out and "small_cnn" in out
     assert main(["weights", "list"]) == 0
     assert "mobilenet_v2-b0353104.pth" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, says", [
+    (["predict", "run", "a.jpg", "--batch-size", "0"], "--batch-size: expected a whole number from 1 up"),
+    (["predict", "run", "a.jpg", "--top-k", "-1"], "--top-k: expected a whole number from 1 up"),
+    (["evaluate", "run", "--batch-size", "x"], "expected a whole number but received 'x'"),
+    (["serve", "run", "--port", "99999"], "--port: expected a whole number from 1 to 65535"),
+])
+def test_numbers_out_of_range_are_bad_options(args, says, capsys):
+    # --batch-size 0 used to loop forever in predict; --port 99999 crashed in bind() as "a bug"
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_serve_on_a_busy_port_says_so_before_loading(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # the model path does not exist: the port is checked first, so this error is about the port
+        assert main(["serve", str(tmp_path / "no-run"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "pick another --port" in err
+
+
+def test_output_into_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    # "fruitlens check DATA | head -1": the reader leaves early; that is no bug to report
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["models"]) == 0
+    assert "unexpected" not in capsys.readouterr().err

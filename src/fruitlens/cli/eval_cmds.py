@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fruitlens.cli.options import int_in
 from fruitlens.cli.output import print_json, table
 from fruitlens.errors import ExitCode
 
@@ -29,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("data", nargs="?", help="another folder (or manifest CSV) to evaluate on")
     p.add_argument("--split", default="test", help="split of the run (or of DATA's split folders); default test")
     p.add_argument("--class-map", help="JSON mapping DATA's class names onto the model's")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int_in(1), default=64)
     p.set_defaults(func=run_evaluate)
 
     p = sub.add_parser("compare", help="one table across runs", epilog=COMPARE_EXAMPLES,

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from fruitlens.cli.options import int_in, threshold
 from fruitlens.cli.output import table
 from fruitlens.errors import ConfigError, DataError, ExitCode, ImageError
 
@@ -33,9 +34,9 @@ def register(sub) -> None:
                        epilog=PREDICT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run folder or model.onnx")
     p.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int_in(1), default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int_in(1), default=32)
     p.add_argument("--unknown-threshold", type=threshold, default="auto",
                    help="'not sure' below this calibrated top-1 probability: auto (default: the run's, chosen for "
                         "its target accuracy on held-out images), 0 (off) or a number")
@@ -58,11 +59,11 @@ def register(sub) -> None:
                        epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run folder or model.onnx")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="server processes behind the one port (default 1)")
+    p.add_argument("--port", type=int_in(1, 65535), default=8000)
+    p.add_argument("--workers", type=int_in(1), default=1, help="server processes behind the one port (default 1)")
     p.add_argument("--threads", type=int, default=0,
                    help="inference threads per worker (default 0: all cores; idle threads sleep, so workers share)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int_in(1), default=3)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (default 10 MB)")
     p.add_argument("--max-images", type=int, default=64, help="most images in one request (default 64)")
     p.add_argument("--unknown-threshold", type=threshold, default="auto",
@@ -85,19 +86,6 @@ def expand_images(items: list[str]) -> list[str]:
         else:
             out.append(item)
     return out
-
-
-def threshold(text: str) -> float | str:
-    """``auto`` or a probability in [0, 1]."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a probability between 0 and 1 but received '{text}'")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1 but received {value:g}")
-    return value
 
 
 CSV_FIELDS = ["path", "label", "score", "unknown", "reason", "ood_score"]
@@ -200,13 +188,12 @@ def run_serve(args) -> int:
     from fruitlens.serve.app import create_app
     from fruitlens.serve.settings import ServeSettings
 
-    if args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {args.workers}", "use --workers 1 (the default) or more")
     settings = ServeSettings(str(Path(args.model).resolve()), top_k=args.top_k, threads=args.threads,
                              max_upload_mb=args.max_upload_mb, max_images=args.max_images,
                              unknown_threshold=args.unknown_threshold).validated()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the service is reachable from other machines", file=sys.stderr)
+    _check_port_free(args.host, args.port)
     predictor = Predictor.load(settings.model, threads=settings.threads)  # a bad model path fails here, clearly
     print(f"serving {args.model} ({predictor.engine}, {len(predictor.classes)} classes) on "
           f"http://{args.host}:{args.port} with {args.workers} worker(s)  (upload page /, API docs /docs)")
@@ -218,3 +205,22 @@ def run_serve(args) -> int:
         return ExitCode.OK
     uvicorn.run(create_app(settings, predictor), host=args.host, port=args.port)
     return ExitCode.OK
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A port another program listens on fails now with a clear error, not after the model has loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: cannot resolve it ({exc.strerror})",
+                          "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no obstacle
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror})",
+                              "pick another --port, or stop the program that uses this one") from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # the reader went away ("| head"): nothing more to say, and nobody to say it to
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # so that the interpreter's last flush fails no more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
     except Exception as exc:  # a bug: say so plainly, the stack is one flag away
         if args.traceback or os.environ.get("FRUITLENS_TRACEBACK"):
             traceback.print_exc()

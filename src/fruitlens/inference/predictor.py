@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from fruitlens.errors import ImageError, RunDirError
+from fruitlens.errors import ConfigError, ImageError, RunDirError
 from fruitlens.filehash import sha256_file
 from fruitlens.inference import onnx as onnx_io
 from fruitlens.models.preprocessing import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing
@@ -171,6 +171,9 @@ class Predictor:
         """Batches of ``(image, outputs row | ImageError)`` in input order; a file that does not decode gets its
         ImageError and the rest go on. The next batch is decoded by ``workers`` threads while the current one runs
         through the model (Pillow and ONNX Runtime release the GIL), so decoding hides behind inference."""
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1 but received {batch_size}")
+
         def prep(image):
             try:
                 return self.pixels(image)
