@@ -204,3 +204,22 @@ def test_report_shows_calibration_and_selective_prediction(trained_run):
     page = (trained_run / "report.html").read_text()
     assert 'id="calibration"' in page and 'id="selective"' in page and "ECE before" in page
     assert (trained_run / "plots" / "risk_coverage.png").stat().st_size > 1000
+
+
+def test_a_run_that_is_never_sure_says_so_in_summary_report_and_card(trained_run, capsys):
+    # a small or hard data set can give held-out predictions that reach the target accuracy at no threshold: then
+    # every answer is "not sure", and the user must hear why (a 100% test split would hide it)
+    from dataclasses import replace
+
+    from fruitlens.cli.train_cmds import print_summary
+    from fruitlens.evaluation.card import model_card
+    from fruitlens.evaluation.html import _trust_html
+    from fruitlens.evaluation.report import Report
+
+    rep = Report.from_json(trained_run / "report.json")
+    assert "at no confidence threshold" not in (trained_run / "report.html").read_text()  # this run answers
+    never = replace(rep, trust=replace(rep.trust, unknown_threshold=1.0))
+    print_summary(trained_run / "report.html", never)
+    assert "warning: held-out predictions" in capsys.readouterr().out
+    assert "so every answer is 'not sure'" in _trust_html(never, lambda key, alt: "").replace("&#x27;", "'")
+    assert "**Warning:** held-out predictions" in model_card(never)

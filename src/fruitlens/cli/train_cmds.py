@@ -113,6 +113,7 @@ def print_summary(page, report, export_error: str | None = None) -> None:
     """The headline of a trained run: accuracy with its interval, warnings, where the report is, what to do next."""
     from fruitlens.evaluation.domain import studio_text
     from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
+    from fruitlens.evaluation.selective import never_sure_text
     from fruitlens.training.adapt import Adaptation
 
     m = report.metrics
@@ -136,6 +137,8 @@ def print_summary(page, report, export_error: str | None = None) -> None:
         print(f"adaptation: {Adaptation(**report.adaptation).text()}")
     if report.domain.studio_only:
         print(f"warning: {studio_text(report.domain)}")
+    if never := never_sure_text(report.trust):
+        print(f"warning: {never}")
     if export_error:
         print(f"warning: no ONNX export ({export_error}); predict and serve use the PyTorch checkpoint")
     print(f"report: {page}")

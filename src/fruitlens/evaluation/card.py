@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
 from fruitlens.evaluation.domain import features_text, studio_text
+from fruitlens.evaluation.selective import never_sure_text
 from fruitlens.training.adapt import Adaptation
 from fruitlens.evaluation.report import Report
 
@@ -94,6 +95,8 @@ def model_card(report: Report, licence: str | None = None) -> str:
                   f"{_pct(t.target_precision)} accuracy on the answered images); on the test images: "
                   f"{_pct(t.answered)} answered at {_pct(t.answered_accuracy)} accuracy, {_pct(t.not_sure)} not sure, "
                   f"{_pct(t.unfamiliar)} unfamiliar."]
+        if never := never_sure_text(t):
+            lines.append(f"- **Warning:** {never}.")
     lines += ["", "## Quantitative analyses", ""]
     lines += _table(["class", "precision", "recall", "F1", "test images"],
                     [[c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", int(v["support"])]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from fruitlens.evaluation.domain import features_text, studio_text
 from fruitlens.training.adapt import Adaptation
 from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
+from fruitlens.evaluation.selective import never_sure_text
 
 if TYPE_CHECKING:
     from fruitlens.evaluation.report import Report
@@ -140,6 +141,8 @@ def _trust_html(report: "Report", img) -> str:
             f"{t.unknown_threshold:.3f}, the threshold at which held-out predictions were "
             f"{100 * t.target_precision:.0f}% accurate, and <b>unfamiliar</b> when {_e(t.ood_rule or 'its ood_score is high')}. "
             "Both answers still carry the top-k.")
+    if never := never_sure_text(t):
+        rule += f" <b>Warning: {_e(never)}.</b>"
     return f"""<h2>Calibration</h2><div id="calibration"><div class="cards">{card(cards)}</div>
 <p class="sub">The temperature was fitted on {_e(t.source)} ({t.heldout_images} images) and is folded into the model's
 head, so every score it gives (checkpoint, ONNX, predict, serve) is the calibrated one. The figures are on these

@@ -75,3 +75,13 @@ def threshold_for_accuracy(confidence: np.ndarray, correct: np.ndarray, target: 
         return 1.0
     lowest = min(ok)
     return 0.0 if lowest <= float(np.min(confidence)) and rc.accuracy[-1] >= target else float(lowest)
+
+
+def never_sure_text(t) -> str | None:
+    """A warning when a run's held-out predictions reached its target accuracy at no threshold (``t``: a TrustNote):
+    then the threshold is 1 and every answer is "not sure", which a small or hard data set can give."""
+    if t is None or t.unknown_threshold < 1.0 - 1e-9:
+        return None
+    return (f"held-out predictions ({t.heldout_images} images) were {100 * t.target_precision:.0f}% accurate at no "
+            "confidence threshold, so every answer is 'not sure': add images per class, aim lower "
+            "(trust.target_precision=0.8 at train time), or let predict and serve always answer (--unknown-threshold 0)")
