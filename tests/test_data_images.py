@@ -21,12 +21,27 @@ def test_alpha_is_composited_on_white():
     assert abs(r - 127) <= 1 and abs(g - 127) <= 1 and b == 255  # half-transparent blue over white
 
 
-def test_16_bit_is_rescaled_to_the_full_8_bit_range():
-    arr = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000)  # 0 .. 60000
-    got = np.asarray(to_rgb(Image.fromarray(arr)))
-    assert got.shape == (4, 4, 3) and got[0, 0].tolist() == [0, 0, 0] and got[3, 3].tolist() == [255, 255, 255]
-    assert np.all(np.diff(got[..., 0].ravel().astype(int)) >= 0)  # order kept: a ramp stays a ramp
-    assert got[1, 2, 0] == int(6 / 15 * 255)
+def test_16_bit_is_scaled_by_its_depth_not_stretched(tmp_path):
+    # a 16-bit copy of a photo (each value x 257) must read as the photo: the same pixels, so the same answer
+    grey = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 2 + 40)  # 40 .. 166: not the full range
+    Image.fromarray(grey).save(tmp_path / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
+    eight, sixteen = (np.asarray(to_rgb(Image.open(tmp_path / f"{n}.png"))) for n in ("eight", "sixteen"))
+    assert sixteen.shape == (8, 8, 3) and np.array_equal(eight, sixteen)
+    ramp = np.asarray(to_rgb(Image.fromarray(np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000)))
+    assert ramp[0, 0].tolist() == [0, 0, 0] and ramp[3, 3, 0] == round(60000 / 257)
+
+
+def test_arrays_are_read_by_their_dtype_convention():
+    pre = Preprocessing(32, 32, (0.5,) * 3, (0.25,) * 3)
+    img = np.random.default_rng(0).integers(0, 256, (40, 40, 3)).astype(np.uint8)
+    want = pre.pixels(img)
+    assert np.array_equal(pre.pixels(img.astype(np.float32) / 255), want)  # floats in 0-1 (torchvision, matplotlib)
+    assert np.array_equal(pre.pixels(img.astype(np.float64)), want)  # floats in 0-255
+    assert np.array_equal(pre.pixels(img.astype(np.uint16) * 257), want)  # 16-bit
+    with pytest.raises(ImageError, match="pixel values from -1 to 1"):
+        pre.pixels(img.astype(np.float32) / 127.5 - 1)  # a normalised tensor is not an image
 
 
 def test_palette_and_cmyk_keep_their_colours():

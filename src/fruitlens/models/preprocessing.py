@@ -178,7 +178,24 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
         arr = np.stack([arr] * 3, axis=-1)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ImageError(f"{name}: expected an HxWx3 image array but received shape {arr.shape}", None, "bad-shape")
-    return Image.fromarray(arr.astype(np.uint8))
+    return Image.fromarray(_to_uint8(arr, name))
+
+
+def _to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
+    """Pixel values as 8 bits by the array's own convention: floats in 0-1 (as torchvision and matplotlib give
+    them) or 0-255, 16-bit integers over 0-65535, 8-bit as they are. Anything else is refused, not wrapped around."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return (arr.astype(np.float32) / 257).round().astype(np.uint8)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if np.issubdtype(arr.dtype, np.floating) and lo >= 0 and hi <= 1:
+        return (arr * 255).round().astype(np.uint8)
+    if lo < 0 or hi > 255 or not np.isfinite([lo, hi]).all():
+        raise ImageError(f"{name}: pixel values from {lo:g} to {hi:g} ({arr.dtype}); expected 0-255, or 0-1 for "
+                         "floats", "pass uint8 pixels (e.g. np.asarray(PIL.Image.open(path).convert('RGB')))",
+                         "bad-shape")
+    return arr.round().astype(np.uint8) if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.uint8)
 
 
 def _check_shape(width: int, height: int, max_pixels: int, name: str) -> None:
@@ -198,10 +215,14 @@ def _check_shape(width: int, height: int, max_pixels: int, name: str) -> None:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; transparency is composited on white, 16-bit/float is rescaled."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # by the depth, not the image's own range: a 16-bit copy of a photo must read as the photo, not stretched
         arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.astype(np.uint8), "L")
+        hi = float(arr.max()) if arr.size else 0.0
+        if img.mode.startswith("I;16") or 255 < hi <= 65535:
+            arr = arr / 257
+        elif img.mode == "F" and hi <= 1:
+            arr = arr * 255
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
