@@ -116,6 +116,9 @@ def test_class_absent_from_test_split():
     m = compute_metrics(np.array([0, 1, 0]), np.array([[.9, .05, .05], [.1, .8, .1], [.6, .3, .1]]), ["a", "b", "c"])
     assert m.classes_absent_from_data == ["c"] and m.per_class["c"]["support"] == 0
     assert m.macro_recall == pytest.approx(1.0)  # over the classes present
+    macro_row = next(line for line in m.classification_report.splitlines() if "macro avg" in line)
+    assert float(macro_row.split()[4]) == pytest.approx(m.macro_f1, abs=1e-4)  # the table says what the headline says
+    assert "not in these images (left out of the averages): c" in m.classification_report
 
 
 def test_prediction_of_an_absent_class_counts_as_an_error_without_a_warning(recwarn):

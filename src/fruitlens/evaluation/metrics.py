@@ -196,8 +196,14 @@ def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
         out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = float(pp), float(rr), float(ff)
     out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                         for i, c in enumerate(classes)}
-    out["classification_report"] = classification_report(y_true, y_pred, labels=labels, target_names=classes,
-                                                          zero_division=0, digits=4)
+    # over the same classes as the headline's macro figures, so that its "macro avg" row says the same
+    shown = [i for i in labels if present[i]] or labels
+    out["classification_report"] = classification_report(y_true, y_pred, labels=shown,
+                                                          target_names=[classes[i] for i in shown], zero_division=0,
+                                                          digits=4)
+    if len(shown) < n_cls:
+        out["classification_report"] += ("\nnot in these images (left out of the averages): "
+                                         + ", ".join(c for c, ok in zip(classes, present) if not ok) + "\n")
     clipped = np.clip(probs, 1e-12, 1)
     out["log_loss"] = float(log_loss(y_true, clipped / clipped.sum(1, keepdims=True), labels=labels)) if len(y_true) else float("nan")
     out["calibration"] = calibration(y_true, probs)
