@@ -170,6 +170,16 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
+def check_options(name: str, weights: str) -> None:
+    """A model name or ``--weights`` value that cannot work fails here, before any data is read."""
+    get_spec(name)
+    if weights not in ("imagenet", "none", "", None) and not Path(weights).is_file():
+        close = did_you_mean(str(weights), ("imagenet", "none"), "weights").split(" Available")[0]
+        hint = "use imagenet, none, or the path of a .pth state dict"
+        raise WeightsError(f"--weights {weights}: no such file" + (f" ({close})" if "Did you mean" in close else ""),
+                           hint)
+
+
 def _preprocessing(spec: ModelSpec, img_size: int) -> Preprocessing:
     if spec.weights_enum is not None:
         t = pick(spec.weights_enum).transforms()

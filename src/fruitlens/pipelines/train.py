@@ -26,7 +26,7 @@ from fruitlens.evaluation.trust import HeldOut, Trust
 from fruitlens.inference.predictor import softmax
 from fruitlens.jsonio import json_safe, read_json, write_json
 from fruitlens.models.checkpoint import save_model
-from fruitlens.models.registry import FruitNet, build_model, has_pretrained_weights
+from fruitlens.models.registry import FruitNet, build_model, check_options, has_pretrained_weights
 from fruitlens.pipelines.audit import LabelAudit, audit_heldout, write_audit
 from fruitlens.pipelines.evaluate import evaluate, with_other_data, write_run_report
 from fruitlens.pipelines.export import ExportResult, export
@@ -67,6 +67,7 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     t0 = time.perf_counter()
     run = RunDir(Path(out))
     check_available(cfg)  # a missing tracker package fails now, not after training
+    check_options(cfg.model.name, cfg.model.weights)  # a typo in --model or --weights too, before the data is read
     if is_ddp_child():  # a process that Lightning's DDP launcher started: rank zero prepared the run already
         return _fit_and_ship(run, TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest),
                              read_json(run.facts, DataFacts), [], t0)
