@@ -297,7 +297,7 @@ def test_evaluate_a_folder_whose_images_all_fail(run_copy, tmp_path):
         evaluate(run_copy, str(tmp_path / "junk"))
 
 
-def test_compare_two_runs_and_an_eval_folder(trained_run, tmp_path, capsys):
+def test_compare_two_runs_and_an_eval_folder(trained_run, tmp_path, capsys, monkeypatch):
     import shutil
 
     other = shutil.copytree(trained_run, tmp_path / "other_run")
@@ -311,6 +311,11 @@ def test_compare_two_runs_and_an_eval_folder(trained_run, tmp_path, capsys):
     assert "| small_cnn | test |" in out and "| small_cnn | plain |" in out  # what each row was evaluated on
     lo, hi = json.loads((trained_run / "report.json").read_text())["metrics"]["accuracy_ci95"]
     assert "| 95% CI |" in out and f"| {100 * lo:.1f}-{100 * hi:.1f}% |" in out
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "compare.png").write_text("the user's own file")
+    assert main(args[:3]) == 0  # no --chart: no chart, and nothing of the user's overwritten
+    assert (tmp_path / "compare.png").read_text() == "the user's own file"
+    capsys.readouterr()
     assert main(args + ["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["evaluated_on"] for r in rows] == ["test", "plain"] and rows[1]["run"].endswith("eval/plain")

@@ -40,7 +40,8 @@ def register(sub) -> None:
     p.add_argument("--mlflow-uri", help="its tracking URI (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--chart", default="compare.png", help="bar chart PNG to write (default compare.png; '' = none)")
+    p.add_argument("--chart", metavar="PNG", default="", help="also draw the accuracies (with their intervals) as a "
+                                                              "bar chart into this PNG file (default: no chart)")
     p.set_defaults(func=run_compare)
 
 
