@@ -185,6 +185,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert main(["train", str(tmp_path / "no-data"), "--model", "mobilnet_v2", "--out", str(tmp_path / "r3")]) == 4
     assert main(["train", str(tmp_path / "no-data"), "--weights", "imagenett", "--out", str(tmp_path / "r3")]) == 5
     assert "Did you mean 'imagenet'" in capsys.readouterr().err
+    assert main(["train", str(two), "--out", str(two / "run")]) == 2  # a run inside the data becomes a class of it
+    assert "is inside the data folder" in capsys.readouterr().err and not (two / "run").exists()
     assert main(["train", str(two), "--img-size", "16", "--weights", "none", "--out", str(tmp_path / "r4")]) != 0
     assert "too small for mobilenet_v2" in capsys.readouterr().err
     assert main(["train", str(two), "--weights", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "r5")]) != 0

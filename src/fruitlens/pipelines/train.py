@@ -68,6 +68,7 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     run = RunDir(Path(out))
     check_available(cfg)  # a missing tracker package fails now, not after training
     check_options(cfg.model.name, cfg.model.weights)  # a typo in --model or --weights too, before the data is read
+    _check_out_beside_data(run, cfg)
     if is_ddp_child():  # a process that Lightning's DDP launcher started: rank zero prepared the run already
         return _fit_and_ship(run, TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest),
                              read_json(run.facts, DataFacts), [], t0)
@@ -95,6 +96,15 @@ def resume(path: str | Path) -> TrainResult:
     with run.lock():
         log.info("resuming %s", run.path)
         return _fit_and_ship(run, cfg, manifest, facts, read_history(run.history), t0)
+
+
+def _check_out_beside_data(run: RunDir, cfg: TrainConfig) -> None:
+    """A run folder inside the data folder would become a class of it (its plots are images) on the next scan."""
+    data = Path(cfg.data.path) if cfg.data.path else None
+    if data is not None and data.is_dir() and run.path.resolve().is_relative_to(data.resolve()):
+        raise ConfigError(f"--out {run.path} is inside the data folder {data}: its plots and previews would be read as "
+                          "images of a class the next time the data is scanned",
+                          f"put the run beside the data, e.g. --out {data.resolve().parent / 'runs' / run.path.name}")
 
 
 @contextmanager
