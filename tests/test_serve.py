@@ -73,6 +73,13 @@ def test_errors_and_limits(client):
     assert r.status_code == 415
     r = client.post("/predict", files={"other": ("", b"", "text/plain")}, data={"x": "1"})
     assert r.status_code == 422
+    r = client.post("/predict", json={})  # the advice fits a JSON request, not the form's
+    assert r.status_code == 422 and "base64 in 'image'" in r.json()["detail"]
+    r = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("expected JSON") and "pydantic" not in r.text
+    for bad in ({"params": {"top_k": 0}}, {"json": {"image": base64.b64encode(good).decode(), "top_k": -5}}):
+        r = client.post("/predict", files=None if "json" in bad else {"file": ("a.jpg", good, "image/jpeg")}, **bad)
+        assert r.status_code == 422, bad  # top_k 0 answered 3 labels, -5 one
 
 
 def test_decompression_bomb_is_refused(client):

@@ -7,7 +7,7 @@ import threading
 from importlib import resources
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 
@@ -74,7 +74,7 @@ _BODY = {"requestBody": {"content": {
 
 
 @router.post("/predict", response_model=PredictionOut | PredictionsOut, openapi_extra=_BODY)
-async def predict(request: Request, top_k: int | None = None, explain: bool = False,
+async def predict(request: Request, top_k: int | None = Query(None, ge=1), explain: bool = False,
                   pred: Predictor = Depends(get_predictor), batcher: Batcher = Depends(get_batcher),
                   settings: ServeSettings = Depends(get_settings)):
     """One image as multipart ``file`` (or several as ``files``), or JSON ``{"image": base64}`` /

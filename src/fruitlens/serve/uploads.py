@@ -10,7 +10,7 @@ import binascii
 from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from fruitlens.serve.multipart import parse_multipart
 from fruitlens.serve.settings import ServeSettings
@@ -49,7 +49,11 @@ async def read_uploads(request: Request, settings: ServeSettings) -> Uploads:
     else:
         raise HTTPException(415, "send multipart/form-data with a 'file' field, or JSON with base64 'image'")
     if not uploads.items:
-        raise HTTPException(422, "no image in the request: use the form field 'file' (or 'files')")
+        raise HTTPException(422, "no image in the request: " + ("give base64 in 'image' (or a list in 'images')"
+                                                                if ctype.startswith("application/json") else
+                                                                "use the form field 'file' (or 'files')"))
+    if uploads.top_k is not None and uploads.top_k < 1:
+        raise HTTPException(422, f"top_k must be at least 1 but received {uploads.top_k}")
     if len(uploads.items) > settings.max_images:
         raise HTTPException(413, f"{len(uploads.items)} images in one request exceeds the limit of "
                                  f"{settings.max_images} (fruitlens serve --max-images)")
@@ -88,8 +92,10 @@ def _from_multipart(body: bytes, ctype: str) -> Uploads:
 def _from_json(body: bytes) -> Uploads:
     try:
         payload = Base64In.model_validate_json(body)
-    except Exception as exc:
-        raise HTTPException(422, f"expected JSON {{\"image\": base64}} or {{\"images\": [...]}} ({exc})") from None
+    except ValidationError as exc:  # pydantic's own text carries links and internals: say what is wrong, briefly
+        where = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:3])
+        raise HTTPException(422, f"expected JSON {{\"image\": base64}} or {{\"images\": [base64, ...]}} ({where})"
+                            ) from None
     raw = ([payload.image] if payload.image else []) + (payload.images or [])
     items = []
     for i, item in enumerate(raw):
