@@ -34,6 +34,12 @@ def test_health_labels_page_and_docs(client):
     page = client.get("/")
     assert page.status_code == 200 and 'type="file"' in page.text and "textContent" in page.text
     assert "/predict" in client.get("/openapi.json").json()["paths"]
+    import re
+
+    docs = client.get("/docs").text  # the API docs work offline: their scripts come from the service itself
+    scripts = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs)
+    assert scripts and not [u for u in scripts if u.startswith(("http:", "https:", "//"))]
+    assert all(client.get(u).status_code == 200 for u in scripts)
 
 
 def test_predict_multipart_matches_predictor(client, trained_run):

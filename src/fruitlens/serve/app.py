@@ -10,6 +10,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from fruitlens import __version__
 from fruitlens.inference.predictor import Predictor
@@ -36,8 +37,9 @@ async def lifespan(app: FastAPI):
 
 def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> FastAPI:
     """The service for ``settings.model`` (or an already loaded ``predictor``)."""
-    app = FastAPI(title="fruitlens", version=__version__, lifespan=lifespan,
-                  description="Classify fruit photos. POST an image to /predict; the upload page is at /.")
+    # the API docs' scripts come with the package (fastapi-offline): a CDN is out of reach on an offline machine
+    app = FastAPIOffline(title="fruitlens", version=__version__, lifespan=lifespan,
+                         description="Classify fruit photos. POST an image to /predict; the upload page is at /.")
     app.state.settings = settings.validated()
     app.state.predictor = predictor
     app.state.batchers = {}
