@@ -105,3 +105,19 @@ def test_reencoded_brighter_copy_under_another_label_is_a_conflict(tmp_path):
     report = check(scan(root))
     conflicts = {i.path.split("/")[-1] for i in report.issues if i.code == "label-conflict"}
     assert conflicts & {"resaved.jpg", "apple_002.jpg"}
+
+
+def test_a_class_of_bad_files_a_broken_link_and_classes_a_level_down_are_named(tmp_path, capsys):
+    data = make_tree(tmp_path / "d", per_class=6, classes=("apple", "kiwi"))
+    (data / "plum").mkdir()
+    (data / "plum" / "a.jpg").write_bytes(b"")  # every image of the class is bad
+    (data / "apple" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # a link to a file that was moved
+    report = check(scan(data))
+    codes = {(i.code, i.path) for i in report.issues}
+    assert ("no-usable-image", "plum") in codes  # the class is named, not silently dropped
+    assert any(i.code == "unreadable" and i.path.endswith("gone.jpg") for i in report.issues)  # listed, not skipped
+    assert main(["check", str(data)]) == 1
+    assert "nan" not in capsys.readouterr().out
+    deep = make_tree(tmp_path / "deep" / "photos" / "2024", per_class=6, classes=("apple", "kiwi"))
+    issue = next(i for i in check(scan(tmp_path / "deep")).issues if i.code == "one-class")
+    assert "sub-folders apple, kiwi" in issue.message and issue.message.endswith(str(deep))

@@ -85,9 +85,11 @@ def print_check(report: CheckReport, show: int = 5) -> None:
         print(f"skipped {s.skipped_hidden} hidden and {s.skipped_non_image} non-image files")
     splits = list(s.counts)
     rows = [[label] + [s.counts[sp].get(label, 0) for sp in splits] + [n] for label, n in s.class_totals.items()]
-    print()
-    table(["class"] + splits + ["total"], rows)
-    print(f"\nimbalance ratio (largest/smallest class): {s.imbalance_ratio:.2f}")
+    if rows:
+        print()
+        table(["class"] + splits + ["total"], rows)
+    if s.classes >= 2:
+        print(f"\nimbalance ratio (largest/smallest class): {s.imbalance_ratio:.2f}")
     by_code: dict[tuple[str, str], list] = defaultdict(list)
     for issue in report.issues:
         by_code[(issue.severity, issue.code)].append(issue)

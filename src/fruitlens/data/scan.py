@@ -48,8 +48,8 @@ def _scan_class_folders(folder: Path, root: Path, split: str, result: ScanResult
                 if path.is_file():
                     result.skipped_hidden.append(str(path))
                 continue
-            if not path.is_file():
-                continue
+            if not path.is_file() and not (path.is_symlink() and is_image_file(path)):
+                continue  # a link to nowhere named like an image stays in: check lists it as a file it cannot read
             if not is_image_file(path):
                 result.skipped_non_image.append(str(path))
                 continue
