@@ -7,6 +7,7 @@ from fruitlens.cli.main import main
 from fruitlens.data.check import check
 from fruitlens.data.scan import scan
 from fruitlens.data.split import split
+from fruitlens.errors import ConfigError
 from conftest import fruit_image, make_tree
 
 
@@ -49,6 +50,8 @@ def test_group_none_and_pattern(tmp_path):
     pat = split(report, group="pattern", group_pattern=r"^(\w+?)_g?\d+")
     apple_groups = {r.group for r in pat.manifest if r.label == "apple"}
     assert len(apple_groups) < 16
+    with pytest.raises(ConfigError, match="matches none of the .* file names"):  # a typo would silently group nothing
+        split(report, group="pattern", group_pattern=r"^frame-(\d+)$")
 
 
 def test_tiny_class_gets_warning_not_crash(tmp_path):

@@ -65,12 +65,18 @@ def _group_ids(report: CheckReport, usable: list[int], group: str, pattern: str)
             rx = re.compile(pattern)
         except re.error as exc:
             raise ConfigError(f"--group-pattern '{pattern}' is not a valid regular expression ({exc})") from None
-        out = {}
+        out, matched = {}, 0
         for i in usable:
             name = Path(records[i].path).name
             m = rx.search(name)
+            matched += m is not None
             key = (m.group(1) if m and m.groups() else m.group(0)) if m else f"i{i}"
             out[i] = f"{records[i].label}/{key}"
+        if usable and not matched:  # every image its own group: the split would ignore the frames the user meant
+            example = Path(records[usable[0]].path).name
+            raise ConfigError(f"--group-pattern '{pattern}' matches none of the {len(usable)} file names (e.g. "
+                              f"'{example}')", "the pattern is searched in the file name; e.g. '^(.*)_\\d+\\.jpg$' "
+                              "groups kiwi12_003.jpg as kiwi12")
         return out
     comp = duplicate_groups(report)
     return {i: f"g{comp[i]}" for i in usable}
