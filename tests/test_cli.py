@@ -82,3 +82,17 @@ def test_output_into_a_closed_pipe_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["models"]) == 0
     assert "unexpected" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["tran", "data/"], "unknown command 'tran'. Did you mean 'train'?"),
+    (["predict", "run", "a.jpg", "--top_k", "3"], "--top_k (did you mean --top-k?)"),
+    (["train", "data/", "--modle", "x"], "--modle (did you mean --model?)"),
+])
+def test_typos_get_the_commands_usage_and_a_suggestion(args, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and says in err
+    if args[0] != "tran":
+        assert f"usage: fruitlens {args[0]}" in err  # the command's usage, not the top level's

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
 import os
 import sys
 import traceback
 
 from fruitlens import __version__
-from fruitlens.errors import ExitCode, FruitlensError
+from fruitlens.errors import ExitCode, FruitlensError, did_you_mean
 from fruitlens.runtime import is_ddp_child, limit_heap_growth
 
 EXAMPLES = """examples:
@@ -66,16 +67,41 @@ def _setup_logging(verbose: bool) -> None:
             warnings.filterwarnings("ignore", message=pattern)
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _suggest_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``fruitlens tran ...``: argparse's "invalid choice" with the command meant, when one is close."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    commands = _subparsers(parser)
+    if first is not None and first not in commands:
+        parser.error(did_you_mean(first, commands, "command"))
+
+
+def _unknown_options(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> None:
+    """Exits with the command's own usage, naming each unknown option and the option it most likely meant."""
+    sub = _subparsers(parser).get(command, parser) if command else parser
+    known = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    words = []
+    for e in extra:
+        close = difflib.get_close_matches(e.split("=")[0].replace("_", "-"), known, n=1, cutoff=0.6)
+        words.append(f"{e} (did you mean {close[0]}?)" if close and e.startswith("-") else e)
+    sub.error(f"unrecognized arguments: {', '.join(words)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status instead of exiting (tests call it in-process)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    _suggest_command(parser, argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
         # key=value overrides may come after the options: "train DATA --out r fit.epochs=3"
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides or []) + extra
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            _unknown_options(parser, args.command, extra)
     if not args.command:
         parser.print_help()
         return ExitCode.USAGE
