@@ -17,9 +17,11 @@ def test_help_for_every_command_has_examples(capsys):
             main([name, "--help"])
         assert exc.value.code == 0
         out = capsys.readouterr().out
-        assert "usage: fruitlens " + name in out
-        if name not in ("models",):
-            assert "examples:" in out, name
+        assert "usage: fruitlens " + name in out and "examples:" in out, name
+    for action in ("list", "import"):
+        with pytest.raises(SystemExit):
+            main(["weights", action, "--help"])
+        assert "examples:" in capsys.readouterr().out
 
 
 def test_errors_are_error_hint_lines_and_traceback_on_request(tmp_path, capsys):

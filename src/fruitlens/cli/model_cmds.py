@@ -12,8 +12,15 @@ WEIGHTS_EXAMPLES = """examples:
 """
 
 
+MODELS_EXAMPLES = """examples:
+  fruitlens models                                        # names for --model, and whether their weights are here
+  fruitlens train photos/ --model densenet121 --out runs/dn
+"""
+
+
 def add_models(sub) -> None:
-    p = sub.add_parser("models", help="list the registered models")
+    p = sub.add_parser("models", help="list the registered models", epilog=MODELS_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=run_models)
 
 
@@ -21,9 +28,11 @@ def add_weights(sub) -> None:
     p = sub.add_parser("weights", help="pretrained weights for offline machines: list | import FILE",
                        epilog=WEIGHTS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     wsub = p.add_subparsers(dest="action", required=True, metavar="list|import")
-    lp = wsub.add_parser("list", help="which weights files are in torchvision's cache")
+    lp = wsub.add_parser("list", help="which weights files are in torchvision's cache", epilog=WEIGHTS_EXAMPLES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     lp.add_argument("--cached-only", metavar="MODEL", help="exit 0 if MODEL's default weights are cached, else 1")
-    ip = wsub.add_parser("import", help="verify a weights file and copy it into the cache")
+    ip = wsub.add_parser("import", help="verify a weights file and copy it into the cache", epilog=WEIGHTS_EXAMPLES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ip.add_argument("file")
     p.set_defaults(func=run_weights)
 
