@@ -77,6 +77,25 @@ def test_download_checksum_pass_and_fail(tmp_path, smoke_zip):
         server.close()
 
 
+def test_another_address_never_reuses_the_first_ones_cache(tmp_path, smoke_zip):
+    data, source = smoke_zip
+    other_tree = make_tree(tmp_path / "t2", per_class=4, classes=("plum", "kiwi"), size=48, splits=("Training", "Test"))
+    other_zip = tmp_path / "other.zip"
+    with zipfile.ZipFile(other_zip, "w") as zf:
+        for f in sorted(other_tree.rglob("*.jpg")):
+            zf.write(f, Path("other-main") / f.relative_to(other_tree))
+    first, second = RangeServer(data), RangeServer(other_zip.read_bytes())
+    try:
+        a = fetch_dataset(replace(source, url=first.url), cache=tmp_path / "cache")
+        b = fetch_dataset(replace(source, url=second.url, sha256="", expected_counts={}, expected_classes=0),
+                          cache=tmp_path / "cache")  # the same data set name, another --data-url
+        assert a != b and sorted(p.name for p in (b / "Training").iterdir()) == ["kiwi", "plum"]
+        assert second.requests  # it was downloaded, not taken from the first one's archive
+    finally:
+        first.close()
+        second.close()
+
+
 def test_interrupted_download_resumes_with_range(tmp_path, smoke_zip):
     data, source = smoke_zip
     server = RangeServer(data, cut_once=len(data) // 3)

@@ -1,6 +1,7 @@
 """Data sets fetched on first use: resumable download, checksum, extraction, and a check against published counts."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ FRUITS360 = DatasetSource(
     name="fruits-360-100x100",
     url=f"https://github.com/fruits-360/fruits-360-100x100/archive/{FRUITS360_COMMIT}.zip",
     expected_classes=155, expected_counts={"Training": 76893, "Test": 25746}, version="2025.03.09.0")
+REGISTERED = {FRUITS360.name: FRUITS360.url}  # name -> address whose cache keeps the plain name
 
 
 def cache_root() -> Path:
@@ -177,6 +179,14 @@ def verify_counts(root: Path, source: DatasetSource) -> dict[str, int]:
     return counts
 
 
+def _cache_name(source: DatasetSource) -> str:
+    """The cache's name for ``source``: its own name for the registered address, else that name and a hash of the
+    address, so that another --data-url never reuses the first one's archive or extracted tree."""
+    if REGISTERED.get(source.name) == source.url or "://" not in source.url:
+        return source.name
+    return f"{source.name}-{hashlib.sha1(source.url.encode()).hexdigest()[:10]}"
+
+
 def fetch_dataset(source: DatasetSource, *, cache: Path | None = None, progress: Progress | None = None) -> Path:
     """Returns the data root of ``source``: downloaded, verified and extracted into the cache on first use.
 
@@ -196,9 +206,9 @@ def fetch_dataset(source: DatasetSource, *, cache: Path | None = None, progress:
         archive = local
         _verify(archive, source.sha256, ours=False)
     else:
-        archive = download(url, cache / f"{source.name}.zip", sha256=source.sha256, progress=progress)
-    done = cache / source.name / ".verified"
-    extracted = extract(archive, cache / source.name)
+        archive = download(url, cache / f"{_cache_name(source)}.zip", sha256=source.sha256, progress=progress)
+    done = cache / _cache_name(source) / ".verified"
+    extracted = extract(archive, cache / _cache_name(source))
     root = find_data_root(extracted)
     if not done.exists():
         t0 = time.perf_counter()
