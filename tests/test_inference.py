@@ -116,6 +116,21 @@ def test_int8_model_agrees_and_predicts(exported):
     assert agree >= 0.8
 
 
+def test_an_int8_model_of_an_earlier_checkpoint_is_removed_on_export(exported, tmp_path):
+    import shutil
+
+    run = shutil.copytree(exported[0], tmp_path / "run")
+    int8 = run / "export" / "model.int8.onnx"
+    ex.export(run, bench=False)
+    assert int8.is_file()  # the same checkpoint: its int8 model still answers for it
+    ckpt = run / "checkpoints" / "best.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    state["resumed"] = True  # a resumed run's new best checkpoint (other bytes)
+    torch.save(state, ckpt)
+    ex.export(run, bench=False)
+    assert not int8.exists()  # it would have answered for the old model
+
+
 def test_int8_below_the_agreement_threshold_warns_and_keeps_fp32(run_copy, monkeypatch, caplog):
     real = ex.onnx_io.parity
 

@@ -69,8 +69,12 @@ def export(run: RunDir | str | Path, *, int8: bool = False, opset: int = 17, che
                 "fruitlens_trust": ckpt.extra.get("trust") or {}}
         result.parity["fp32"] = _export_checked(model, run.onnx, pre.image_size, opset, meta, batch)
     (run.export / "labels.txt").write_text("\n".join(ckpt.classes) + "\n")
+    qpath = run.export / "model.int8.onnx"
+    if not int8 and qpath.is_file() and \
+            onnx_io.file_metadata(qpath).get("fruitlens_checkpoint_sha256") != result.checkpoint_sha256:
+        qpath.unlink()  # an int8 model of an earlier checkpoint (a resumed run) would answer for the old model
+        log.info("removed %s: made from an earlier checkpoint (export --int8 makes a new one)", qpath)
     if int8:
-        qpath = run.export / "model.int8.onnx"
         tmp = qpath.with_name("model.int8.partial.onnx")
         onnx_io.quantize_int8(run.onnx, model_inputs(manifest.split("train"), pre, 256), tmp)
         result.parity["int8"] = onnx_io.parity(model, tmp, batch)
