@@ -190,3 +190,12 @@ def test_failed_parity_writes_no_model_and_nothing_uses_one(run_copy, monkeypatc
     assert Predictor.load(run_copy).engine == "pytorch"  # predict, evaluate and serve fall back to the checkpoint
     assert main(["export", str(run_copy)]) == 7  # ExitCode.EXPORT
     assert "no model.onnx was written" in capsys.readouterr().err
+
+
+def test_an_image_where_the_model_goes_gets_a_clear_error(tmp_path, capsys):
+    img = tmp_path / "apple.jpg"
+    fruit_image("apple", 1, 48).save(img)
+    assert main(["predict", str(img), str(img)]) == 6  # ExitCode.RUN_DIR
+    err = capsys.readouterr().err
+    assert "expected a run folder or an exported .onnx model but received a file" in err
+    assert "--out " + str(img) not in err  # not the advice to train into the image's name

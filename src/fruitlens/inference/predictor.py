@@ -92,6 +92,10 @@ class Predictor:
         path = Path(path)
         if path.suffix.lower() == ".onnx":
             return cls.from_onnx(path, threads=threads)
+        if path.is_file():  # an image or a checkpoint where the model goes: say what is expected instead
+            raise RunDirError(f"{path}: expected a run folder or an exported .onnx model but received a file",
+                              "pass the folder 'fruitlens train --out' made (or its export/model.onnx); the images "
+                              "to classify come after it")
         return cls.from_run(path, engine=engine, threads=threads)
 
     @classmethod
