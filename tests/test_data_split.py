@@ -97,3 +97,15 @@ def test_bad_fractions(tmp_path):
     root = make_tree(tmp_path / "d", per_class=4)
     with pytest.raises(ConfigError):
         split(check(scan(root)), val=0.6, test=0.5)
+
+
+def test_split_replaces_its_own_manifest_but_never_another_file(tmp_path, capsys):
+    root = make_tree(tmp_path / "d", per_class=10, classes=("apple", "kiwi"))
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own,table\n1,2,3\n")
+    assert main(["split", str(root), "--out", str(notes)]) == 2
+    assert "is not a fruitlens manifest" in capsys.readouterr().err and notes.read_text() == "my,own,table\n1,2,3\n"
+    out = tmp_path / "manifest.csv"
+    assert main(["split", str(root), "--out", str(out)]) == 0
+    assert main(["split", str(root), "--out", str(out), "--seed", "1"]) == 0  # a rerun replaces its own manifest
+    assert out.read_text().startswith("path,label,split,group,hash")

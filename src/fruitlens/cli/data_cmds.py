@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter, defaultdict
-from pathlib import Path
 
 from fruitlens.cli.output import print_json, table
-from fruitlens.data.check import CheckReport, check
-from fruitlens.data.scan import scan
-from fruitlens.data.split import split
+from fruitlens.data.check import CheckReport
 from fruitlens.errors import ExitCode
 from fruitlens.jsonio import json_safe
 
@@ -146,17 +143,12 @@ def print_audit(audit, show: int = 20) -> None:
 
 
 def run_relabel(args) -> int:
-    from fruitlens.data.relabel import apply_decisions, copy_tree, read_decisions
+    from fruitlens.pipelines.relabel import relabel
 
-    scanned = scan(args.data)
-    result = apply_decisions(scanned.manifest, read_decisions(Path(args.decisions)))
+    result = relabel(args.data, args.decisions, out=args.out, manifest=None if args.out else args.manifest)
     if args.out:
-        copy_tree(result, scanned.manifest, Path(args.out), Path(args.data) if Path(args.data).is_dir() else
-                  Path(args.data).parent)
-        result.manifest.to_csv(Path(args.out) / "manifest.csv")
         where = f"copied {len(result.manifest)} images to {result.written} (and its manifest.csv)"
     else:
-        result.manifest.to_csv(Path(args.manifest))
         where = f"wrote {args.manifest} ({len(result.manifest)} images, paths to the originals)"
     print(f"{result.relabelled} relabelled, {result.dropped} dropped; {where}. The original files are unchanged.")
     if result.new_classes:
@@ -168,10 +160,11 @@ def run_relabel(args) -> int:
 
 
 def run_split(args) -> int:
-    report = check(scan(args.data), near_dup_distance=args.near_dup_distance)
+    from fruitlens.pipelines.prepare import split_data
+
     group = "pattern" if args.group_pattern else args.group
-    result = split(report, val=args.val, test=args.test, seed=args.seed, group=group, group_pattern=args.group_pattern)
-    result.manifest.to_csv(args.out)
+    result = split_data(args.data, args.out, val=args.val, test=args.test, seed=args.seed, group=args.group,
+                        group_pattern=args.group_pattern, near_dup_distance=args.near_dup_distance)
     if args.json:
         print_json(json_safe(result.facts()))
         return ExitCode.OK

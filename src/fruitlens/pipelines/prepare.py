@@ -9,10 +9,10 @@ from pathlib import Path
 from fruitlens.config import TrainConfig
 from fruitlens.data.check import CheckReport, check
 from fruitlens.data.facts import DataFacts
-from fruitlens.data.manifest import Manifest
+from fruitlens.data.manifest import CSV_FIELDS, Manifest
 from fruitlens.data.scan import scan
 from fruitlens.data.split import SplitResult, split
-from fruitlens.errors import DataError
+from fruitlens.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +84,25 @@ def with_data_path(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, data=replace(d, path=resolve_data_path(d.path), eval_data=absolute(d.eval_data),
                                      eval_class_map=absolute(d.eval_class_map),
                                      adapt_to=absolute(d.adapt_to))).validated()
+
+
+def split_data(data: str | Path, out: str | Path, *, val: float = 0.15, test: float = 0.15, seed: int = 0,
+               group: str = "near-duplicates", group_pattern: str = "", near_dup_distance: int = 4) -> SplitResult:
+    """``fruitlens split``: scan -> check -> leak-free split -> the manifest CSV at ``out``. A file at ``out`` that is
+    not a manifest (another program's CSV, a user's notes) is never overwritten."""
+    out = Path(out)
+    if out.exists() and not _is_manifest(out):
+        raise ConfigError(f"--out {out} exists and is not a fruitlens manifest: it would be overwritten",
+                          "pick another --out (an earlier manifest of fruitlens split is replaced)")
+    result = split(check(scan(data), near_dup_distance=near_dup_distance), val=val, test=test, seed=seed,
+                   group="pattern" if group_pattern else group, group_pattern=group_pattern)
+    result.manifest.to_csv(out)
+    return result
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        with path.open(newline="") as fh:
+            return fh.readline().strip().split(",") == list(CSV_FIELDS)
+    except (OSError, UnicodeDecodeError):
+        return False
