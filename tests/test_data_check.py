@@ -117,7 +117,12 @@ def test_a_class_of_bad_files_a_broken_link_and_classes_a_level_down_are_named(t
     assert ("no-usable-image", "plum") in codes  # the class is named, not silently dropped
     assert any(i.code == "unreadable" and i.path.endswith("gone.jpg") for i in report.issues)  # listed, not skipped
     assert main(["check", str(data)]) == 1
-    assert "nan" not in capsys.readouterr().out
+    bad = tmp_path / "all-bad"
+    for label in ("apple", "kiwi"):
+        (bad / label).mkdir(parents=True)
+        (bad / label / "a.jpg").write_bytes(b"")
+    assert main(["check", str(bad)]) == 1
+    assert "nan" not in capsys.readouterr().out  # no imbalance ratio of no classes
     deep = make_tree(tmp_path / "deep" / "photos" / "2024", per_class=6, classes=("apple", "kiwi"))
     issue = next(i for i in check(scan(tmp_path / "deep")).issues if i.code == "one-class")
     assert "sub-folders apple, kiwi" in issue.message and issue.message.endswith(str(deep))

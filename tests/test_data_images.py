@@ -39,7 +39,8 @@ def test_arrays_are_read_by_their_dtype_convention():
     want = pre.pixels(img)
     assert np.array_equal(pre.pixels(img.astype(np.float32) / 255), want)  # floats in 0-1 (torchvision, matplotlib)
     assert np.array_equal(pre.pixels(img.astype(np.float64)), want)  # floats in 0-255
-    assert np.array_equal(pre.pixels(img.astype(np.uint16) * 257), want)  # 16-bit
+    sixteen = np.minimum(img.astype(np.uint32) * 257 + 100, 65535).astype(np.uint16)  # not a multiple of 257
+    assert np.array_equal(pre.pixels(sixteen), want)  # 16-bit, scaled (not wrapped to its low 8 bits)
     with pytest.raises(ImageError, match="pixel values from -1 to 1"):
         pre.pixels(img.astype(np.float32) / 127.5 - 1)  # a normalised tensor is not an image
 
