@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
     except BrokenPipeError:  # the reader went away ("| head"): nothing more to say, and nobody to say it to
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # so that the interpreter's last flush fails no more
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # the interpreter's last flush must not fail
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return ExitCode.OK
     except Exception as exc:  # a bug: say so plainly, the stack is one flag away

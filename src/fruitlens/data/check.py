@@ -224,10 +224,10 @@ def _class_findings(report: CheckReport, scan_result: ScanResult, imbalance_warn
     issues = report.issues
     for name in scan_result.empty_classes:
         issues.append(Issue("empty-class", "warning", name, "class folder holds no images"))
-    for name in sorted({r.label for r in report.manifest.records} - set(counts)):
-        n = sum(r.label == name for r in report.manifest.records)
-        issues.append(Issue("no-usable-image", "warning", name, f"none of its {n} image(s) can be used (see the "
-                                                                  "errors above): the class is left out"))
+    every = Counter(r.label for r in report.manifest.records)
+    for name in sorted(set(every) - set(counts)):
+        issues.append(Issue("no-usable-image", "warning", name, f"none of its {every[name]} image(s) can be used "
+                                                                  "(see the errors above): the class is left out"))
     if counts:
         most, least = max(counts.values()), min(counts.values())
         if most / least >= imbalance_warn:
@@ -247,19 +247,14 @@ def _class_findings(report: CheckReport, scan_result: ScanResult, imbalance_warn
 
 def _deeper_hint(manifest: Manifest, label: str) -> str:
     """For a data set of one class whose images sit in several sub-folders: those may be the classes."""
-    records = [r for r in manifest.records if r.label == label]
-    parts = [Path(r.path).parts for r in records]
-    at = next((i for i, p in enumerate(parts) if p and p[0] == label), None)
-    depth = 0 if at is None else 1
-    while True:  # walk down while every image shares the next folder
-        below = {p[depth] for p in parts if len(p) > depth + 1}
-        if len(below) != 1 or any(len(p) <= depth + 1 for p in parts):
-            break
-        depth += 1
-    below = sorted({p[depth] for p in parts if len(p) > depth + 1})
-    if len(below) < 2 or any(len(p) <= depth + 1 for p in parts):
+    folders = [Path(r.path).parts[:-1] for r in manifest.records if r.label == label]
+    common = os.path.commonprefix(folders)  # the folders every image of the class sits in
+    if any(len(f) == len(common) for f in folders):  # some images sit right there: no deeper class folders
         return ""
-    deeper = Path(manifest.root or ".", *parts[0][:depth])
+    below = sorted({f[len(common)] for f in folders})
+    if len(below) < 2:
+        return ""
+    deeper = Path(manifest.root or ".", *common)
     return (f". Its images sit in the sub-folders {', '.join(below[:5])}{' ...' if len(below) > 5 else ''}: if those "
             f"are the classes, pass {deeper}")
 

@@ -207,8 +207,9 @@ def fetch_dataset(source: DatasetSource, *, cache: Path | None = None, progress:
         _verify(archive, source.sha256, ours=False)
     else:
         archive = download(url, cache / f"{_cache_name(source)}.zip", sha256=source.sha256, progress=progress)
-    done = cache / _cache_name(source) / ".verified"
-    extracted = extract(archive, cache / _cache_name(source))
+    folder = cache / _cache_name(source)
+    done = folder / ".verified"
+    extracted = extract(archive, folder)
     root = find_data_root(extracted)
     if not done.exists():
         t0 = time.perf_counter()

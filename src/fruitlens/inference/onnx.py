@@ -92,7 +92,7 @@ def parity(model: nn.Module, path: Path, batch: np.ndarray) -> dict[str, float]:
 
     sess = session(path)
     name = sess.get_inputs()[0].name
-    serving = output_names(sess) == list(OUTPUTS) and not isinstance(model, ServingModel)
+    serving = output_names(sess) == list(OUTPUTS)
     ref_model = ServingModel(model).eval() if serving else model
     ood = OUTPUTS.index("ood_score")
 

@@ -120,7 +120,8 @@ def _export_checked(model: torch.nn.Module, dest: Path, image_size: int, opset: 
                               "try another --opset, and report the model and versions")
         if figures.get("max_abs_ood_diff", 0.0) > MAX_OOD_DIFF_FP32:  # serve decides "unfamiliar" on it
             raise ExportError(f"ONNX export's ood_score differs from PyTorch's by up to "
-                              f"{figures['max_abs_ood_diff']:.3g} (> {MAX_OOD_DIFF_FP32}) on {figures['images']} images; no model.onnx was written",
+                              f"{figures['max_abs_ood_diff']:.3g} (> {MAX_OOD_DIFF_FP32}) on {figures['images']} "
+                              "images; no model.onnx was written",
                               "try another --opset, and report the model and versions")
         tmp.replace(dest)
         return figures

@@ -67,11 +67,11 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     t0 = time.perf_counter()
     run = RunDir(Path(out))
     check_available(cfg)  # a missing tracker package fails now, not after training
-    check_options(cfg.model.name, cfg.model.weights)  # a typo in --model or --weights too, before the data is read
-    _check_out_beside_data(run, cfg)
     if is_ddp_child():  # a process that Lightning's DDP launcher started: rank zero prepared the run already
         return _fit_and_ship(run, TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest),
                              read_json(run.facts, DataFacts), [], t0)
+    check_options(cfg.model.name, cfg.model.weights)  # a typo in --model or --weights too, before the data is read
+    _check_out_beside_data(run, cfg)
     STAGES.reset()
     with _new_run(run):
         cfg = with_data_path(cfg)

@@ -313,7 +313,7 @@ def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str]
     trainer, ckpt = _trainer(cfg, run, phase, epochs, history, f.target_monitor == "train", progress=True)
     if train_blocks >= 0:
         trainer.callbacks.append(FreezeBackbone(train_blocks))
-    before = _val_loss([r for r in history if r.get("phase") != phase])  # a resumed run's history holds this phase
+    before = _val_loss(history)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     what = {0: "the head", -1: "all layers"}.get(train_blocks, f"the head and the top {train_blocks} blocks")
     log.info("[%s] training %s on %d images (%d px, augmentation %s)", phase, what, len(train_ds), pre.image_size,
