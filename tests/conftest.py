@@ -126,3 +126,29 @@ def train_small(tmp_path: Path, name: str, epochs: int = 3, **options):
         make_tree(data, per_class=12, size=48)
     return fruitlens.train(data, tmp_path / name, model="small_cnn", img_size=32, epochs=epochs, batch_size=16,
                            workers=0, target_acc=0, group="none", **options)
+
+
+def chromium(tmp_path: Path, downloads: Path | None = None, size: str = "900,800"):
+    """Headless Debian Chromium driven by Selenium (skips with a reason where it is not installed; under CI=true it
+    must be there). ``downloads``: where the browser saves the files a page hands it."""
+    import shutil
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    need(bool(binary and driver), "Debian chromium and chromium-driver are not installed (apt-get install chromium "
+                                  "chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={size}"):
+        opts.add_argument(arg)
+    if downloads is not None:
+        opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                               "download.prompt_for_download": False})
+    browser = webdriver.Chrome(service=Service(driver), options=opts)
+    if downloads is not None:
+        browser.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    return browser

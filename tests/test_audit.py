@@ -160,7 +160,7 @@ def test_train_audits_its_own_labels(tmp_path, capsys):
     assert all(r["split"] in ("train", "val") and r["new_label"] == "" for r in rows)
     note = json.loads((run / "report.json").read_text())["label_audit"]
     assert note["train"] + note["val"] == len(rows) and note["html"] == "label_issues.html"
-    assert "id='label-audit'" in (run / "report.html").read_text()
+    assert 'id="label-audit"' in (run / "report.html").read_text()
     assert len(rows) <= 8  # the planted three first, few clean images accused
     planted_in_test = [t for t in note["test"] if "planted" in t["path"]]
     assert all(t["suggested"] == "lemon" for t in planted_in_test)

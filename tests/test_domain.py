@@ -59,7 +59,7 @@ def test_eval_data_stands_next_to_the_test_split_and_studio_runs_say_so(tmp_path
     # synthetic fruit on white: studio shots only, and every place says so
     assert report["domain"]["white_background"] == 1.0
     page = (run / "report.html").read_text()
-    assert "id='studio-only'" in page and "id='other-data'" in page and "eval/shop/report.html" in page
+    assert 'id="studio-only"' in page and 'id="other-data"' in page and "eval/shop/report.html" in page
     card = (run / "MODEL_CARD.md").read_text()
     assert "Studio shots only" in card and "Also evaluated on shop (18 images" in card
     assert result.other and result.other_error is None
@@ -188,7 +188,7 @@ def test_a_head_on_studio_shots_at_photo_size_gets_the_loose_recipe_unless_told_
 
 
 def test_unlabeled_photos_are_found_at_any_depth_and_bad_ones_listed(tmp_path):
-    from fruitlens.training.adapt import readable, unlabeled_images
+    from fruitlens.data.photos import find_photos as unlabeled_images, readable
 
     root = tmp_path / "photos"
     (root / "shop" / "monday").mkdir(parents=True)
@@ -252,7 +252,7 @@ def test_adapt_to_unlabeled_photos_pseudo_labels_them_and_the_report_says_so(tmp
     assert (run / "cache" / "adapt_features.pt").exists()
     report = json.loads((run / "report.json").read_text())
     assert report["adaptation"] == a
-    assert "id='adaptation'" in (run / "report.html").read_text()
+    assert 'id="adaptation"' in (run / "report.html").read_text()
     assert "Adaptation: adapted to 24 unlabeled photos" in (run / "MODEL_CARD.md").read_text()
     assert "adaptation: adapted to 24 unlabeled photos" in capsys.readouterr().out
 

@@ -65,7 +65,6 @@ def test_interval_counts_near_duplicate_groups_as_one_try_each():
 
 
 def test_gallery_shows_one_image_per_near_duplicate_group(tmp_path):
-    from fruitlens.evaluation.html import _gallery as gallery_html
     from fruitlens.evaluation.report import gallery as _gallery
     from conftest import fruit_image
 
@@ -78,7 +77,8 @@ def test_gallery_shows_one_image_per_near_duplicate_group(tmp_path):
     got = _gallery(paths, y, probs, ["a", "b"], 3, ["g0", "g0", "g0", "", "g1", "g1"])
     assert [(g["path"][-5:], g["like_it"]) for g in got["worst_mistakes"]] == [("0.jpg", 2), ("3.jpg", 0)]
     assert [(g["path"][-5:], g["like_it"]) for g in got["least_confident_correct"]] == [("5.jpg", 0)]
-    assert "+2 near-duplicates like it" in gallery_html(got["worst_mistakes"])
+    page = render_html(Report(gallery=got), {})
+    assert "+2 near-duplicates like it" in page and page.count("<figure>") == 3
     # under a class map the answer is the top model class, mapped; image 4's summed probabilities favour "a", but
     # its answer was "b": it is a mistake, shown with the summed probability of its answer
     answers = np.array([1, 1, 1, 1, 1, 0])

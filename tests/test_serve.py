@@ -17,7 +17,7 @@ from fruitlens.inference.predictor import Predictor
 from fruitlens.serve.app import create_app
 from fruitlens.serve.deps import get_predictor
 from fruitlens.serve.settings import ServeSettings
-from conftest import HANG, ROOT, fruit_image, jpeg_bytes, need
+from conftest import HANG, ROOT, chromium, fruit_image, jpeg_bytes
 
 
 @pytest.fixture(scope="module")
@@ -285,22 +285,11 @@ def test_serve_with_a_missing_model_says_so(tmp_path):
 
 @pytest.mark.browser
 def test_upload_page_in_headless_chromium(live_server, tmp_path):
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    need(bool(chromium and driver), "Debian chromium and chromium-driver are not installed (apt-get install chromium "
-                                    "chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=900,800"):
-        opts.add_argument(arg)
-    browser = webdriver.Chrome(service=Service(driver), options=opts)
+    browser = chromium(tmp_path)
     try:
         browser.get(live_server + "/")
         WebDriverWait(browser, HANG).until(EC.text_to_be_present_in_element((By.ID, "model"), "4 classes"))

@@ -213,7 +213,7 @@ def test_a_run_that_is_never_sure_says_so_in_summary_report_and_card(trained_run
 
     from fruitlens.cli.train_cmds import print_summary
     from fruitlens.evaluation.card import model_card
-    from fruitlens.evaluation.html import _trust_html
+    from fruitlens.evaluation.html import render_html
     from fruitlens.evaluation.report import Report
 
     rep = Report.from_json(trained_run / "report.json")
@@ -221,5 +221,5 @@ def test_a_run_that_is_never_sure_says_so_in_summary_report_and_card(trained_run
     never = replace(rep, trust=replace(rep.trust, unknown_threshold=1.0))
     print_summary(trained_run / "report.html", never)
     assert "warning: held-out predictions" in capsys.readouterr().out
-    assert "so every answer is 'not sure'" in _trust_html(never, lambda key, alt: "").replace("&#x27;", "'")
+    assert "so every answer is &#39;not sure&#39;" in render_html(never, {})
     assert "**Warning:** held-out predictions" in model_card(never)

@@ -33,6 +33,7 @@ class DataConfig:
     eval_data: str = ""  # another labelled folder (or manifest) the run is also evaluated on: RUN/eval/<name>/
     eval_class_map: str = ""  # JSON mapping eval_data's class names onto the training classes
     adapt_to: str = ""  # a folder of unlabeled photos of where the model will be used (training/adapt.py)
+    add: tuple[str, ...] = ()  # labels CSVs (path,label) of photos of the user's setting: train --add
 
 
 RRC_MIN_AREA = 0.08  # torchvision's RandomResizedCrop default: the smallest crop, as a share of the image area
@@ -101,6 +102,8 @@ class FitConfig:
     limit_batches: float = 1.0  # for smoke tests: a fraction or a count of batches per epoch
     adapt_share: float = 0.4  # --adapt-to: share of each class's photos (surest first) pseudo-labelled in the last round
     adapt_rounds: int = 2  # --adapt-to: score the photos, retrain the head; this many times (shares rise to adapt_share)
+    photo_share: float = 0.3  # --add: the share of the head's training weight that the labelled photos carry
+    photo_views: int = 8  # --add: augmented views of each labelled photo in the feature cache
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ OPTIONS = {
     "num_nodes": "fit.num_nodes", "strategy": "fit.strategy", "accelerator": "fit.accelerator",
     "precision": "fit.precision", "val": "data.val", "test": "data.test", "seed": "data.seed",
     "workers": "data.num_workers", "cache_images": "data.cache_images", "group": "data.group",
-    "eval_data": "data.eval_data", "class_map": "data.eval_class_map", "adapt_to": "data.adapt_to",
+    "eval_data": "data.eval_data", "class_map": "data.eval_class_map", "adapt_to": "data.adapt_to", "add": "data.add",
     "feature_cache": "fit.feature_cache", "augment": "augment.enabled", "logger": "track.loggers",
     "mlflow_uri": "track.mlflow_uri", "experiment": "track.experiment",
 }
@@ -201,6 +204,8 @@ class TrainConfig:
             (f.fine_tune_blocks >= 0, "fit.fine_tune_blocks", ">= 0"),
             (0 < f.adapt_share <= 1, "fit.adapt_share", "a fraction in (0, 1]"),
             (f.adapt_rounds >= 1, "fit.adapt_rounds", ">= 1"),
+            (0 < f.photo_share < 1, "fit.photo_share", "a fraction in (0, 1)"),
+            (f.photo_views >= 0, "fit.photo_views", ">= 0"),
             (0 <= f.label_smoothing < 1, "fit.label_smoothing", "in [0, 1)"),
             (m.img_size == 0 or m.img_size >= 16, "model.img_size", "0 (auto) or >= 16"),
             (0 <= m.dropout < 1, "model.dropout", "in [0, 1)"),
@@ -229,6 +234,9 @@ def _section_items(section: str, values: Any, source: str):
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if typing.get_origin(typ) is tuple:  # a list of paths: from YAML a list, from an option or override one or more
+        items = value if isinstance(value, (list, tuple)) else [] if value in (None, "") else [value]
+        return tuple(str(v) for v in items)
     if typ is bool or typ == "bool":
         if isinstance(value, bool):
             return value

@@ -1,7 +1,8 @@
 """``RunDir``: one folder with fixed names that every command after ``train`` reads. Paths, checks and the lock only.
 
 config.yaml, manifest.csv, labels.json, facts.json, checkpoints/best.ckpt, history.csv, train_info.json, report.json,
-report.html, plots/, export/model.onnx, eval/<data>/ (reports on other data), cache/ (the feature cache).
+report.html, plots/, export/model.onnx, eval/<data>/ (reports on other data), cache/ (the feature cache), photos.csv
+(the labelled photos of the user's setting, ``train --add``).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ class RunDir:
     export = property(lambda self: self.path / "export")
     onnx = property(lambda self: self.path / "export" / "model.onnx")
     cache = property(lambda self: self.path / "cache")
+    photos = property(lambda self: self.path / "photos.csv")  # the labelled photos of the setting (train --add)
+    photos_json = property(lambda self: self.path / "photos.json")  # the figures on them (PhotoNote)
 
     def eval_dir(self, name: str) -> Path:
         """``eval/<name>/``: where a report on other data goes, so that the run's own report stays as it is."""

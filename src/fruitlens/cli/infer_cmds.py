@@ -26,6 +26,10 @@ SERVE_EXAMPLES = """examples:
   fruitlens serve runs/mnv2                        # http://127.0.0.1:8000 (upload page), /docs (API)
   fruitlens serve runs/mnv2/export/model.onnx --port 9000
   curl -F file=@apple.jpg http://127.0.0.1:8000/predict
+  fruitlens serve runs/mine --feedback feedback/   # + "wrong? pick the right fruit" -> feedback/labels.csv
+  fruitlens serve runs/mine --label my-photos/     # label a folder on /label -> labels/to-label.csv
+  fruitlens serve runs/mine --label to-label/to-label.csv --feedback feedback/   # suggest's picks, answers in feedback/
+then: fruitlens train DATA --add feedback/labels.csv --out runs/mine2
 """
 
 
@@ -68,6 +72,15 @@ def register(sub) -> None:
     p.add_argument("--max-images", type=int, default=64, help="most images in one request (default 64)")
     p.add_argument("--unknown-threshold", type=threshold, default="auto",
                    help="'not sure' below this calibrated top-1 probability: auto (the run's), 0 (off) or a number")
+    g = p.add_argument_group("collecting labels (for 'fruitlens train --add')")
+    g.add_argument("--feedback", metavar="DIR", help="add a 'wrong? pick the right fruit' control to the upload page: "
+                   "the photo (named by its content hash) and its label go to DIR (DIR/labels.csv); off by default")
+    g.add_argument("--feedback-max-photos", type=int_in(1), default=10_000, help="most photos DIR keeps (10,000)")
+    g.add_argument("--feedback-max-mb", type=float, default=2048.0, help="most megabytes DIR keeps (2048)")
+    g.add_argument("--label", metavar="PHOTOS", help="serve the labelling page for a folder of photos (or a "
+                   "to-label.csv of 'fruitlens suggest') on /label; the answers are saved as you give them")
+    g.add_argument("--label-out", metavar="CSV", help="where /label's answers go (default: DIR/to-label.csv with "
+                   "--feedback DIR, else labels/to-label.csv)")
     p.set_defaults(func=run_serve)
 
 
@@ -188,15 +201,30 @@ def run_serve(args) -> int:
     from fruitlens.serve.app import create_app
     from fruitlens.serve.settings import ServeSettings
 
+    label_out = args.label_out or str(Path(args.feedback or "labels") / "to-label.csv") if args.label else ""
+    if args.label and args.workers > 1:
+        raise ConfigError("--label keeps the answers in one process: it runs with --workers 1",
+                          "drop --workers, or serve the labelling page apart from the busy service")
+    if args.label and not Path(args.label).exists():
+        raise DataError(f"--label {args.label}: no such file or folder", "pass a folder of photos or a to-label.csv")
     settings = ServeSettings(str(Path(args.model).resolve()), top_k=args.top_k, threads=args.threads,
                              max_upload_mb=args.max_upload_mb, max_images=args.max_images,
-                             unknown_threshold=args.unknown_threshold).validated()
+                             unknown_threshold=args.unknown_threshold,
+                             feedback=str(Path(args.feedback).resolve()) if args.feedback else "",
+                             feedback_max_photos=args.feedback_max_photos, feedback_max_mb=args.feedback_max_mb,
+                             label=str(Path(args.label).resolve()) if args.label else "",
+                             label_out=str(Path(label_out).resolve()) if label_out else "").validated()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the service is reachable from other machines", file=sys.stderr)
     _check_port_free(args.host, args.port)
     predictor = Predictor.load(settings.model, threads=settings.threads)  # a bad model path fails here, clearly
     print(f"serving {args.model} ({predictor.engine}, {len(predictor.classes)} classes) on "
           f"http://{args.host}:{args.port} with {args.workers} worker(s)  (upload page /, API docs /docs)")
+    if settings.feedback:
+        print(f"feedback on: corrected answers go to {settings.feedback}/labels.csv "
+              f"(then: fruitlens train DATA --add {settings.feedback}/labels.csv)")
+    if settings.label:
+        print(f"labelling page: http://{args.host}:{args.port}/label; answers go to {settings.label_out}")
     if args.workers > 1:
         del predictor  # each worker process loads its own copy
         os.environ.update(settings.to_env())

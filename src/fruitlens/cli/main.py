@@ -22,6 +22,8 @@ EXAMPLES = """examples:
   fruitlens predict runs/mnv2 apple.jpg --top-k 3
   fruitlens export runs/mnv2 --format onnx --int8
   fruitlens serve runs/mnv2 --port 8000
+  fruitlens suggest runs/mnv2 my-photos/ --budget 90   # which of your photos to label, and a page to label them
+  fruitlens train photos/ --add to-label/to-label.csv --out runs/mine   # + the photos of your setting you labelled
   fruitlens demo                                       # the whole job on Fruits-360
 
 'fruitlens COMMAND --help' shows each command's options and examples.
@@ -29,7 +31,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fruitlens.cli import data_cmds, demo_cmds, eval_cmds, infer_cmds, model_cmds, train_cmds
+    from fruitlens.cli import data_cmds, demo_cmds, eval_cmds, infer_cmds, label_cmds, model_cmds, train_cmds
 
     parser = argparse.ArgumentParser(prog="fruitlens", description="Train, evaluate, export and serve fruit image "
                                      "classifiers by transfer learning.", epilog=EXAMPLES,
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmds.add_check(sub)
     data_cmds.add_split(sub)
     data_cmds.add_relabel(sub)
-    for mod in (train_cmds, eval_cmds, infer_cmds, demo_cmds):
+    for mod in (train_cmds, eval_cmds, infer_cmds, label_cmds, demo_cmds):
         mod.register(sub)
     model_cmds.add_models(sub)
     model_cmds.add_weights(sub)

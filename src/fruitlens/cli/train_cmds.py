@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   fruitlens train ../shared/data/fruits360 --target-acc 0.98 --out runs/f360  # keeps the data's own Test split
   fruitlens train ../shared/data/fruits360 --eval-data photos/ --class-map map.json --out runs/f360  # and on photos
   fruitlens train ../shared/data/fruits360 --adapt-to my_photos/ --out runs/f360a   # adapt to unlabeled photos
+  fruitlens train ../shared/data/fruits360 --add to-label/to-label.csv --out runs/mine   # + your labelled photos
   fruitlens train photos/ --out runs/x fit.label_smoothing=0.1 augment.rotation=0
   fruitlens train --resume runs/mnv2                            # continue an interrupted run
   fruitlens train photos/ --out runs/x --logger csv,tensorboard,mlflow --mlflow-uri sqlite:///runs/mlflow.db
@@ -69,6 +70,10 @@ def register(sub) -> None:
     g.add_argument("--eval-data", metavar="OTHER", help="also evaluate on this labelled folder (e.g. photos like the "
                    "ones the model will see): its figures go next to the test split's, its report to RUN/eval/")
     g.add_argument("--class-map", help="JSON mapping OTHER's class names onto the training classes")
+    g.add_argument("--add", action="append", metavar="LABELS.csv",
+                   help="labelled photos of your setting (path,label CSV, e.g. the to-label.csv of 'fruitlens "
+                        "suggest'; repeatable): new labels become classes, the photos carry fit.photo_share (30%%) of "
+                        "the head's training weight and set the 'not sure' and 'unfamiliar' thresholds")
     g.add_argument("--adapt-to", metavar="PHOTOS", help="unlabeled photos of where the model will be used (any folder "
                    "of images): the head adapts to them by class-balanced pseudo-labels (fit.adapt_share, fit.adapt_rounds)")
     g = p.add_argument_group("hardware (Lightning)")
@@ -135,7 +140,12 @@ def print_summary(page, report, export_error: str | None = None) -> None:
               f"  ({f.images} images; report {Path(run) / f.folder / 'report.html'})")
     if report.adaptation:
         print(f"adaptation: {Adaptation(**report.adaptation).text()}")
-    if report.domain.studio_only:
+    if report.photos is not None:
+        print(report.photos.text())
+        if report.photos.skipped:
+            print(f"warning: {report.photos.skipped} row(s) of the labels CSV were left out, e.g. "
+                  f"{': '.join(report.photos.skipped_examples[0])} (all in {Path(run) / 'report.html'})")
+    if report.domain.studio_only and report.photos is None:
         print(f"warning: {studio_text(report.domain)}")
     if never := never_sure_text(report.trust):
         print(f"warning: {never}")

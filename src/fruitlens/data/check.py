@@ -261,16 +261,26 @@ def _deeper_hint(manifest: Manifest, label: str) -> str:
 
 def _duplicate_pairs(report: CheckReport, near_dup_distance: int) -> tuple[np.ndarray, set[tuple[int, int]]]:
     """Index pairs of exact (content hash) and near (perceptual hash + colour) duplicates, and the exact ones."""
-    files, records = report.files, report.manifest.records
-    usable = report.usable
+    records = report.manifest.records
+    label_ids = {c: i for i, c in enumerate(sorted({r.label for r in records}))}
+    return duplicate_pairs(report.files, near_dup_distance, np.array([label_ids[r.label] for r in records],
+                                                                      dtype=np.int64))
+
+
+def duplicate_pairs(files: list[FileInfo], near_dup_distance: int = 4,
+                    labels: np.ndarray | None = None) -> tuple[np.ndarray, set[tuple[int, int]]]:
+    """(index pairs of exact and near duplicates among ``files``, the exact ones): the same content hash, or
+    perceptual hashes within ``near_dup_distance`` bits whose colour thumbnails agree too (within the coarser
+    tolerance where ``labels`` are the same, the finer one where they differ or are not given)."""
+    usable = np.array([f.ok for f in files], dtype=bool)
     by_sha: dict[str, list[int]] = {}
     for i, f in enumerate(files):
         if f.ok:
             by_sha.setdefault(f.sha1, []).append(i)
     exact = {(g[0], j) for g in by_sha.values() if len(g) > 1 for j in g[1:]}
     near = near_duplicate_pairs(np.array([f.phash for f in files], dtype=np.uint64), near_dup_distance, usable)
-    label_ids = {c: i for i, c in enumerate(sorted({r.label for r in records}))}
-    near = near[_colour_close(files, near, np.array([label_ids[r.label] for r in records], dtype=np.int64))]
+    labels = np.arange(len(files), dtype=np.int64) if labels is None else labels
+    near = near[_colour_close(files, near, labels)]
     if exact:
         near = np.unique(np.concatenate([near, np.array(sorted(exact), dtype=np.int64).reshape(-1, 2)]), axis=0)
     return near, exact

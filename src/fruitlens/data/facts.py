@@ -9,6 +9,18 @@ from fruitlens.data.split import SplitFacts
 
 
 @dataclass
+class AddedFacts:
+    """The labelled photos of the user's setting that ``train --add`` read: where from, how many, which rows were left
+    out and why, and the classes they brought that the data did not have."""
+
+    sources: list[str] = field(default_factory=list)
+    photos: int = 0
+    per_class: dict[str, int] = field(default_factory=dict)
+    new_classes: list[str] = field(default_factory=list)
+    skipped: list[list[str]] = field(default_factory=list)  # [CSV:line path, why]
+
+
+@dataclass
 class DataFacts:
     """The check and split of the data a run was trained on."""
 
@@ -18,3 +30,4 @@ class DataFacts:
     split: SplitFacts = field(default_factory=SplitFacts)
     leak_free: bool | None = None
     median_side: int = 0  # the median shorter side of the usable images: the input size and crop range follow it
+    added: AddedFacts | None = None  # train --add

@@ -61,6 +61,11 @@ def model_card(report: Report, licence: str | None = None) -> str:
     lines += [f"- {n}" for n in d.split_notes]
     if report.adaptation:
         lines.append(f"- Adaptation: {Adaptation(**report.adaptation).text()}.")
+    p = report.photos
+    if p is not None:
+        new = f"; new classes from them: {', '.join(p.new_classes)}" if p.new_classes else ""
+        lines.append(f"- Labelled photos of the user's setting (`--add`): {p.photos:,} ({', '.join(p.sources)}), "
+                     f"{_pct(p.share)} of the head's training weight{new}.")
     if d.counts:
         splits = list(next(iter(d.counts.values())).keys())
         lines += ["", "<details><summary>images per class and split</summary>", ""]
@@ -79,6 +84,10 @@ def model_card(report: Report, licence: str | None = None) -> str:
         lines.append(f"- Also evaluated on {f.name} ({f.images:,} images{', class map ' + f.class_map if f.class_map else ''}): "
                      f"accuracy {f.accuracy:.4f}{ci}, balanced accuracy {f.balanced_accuracy:.4f}, macro F1 "
                      f"{f.macro_f1:.4f} (its report: {f.folder}/report.html).")
+    if p is not None and p.accuracy is not None:
+        lines.append(f"- On the labelled photos of the user's setting, by cross-validation ({p.folds} folds of "
+                     f"{p.grouping}): accuracy {p.accuracy:.4f} (95% CI {ci_range(p.accuracy_ci95)}), balanced "
+                     f"accuracy {(p.balanced_accuracy or 0):.4f}, over {p.held_out:,} photos. {p.verdict}")
     lines += ["", "## Metrics",
               "Accuracy with its 95% interval (near-duplicate groups count as one try each), balanced accuracy, "
               "macro F1, expected calibration error (ECE) and log loss.", ""]
@@ -102,7 +111,7 @@ def model_card(report: Report, licence: str | None = None) -> str:
                     [[c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", int(v["support"])]
                      for c, v in m.per_class.items()])
     lines += ["", "## Caveats and recommendations"]
-    if report.domain.studio_only:
+    if report.domain.studio_only and p is None:
         lines.append(f"- Studio shots only: {studio_text(report.domain)}")
     if gap := gap_text(report.validation_gap, report.evaluated_on):
         lines.append(f"- {gap}")

@@ -54,9 +54,11 @@ def studio_text(note: DomainNote) -> str:
                                 "time, or 'fruitlens evaluate RUN PHOTOS --class-map map.json'.")
     return (f"trained on studio shots only ({100 * note.white_background:.0f}% of the images are on a white "
             f"background): accuracy on real photos (shelves, hands, other fruit around) will be much lower than "
-            f"this test split's{measured}.{advice} Training on labelled photos like the ones it will see is what "
-            "helps most; unlabeled ones can adapt it (--adapt-to PHOTOS), and --fast's small input makes it much "
-            "worse on photos (benchmarks/RESULTS.md, \"Studio shots and photos\").")
+            f"this test split's{measured}.{advice} A few labelled photos like the ones it will see help most: "
+            "'fruitlens suggest RUN PHOTOS/ --budget 90' picks the photos worth labelling and writes a page to label "
+            "them on, then 'fruitlens train DATA --add to-label.csv' (benchmarks/RESULTS.md, \"A few labelled photos "
+            "of your setting\"); unlabeled photos can adapt it a little (--adapt-to PHOTOS), and --fast's small "
+            "input makes it much worse on photos.")
 
 
 def features_text(model_cfg: dict) -> str:

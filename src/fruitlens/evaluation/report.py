@@ -16,6 +16,7 @@ from fruitlens.evaluation import plots
 from fruitlens.evaluation.html import render_html
 from fruitlens.evaluation.domain import DomainNote
 from fruitlens.evaluation.metrics import Metrics, ValidationGap, group_keys
+from fruitlens.evaluation.photos import PhotoNote
 from fruitlens.evaluation.selective import RiskCoverage
 from fruitlens.jsonio import from_dict, json_safe, write_json
 from fruitlens.models.preprocessing import Preprocessing, decode
@@ -132,6 +133,7 @@ class Report:
     label_audit: AuditNote | None = None
     domain: DomainNote = field(default_factory=DomainNote)
     adaptation: dict[str, Any] | None = None  # what --adapt-to did (training/adapt.py: Adaptation)
+    photos: PhotoNote | None = None  # train --add: the figures on the labelled photos of the user's setting
     gallery: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # worst_mistakes, least_confident_correct
     plots: dict[str, str] = field(default_factory=dict)  # name -> path relative to the report's folder
 

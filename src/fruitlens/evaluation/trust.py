@@ -141,9 +141,37 @@ def fit_on_validation(val_logits: np.ndarray, val_y: np.ndarray, train_x: torch.
     return trust, scorer, HeldOut(logits, np.r_[train_y, val_y], fold == 1)
 
 
+MIN_PHOTOS = 20  # labelled photos of the setting from which the trust layer is fitted on them alone
+
+
+def fit_on_photos(logits: np.ndarray, y: np.ndarray, x: torch.Tensor, fold: np.ndarray, studio_x: torch.Tensor,
+                  studio_y: np.ndarray, target_precision: float, seed: int = 0,
+                  grouping: str = "similar photos") -> tuple[Trust, OODScorer]:
+    """Trust from the out-of-fold predictions of the user's labelled photos (``logits``, ``y``, features ``x``,
+    ``fold``): they look like what the model will meet, and the studio shots do not. The nearest-neighbour bank
+    holds a sample of the training images and every photo; a held-out photo's distance leaves out the photos of its
+    own fold."""
+    t0 = time.perf_counter()
+    bank_rows = bank_indices(studio_y, seed=seed)
+    all_x = torch.cat([studio_x[torch.from_numpy(bank_rows)].float(), x.float()])
+    all_fold = np.r_[np.full(len(bank_rows), -1), fold]
+    n_bank = len(bank_rows)
+    source = (f"out-of-fold predictions of {len(y)} labelled photos of your setting "
+              f"({len(np.unique(fold))} folds of {grouping})")
+    logits_all = np.concatenate([np.zeros((n_bank, logits.shape[1]), np.float32), logits])
+    held = np.r_[np.zeros(n_bank, bool), np.ones(len(y), bool)]
+    trust, scorer = _fit(logits_all, np.r_[np.asarray(studio_y)[bank_rows], y], all_x, all_fold, held,
+                         np.arange(len(all_x)), source, target_precision, seed, bank_all=True)
+    trust.heldout_groups = int(len(np.unique(fold)))
+    trust.seconds = round(time.perf_counter() - t0, 2)
+    return trust, scorer
+
+
 def _fit(logits: np.ndarray, y: np.ndarray, x: torch.Tensor, fold: np.ndarray, held: np.ndarray,
-         bank_rows: np.ndarray, source: str, target_precision: float, seed: int) -> tuple[Trust, OODScorer]:
-    """Temperature, "not sure" threshold, OOD scorer and its threshold from the held-out rows of ``logits``."""
+         bank_rows: np.ndarray, source: str, target_precision: float, seed: int,
+         bank_all: bool = False) -> tuple[Trust, OODScorer]:
+    """Temperature, "not sure" threshold, OOD scorer and its threshold from the held-out rows of ``logits``;
+    ``bank_all``: every one of ``bank_rows`` goes into the nearest-neighbour bank (else a sample per class)."""
     z, yy = logits[held], y[held]
     temperature = fit_temperature(z, yy)
     probs = _softmax(z / temperature)
@@ -154,7 +182,7 @@ def _fit(logits: np.ndarray, y: np.ndarray, x: torch.Tensor, fold: np.ndarray, h
                   heldout_ece_after=_ece(z / temperature, yy), heldout_nll_before=nll(z, yy),
                   heldout_nll_after=nll(z / temperature, yy), target_precision=target_precision,
                   unknown_threshold=threshold, heldout_coverage=float((conf >= threshold).mean()))
-    bank = bank_rows[bank_indices(y[bank_rows], seed=seed)]
+    bank = bank_rows if bank_all else bank_rows[bank_indices(y[bank_rows], seed=seed)]
     doubt = 1 - conf
     distance = _heldout_distances(x, fold, bank, np.flatnonzero(held))
     scorer = OODScorer.fit(x[torch.from_numpy(bank)], doubt, distance)

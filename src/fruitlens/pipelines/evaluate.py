@@ -23,6 +23,7 @@ from fruitlens.evaluation.metrics import calibration, compute_metrics, validatio
 from fruitlens.evaluation.audit import flag_with_thresholds
 from fruitlens.evaluation.card import write_model_card
 from fruitlens.evaluation.domain import DomainFigure, DomainNote
+from fruitlens.evaluation.photos import PhotoNote
 from fruitlens.evaluation.report import (AuditNote, DatasetNote, Environment, LeakNote, ModelNote, Report, Timing,
                                          TrustNote, gallery, write_report)
 from fruitlens.evaluation.selective import nll, risk_coverage
@@ -281,6 +282,7 @@ def _assemble(run: RunDir, target: EvalTarget, mapping: ClassMapping, scored: Sc
         report.validation_gap = validation_gap(history, metrics, split_facts.totals.get("val", 0))
     report.domain = DomainNote(facts.check.white_background, [DomainFigure.of(report)])
     report.adaptation = info.adaptation
+    report.photos = read_json(run.photos_json, PhotoNote) if run.photos_json.is_file() and target.data is None else None
     return report
 
 

@@ -83,7 +83,8 @@ def with_data_path(cfg: TrainConfig) -> TrainConfig:
     absolute = lambda p: str(Path(p).resolve()) if p else p
     return replace(cfg, data=replace(d, path=resolve_data_path(d.path), eval_data=absolute(d.eval_data),
                                      eval_class_map=absolute(d.eval_class_map),
-                                     adapt_to=absolute(d.adapt_to))).validated()
+                                     adapt_to=absolute(d.adapt_to),
+                                     add=tuple(absolute(p) for p in d.add))).validated()
 
 
 def split_data(data: str | Path, out: str | Path, *, val: float = 0.15, test: float = 0.15, seed: int = 0,

@@ -9,22 +9,25 @@ import json
 import logging
 import time
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import lightning as L
 
 from fruitlens.config import TrainConfig
-from fruitlens.data.facts import DataFacts
+from fruitlens.data.facts import AddedFacts, DataFacts
 from fruitlens.data.manifest import Manifest
+from fruitlens.data.photos import find_photos, near_copy_groups
 from fruitlens.errors import ConfigError, DataError, ExportError, FruitlensError, Interrupted, RunDirError
 from fruitlens.evaluation.classmap import ClassMapping
 from fruitlens.evaluation.domain import STUDIO_SHARE, DomainFigure
+from fruitlens.evaluation.photos import PhotoNote
 from fruitlens.evaluation.report import Report
 from fruitlens.evaluation.trust import HeldOut, Trust
 from fruitlens.inference.predictor import softmax
 from fruitlens.jsonio import json_safe, read_json, write_json
+from fruitlens.labelling.labels import read_labels, refuse_copies
 from fruitlens.models.checkpoint import save_model
 from fruitlens.models.registry import FruitNet, build_model, check_options, has_pretrained_weights
 from fruitlens.pipelines.audit import LabelAudit, audit_heldout, write_audit
@@ -38,7 +41,6 @@ from fruitlens.pipelines.calibrate import calibrate
 from fruitlens.pipelines.track import log_results
 from fruitlens.training.fit import FitResult, fit
 from fruitlens.training.history import read_history, write_history
-from fruitlens.training.adapt import unlabeled_images
 from fruitlens.training.info import TrainInfo
 from fruitlens.training.loggers import check_available
 
@@ -60,6 +62,7 @@ class TrainResult:
     export_error: str | None = None  # why there is no ONNX model, where export failed
     other: list[Report] = field(default_factory=list)  # the evaluations on --eval-data (RUN/eval/<name>/)
     other_error: str | None = None  # why --eval-data could not be evaluated
+    photos: PhotoNote | None = None  # --add: the figures on the labelled photos of the user's setting
 
 
 def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
@@ -69,7 +72,7 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     check_available(cfg)  # a missing tracker package fails now, not after training
     if is_ddp_child():  # a process that Lightning's DDP launcher started: rank zero prepared the run already
         return _fit_and_ship(run, TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest),
-                             read_json(run.facts, DataFacts), [], t0)
+                             read_json(run.facts, DataFacts), [], t0, photos=_saved_photos(run))
     check_options(cfg.model.name, cfg.model.weights)  # a typo in --model or --weights too, before the data is read
     _check_out_beside_data(run, cfg)
     STAGES.reset()
@@ -78,10 +81,11 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
         with STAGES("check and split"):
             prepared = prepare(cfg)
         _check_other_data(cfg, prepared.manifest.classes)
+        photos = _added_photos(cfg, prepared)
         cfg = _resolve_auto(cfg, prepared.facts)
-        model = _build(cfg, prepared.manifest.classes)  # missing weights, a bad --weights file: before any file
-        _write_inputs(run, cfg, prepared)
-        return _fit_and_ship(run, cfg, prepared.manifest, prepared.facts, [], t0, model)
+        model = _build(cfg, all_classes(prepared.manifest, photos))  # missing weights, a bad --weights file: first
+        _write_inputs(run, cfg, prepared, photos)
+        return _fit_and_ship(run, cfg, prepared.manifest, prepared.facts, [], t0, model, photos)
 
 
 def resume(path: str | Path) -> TrainResult:
@@ -90,12 +94,13 @@ def resume(path: str | Path) -> TrainResult:
     run = RunDir(Path(path)).require("config.yaml", "manifest.csv", "facts.json")
     cfg, manifest, facts = TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest), read_json(run.facts,
                                                                                                         DataFacts)
+    photos = _saved_photos(run)
     if is_ddp_child():
-        return _fit_and_ship(run, cfg, manifest, facts, [], t0)
+        return _fit_and_ship(run, cfg, manifest, facts, [], t0, photos=photos)
     STAGES.reset()
     with run.lock():
         log.info("resuming %s", run.path)
-        return _fit_and_ship(run, cfg, manifest, facts, read_history(run.history), t0)
+        return _fit_and_ship(run, cfg, manifest, facts, read_history(run.history), t0, photos=photos)
 
 
 def _check_out_beside_data(run: RunDir, cfg: TrainConfig) -> None:
@@ -141,7 +146,10 @@ def _check_other_data(cfg: TrainConfig, classes: list[str]) -> None:
         if not (auto.pretrained(cfg) and cfg.fit.feature_cache):
             raise ConfigError("--adapt-to adapts the head trained on cached features of a pretrained backbone",
                               "drop --no-feature-cache / --weights none, or drop --adapt-to")
-        unlabeled_images(d.adapt_to)  # raises DataError when there is no such folder or no image in it
+        find_photos(d.adapt_to)  # raises DataError when there is no such folder or no image in it
+    if d.add and not (auto.pretrained(cfg) and cfg.fit.feature_cache and not cfg.fit.fine_tune_blocks):
+        raise ConfigError("--add trains the head on cached features of a pretrained backbone with the photos beside "
+                          "the data", "drop --no-feature-cache / --weights none / --fine-tune-blocks, or drop --add")
     if d.eval_data and not Path(d.eval_data).exists():
         raise DataError(f"--eval-data {d.eval_data}: no such file or folder",
                         "pass a folder of class folders (or a manifest CSV) of the photos to measure on")
@@ -151,6 +159,39 @@ def _check_other_data(cfg: TrainConfig, classes: list[str]) -> None:
         ClassMapping.load(d.eval_class_map, classes)  # raises ConfigError naming what does not fit
 
 
+def _added_photos(cfg: TrainConfig, prepared: PreparedData) -> Manifest | None:
+    """The labelled photos of ``--add``: rows that cannot be used are listed (``facts.added``), a photo that copies an
+    image of the data is refused (it would leak into the test figure, or count twice); near copies share a group."""
+    if not cfg.data.add:
+        return None
+    with STAGES("labelled photos"):
+        labelled = read_labels(list(cfg.data.add), workers=cfg.data.num_workers if cfg.data.num_workers > 0 else 0)
+        check = prepared.check
+        by_path = {str(check.manifest.resolve(r)): f for r, f in zip(check.manifest.records, check.files)}
+        data = prepared.manifest
+        files = [by_path.get(str(data.resolve(r))) for r in data.records]
+        keep = [i for i, f in enumerate(files) if f is not None]
+        labelled = refuse_copies(labelled, data.with_records(data.records[i] for i in keep), [files[i] for i in keep])
+    groups = near_copy_groups(labelled.files)
+    photos = Manifest(tuple(replace(r, group=f"p{g}") for r, g in zip(labelled.manifest().records, groups)))
+    known = set(prepared.manifest.classes)
+    prepared.facts.added = AddedFacts([str(s) for s in labelled.sources], len(photos), dict(sorted(labelled.counts().items())),
+                                      sorted(set(photos.classes) - known), [list(s) for s in labelled.skipped])
+    log.info("--add: %d labelled photos of your setting (%d classes%s)%s", len(photos), len(photos.classes),
+             f", new: {', '.join(prepared.facts.added.new_classes)}" if prepared.facts.added.new_classes else "",
+             f"; {len(labelled.skipped)} row(s) left out: {labelled.skipped_text()}" if labelled.skipped else "")
+    return photos
+
+
+def all_classes(manifest: Manifest, photos: Manifest | None) -> list[str]:
+    """The data's classes and the new ones the labelled photos bring."""
+    return sorted(set(manifest.classes) | set(photos.classes if photos is not None else []))
+
+
+def _saved_photos(run: RunDir) -> Manifest | None:
+    return Manifest.from_csv(run.photos) if run.photos.is_file() else None
+
+
 def _resolve_auto(cfg: TrainConfig, facts: DataFacts) -> TrainConfig:
     cfg, notes = auto.resolve(cfg, facts.median_side, facts.check.white_background >= STUDIO_SHARE)
     for note in notes:
@@ -158,27 +199,33 @@ def _resolve_auto(cfg: TrainConfig, facts: DataFacts) -> TrainConfig:
     return cfg
 
 
-def _write_inputs(run: RunDir, cfg: TrainConfig, prepared: PreparedData) -> None:
-    """What a resumed run (and every DDP process) reads back: config, split manifest, data facts."""
+def _write_inputs(run: RunDir, cfg: TrainConfig, prepared: PreparedData, photos: Manifest | None) -> None:
+    """What a resumed run (and every DDP process) reads back: config, split manifest, data facts, the photos."""
     run.path.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(run.config)
     prepared.manifest.to_csv(run.manifest)
     write_json(run.facts, prepared.facts)
+    if photos is not None:
+        photos.to_csv(run.photos)
 
 
 def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: DataFacts, history: list[dict],
-                  t0: float, model: FruitNet | None = None) -> TrainResult:
-    """Fits, calibrates, audits, exports and evaluates; ``model``: built by a new run's checks."""
+                  t0: float, model: FruitNet | None = None, photos: Manifest | None = None) -> TrainResult:
+    """Fits, calibrates, audits, exports and evaluates; ``model``: built by a new run's checks; ``photos``: the
+    labelled photos of ``--add``."""
     limit_heap_growth()  # else large image batches fragment glibc's heaps (GiBs at 448 px)
-    classes = manifest.classes
+    classes = all_classes(manifest, photos)
     model = _build(cfg, classes) if model is None else model
     run.labels.write_text(json.dumps(classes, indent=2))
-    fitted = _fit(model, manifest, classes, cfg, run, history)
+    fitted = _fit(model, manifest, classes, cfg, run, history, photos)
     result = TrainResult(run, cfg, facts)
     if not fitted.is_global_zero:
         return result
     with STAGES("calibration"):
-        result.trust, heldout = calibrate(model, manifest.by_split(), classes, cfg, run, fitted)
+        result.trust, heldout, result.photos = calibrate(model, manifest.by_split(), classes, cfg, run, fitted, photos)
+    if result.photos is not None:
+        result.photos = _with_facts(result.photos, facts.added)
+        write_json(run.photos_json, result.photos)
     result.info = _save(run, model, classes, cfg, fitted, time.perf_counter() - t0, result.trust)
     with STAGES("label audit"):
         result.audit = _audit_labels(run, manifest, classes, heldout, result.trust.temperature)
@@ -217,12 +264,20 @@ def _build(cfg: TrainConfig, classes: list[str]) -> FruitNet:
     return model
 
 
+def _with_facts(note: PhotoNote, added: AddedFacts | None) -> PhotoNote:
+    """The photos' figures with what reading their CSVs found (sources, rows left out, new classes)."""
+    if added is not None:
+        note.sources, note.new_classes = added.sources, added.new_classes
+        note.skipped, note.skipped_examples = len(added.skipped), added.skipped[:20]
+    return note
+
+
 def _fit(model: FruitNet, manifest: Manifest, classes: list[str], cfg: TrainConfig, run: RunDir,
-         history: list[dict]) -> FitResult:
+         history: list[dict], photos: Manifest | None = None) -> FitResult:
     """``training.fit``; on Ctrl-C the best model so far is saved and the run can be resumed."""
     t0 = time.perf_counter()
     try:
-        return fit(model, manifest.by_split(), classes, cfg, run, history)
+        return fit(model, manifest.by_split(), classes, cfg, run, history, photos)
     except KeyboardInterrupt:
         _save(run, model, classes, cfg, FitResult(history, time.perf_counter() - t0), None)
         raise Interrupted(f"training interrupted: {run.path} keeps the best model so far",

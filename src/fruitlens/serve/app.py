@@ -1,7 +1,9 @@
 """FastAPI app factory: the model is loaded once in the lifespan; decoding and inference run off the event loop.
 
-Routes (``routes.py``): ``GET /`` upload page, ``POST /predict``, ``GET /labels``, ``GET /health``, ``/docs``.
-Nothing from a request is written to disk: bodies are read into memory up to the upload limit.
+Routes (``routes.py``): ``GET /`` upload page, ``POST /predict``, ``GET /labels``, ``GET /health``, ``/docs``;
+(``labelling.py``) ``POST /feedback`` with ``--feedback DIR``, ``GET /label`` and its photos and answers with
+``--label PHOTOS``. Nothing from a /predict request is written to disk: bodies are read into memory up to the upload
+limit; /feedback keeps the photo a user labelled, named by its content hash, in DIR.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ from fastapi_offline import FastAPIOffline
 
 from fruitlens import __version__
 from fruitlens.inference.predictor import Predictor
+from fruitlens.labelling.feedback import FeedbackStore, LabelSession
+from fruitlens.pipelines.suggest import rows_for_labelling
+from fruitlens.serve.labelling import router as labelling_router
 from fruitlens.serve.routes import router
 from fruitlens.serve.settings import ServeSettings
 
@@ -30,6 +35,13 @@ async def lifespan(app: FastAPI):
     if settings.unknown_threshold != "auto":
         pred.unknown_threshold = float(settings.unknown_threshold)
     log.info("model loaded: %s (%s, %d classes)", pred.source, pred.engine, len(pred.classes))
+    if settings.feedback:
+        app.state.feedback = FeedbackStore(settings.feedback, settings.feedback_max_photos, settings.feedback_max_mb)
+    if settings.label:
+        rows = await asyncio.to_thread(rows_for_labelling, pred, settings.label)
+        app.state.labelling = LabelSession(rows, settings.label_out)
+        log.info("labelling %d photos of %s on /label; answers go to %s", len(rows), settings.label,
+                 settings.label_out)
     yield
     for batcher in app.state.batchers.values():
         await batcher.stop()
@@ -43,7 +55,10 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> F
     app.state.settings = settings.validated()
     app.state.predictor = predictor
     app.state.batchers = {}
+    app.state.feedback = None
+    app.state.labelling = None
     app.include_router(router)
+    app.include_router(labelling_router)
     return app
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import Depends, Request
 
 from fruitlens.inference.predictor import Predictor
+from fruitlens.labelling.feedback import FeedbackStore, LabelSession
 from fruitlens.serve.batcher import Batcher
 from fruitlens.serve.settings import ServeSettings
 
@@ -26,3 +27,11 @@ def get_batcher(request: Request, predictor: Predictor = Depends(get_predictor),
     if id(predictor) not in batchers:
         batchers[id(predictor)] = Batcher(predictor.outputs_batch, max_batch=settings.max_batch)
     return batchers[id(predictor)]
+
+
+def get_feedback(request: Request) -> FeedbackStore | None:
+    return request.app.state.feedback
+
+
+def get_label_session(request: Request) -> LabelSession | None:
+    return request.app.state.labelling

@@ -56,9 +56,10 @@ def index() -> str:
 
 
 @router.get("/health")
-def health(pred: Predictor = Depends(get_predictor)) -> dict:
+def health(request: Request, pred: Predictor = Depends(get_predictor)) -> dict:
     return {"status": "ok", "model_loaded": pred is not None, "version": __version__, "engine": pred.engine,
-            "classes": len(pred.classes), "image_size": pred.preprocessing.image_size, "worker_pid": os.getpid()}
+            "classes": len(pred.classes), "image_size": pred.preprocessing.image_size, "worker_pid": os.getpid(),
+            "feedback": request.app.state.feedback is not None, "label": request.app.state.labelling is not None}
 
 
 @router.get("/labels")

@@ -41,7 +41,7 @@ class Uploads:
 
 async def read_uploads(request: Request, settings: ServeSettings) -> Uploads:
     ctype = request.headers.get("content-type", "")
-    body = await _read_body(request, settings)
+    body = await read_body(request, settings)
     if ctype.startswith("multipart/form-data"):
         uploads = _from_multipart(body, ctype)
     elif ctype.startswith("application/json"):
@@ -64,7 +64,7 @@ async def read_uploads(request: Request, settings: ServeSettings) -> Uploads:
     return uploads
 
 
-async def _read_body(request: Request, settings: ServeSettings) -> bytes:
+async def read_body(request: Request, settings: ServeSettings) -> bytes:
     limit = settings.max_bytes + _SLACK
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:

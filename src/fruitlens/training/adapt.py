@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from fruitlens.data.check import analyse_files
-from fruitlens.data.scan import _hidden, is_image_file
-from fruitlens.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -51,40 +47,6 @@ class Adaptation:
         return (f"adapted to {self.images:,} unlabeled photos from {self.source}{skipped} by {self.method}: "
                 f"the {100 * self.share:.0f}% of each class's photos the model was surest of ({self.used:,} photos) "
                 f"joined the training data in the last of {len(self.rounds)} round(s)")
-
-
-def unlabeled_images(source: str | Path) -> list[str]:
-    """Every image file under ``source`` (any depth; folder names are not read as labels), or the paths listed in a
-    text file, one per line. Raises ``DataError`` when there is none."""
-    src = Path(source)
-    if not src.exists():
-        raise DataError(f"--adapt-to {source}: no such file or folder",
-                        "pass a folder of unlabeled photos of the setting the model will be used in")
-    if src.is_file():
-        lines = [ln.strip() for ln in src.read_text(errors="replace").splitlines() if ln.strip()]
-        paths = [str((src.parent / p) if not Path(p).is_absolute() else Path(p)) for p in lines]
-    else:
-        paths = sorted(str(p) for p in src.rglob("*") if p.is_file() and is_image_file(p)
-                       and not any(_hidden(part) for part in p.relative_to(src).parts))
-    if not paths:
-        raise DataError(f"--adapt-to {source}: no image files found",
-                        "pass a folder with photos (JPEG, PNG, WebP, ...); subfolders are searched too")
-    return paths
-
-
-def readable(paths: list[str], workers: int = 0) -> tuple[list[str], list[str]]:
-    """(paths that decode, paths that do not): bad files are left out and listed, never fatal."""
-    infos = analyse_files(paths, workers)
-    ok = [p for p, f in zip(paths, infos) if f.ok]
-    bad = [p for p, f in zip(paths, infos) if not f.ok]
-    for p in bad[:10]:
-        log.warning("--adapt-to: skipping %s (not a readable image)", p)
-    if len(bad) > 10:
-        log.warning("--adapt-to: ... and %d more unreadable files", len(bad) - 10)
-    if not ok:
-        raise DataError(f"--adapt-to: none of the {len(paths)} files can be decoded as an image",
-                        "run 'fruitlens check' on the folder to see why")
-    return ok, bad
 
 
 def shares(last: float, rounds: int) -> list[float]:

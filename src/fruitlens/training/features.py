@@ -166,9 +166,10 @@ def _merge(parts: list[dict[str, dict[str, torch.Tensor]]], name: str, targets: 
 def cached_features(backbone: nn.Module, pre: Preprocessing, datasets: dict[str, Dataset], *, batch_size: int,
                     views: int, aug: AugmentConfig, seed: int = 0, cache_file: Path | None = None,
                     prefer_onnx: bool = True, gpu: bool = False, store: "FeatureStore | None" = None, workers: int = 0,
-                    rank: int = 0, world: int = 1,
-                    barrier: Callable[[], None] | None = None) -> tuple[dict[str, tuple[torch.Tensor, ...]], FeaturePass]:
-    """Features for ``datasets`` (uint8 images, ``ImageDataset``); ``train`` also gets ``views`` augmented views.
+                    rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None,
+                    augmented: tuple[str, ...] = ("train",)) -> tuple[dict[str, tuple[torch.Tensor, ...]], FeaturePass]:
+    """Features for ``datasets`` (uint8 images, ``ImageDataset``); those named in ``augmented`` also get ``views``
+    augmented views (``<name>_aug``).
 
     Process ``rank`` of ``world`` (DDP) decodes and forwards every ``world``-th batch and writes its shard beside
     ``cache_file``; after ``barrier`` every process merges the shards into the single-process result (the same
@@ -187,7 +188,7 @@ def cached_features(backbone: nn.Module, pre: Preprocessing, datasets: dict[str,
     known_of: dict[str, torch.Tensor | None] = {}
     t0, images = time.perf_counter(), 0
     for name, ds in datasets.items():
-        n_views = views if name == "train" else 0
+        n_views = views if name in augmented else 0
         known = store.lookup(ds.paths)[0] if store is not None else None
         known_of[name] = known
         if known is not None and not n_views:  # nothing to decode

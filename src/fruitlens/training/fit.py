@@ -10,7 +10,7 @@ import pickle
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset, WeightedRandomSampler
 
-from fruitlens.config import TrainConfig
+from fruitlens.config import RRC_MIN_AREA, TrainConfig
 from fruitlens.data.dataset import class_weights
 from fruitlens.data.manifest import Manifest, Record
 from fruitlens.models.checkpoint import refused
@@ -27,13 +27,15 @@ from fruitlens.models.registry import FruitNet
 from fruitlens.rundir import RunDir
 from fruitlens.runtime import STAGES
 from fruitlens.training import loaders
-from fruitlens.training.adapt import METHOD, Adaptation, confident, readable, shares, unlabeled_images
+from fruitlens.data.photos import find_photos, readable
+from fruitlens.training.adapt import METHOD, Adaptation, confident, shares
 from fruitlens.training.augment import BatchInput
 from fruitlens.training.auto import pretrained
 from fruitlens.training.callbacks import EpochSummary, FreezeBackbone, TargetAccuracy
 from fruitlens.training.features import FeaturePass, FeatureStore, cached_features
 from fruitlens.training.loggers import mlflow_run, phase_loggers
 from fruitlens.training.module import ClassifierModule
+from fruitlens.training.photos import photo_repeats
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +53,21 @@ class FitResult:
     feature_pass: FeaturePass | None = None  # who computed the feature cache (the cached-feature path)
     adaptation: Adaptation | None = None  # what --adapt-to did
     adapted: torch.Tensor | None = None  # the features of the photos that became pseudo-labels (--adapt-to)
+    adapted_labels: torch.Tensor | None = None  # and their pseudo-labels
 
 
 def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
-        history: list[dict]) -> FitResult:
+        history: list[dict], photos: Manifest | None = None) -> FitResult:
     """Trains ``model`` in place on the train split, validating on val; ``history`` gets a row per epoch (a resumed
-    run passes the rows so far). KeyboardInterrupt (Ctrl-C) leaves the best weights so far in ``model``."""
+    run passes the rows so far). ``photos``: labelled photos of the user's setting (``--add``), trained with the
+    train split at ``fit.photo_share`` of the weight (the cached-feature path). KeyboardInterrupt (Ctrl-C) leaves the
+    best weights so far in ``model``."""
     t0 = time.perf_counter()
     result = FitResult(history, backbone_frozen=pretrained(cfg))
     if pretrained(cfg) and cfg.fit.feature_cache:
-        trainer, result.feature_pass, adapted = _fit_head_on_features(model, splits, classes, cfg, run, history)
-        result.adaptation, result.adapted = adapted if adapted is not None else (None, None)
+        trainer, result.feature_pass, adapted = _fit_head_on_features(model, splits, classes, cfg, run, history,
+                                                                      photos)
+        result.adaptation, result.adapted, result.adapted_labels = adapted if adapted is not None else (None,) * 3
         result.phases.append("head")
         result.phases += [f"adapt-{r + 1}" for r in range(len(result.adaptation.rounds) if result.adaptation else 0)]
     else:
@@ -199,6 +205,7 @@ class FeatureData(L.LightningDataModule):
         self.feature_pass: FeaturePass | None = None
         self.seconds = 0.0
         self.extra: tuple[torch.Tensor, torch.Tensor] | None = None  # pseudo-labelled photos (--adapt-to)
+        self.photo_share = cfg.fit.photo_share  # of the rows, for the labelled photos (--add)
 
     def setup(self, stage: str) -> None:
         if self.feats is None:
@@ -211,6 +218,9 @@ class FeatureData(L.LightningDataModule):
         feats, f = self.feats, self.cfg.fit
         parts = [feats["train"]] + ([feats["train_aug"]] if "train_aug" in feats else []) + \
             ([self.extra] if self.extra is not None else [])
+        photos = [feats[k] for k in ("photos", "photos_aug") if k in feats]
+        # the labelled photos of the user's setting carry photo_share of the rows, however few they are
+        parts += photos * photo_repeats(sum(len(p[0]) for p in parts), sum(len(p[0]) for p in photos), self.photo_share)
         # no concatenation: the cached features stay memory-mapped
         ds = ConcatDataset([TensorDataset(p[0], p[1]) for p in parts])
         gen = torch.Generator().manual_seed(self.cfg.data.seed)
@@ -226,9 +236,10 @@ class FeatureData(L.LightningDataModule):
 
 
 def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig,
-                          run: RunDir, history: list[dict]) -> tuple[L.Trainer, FeaturePass | None,
-                                                                     tuple[Adaptation, torch.Tensor] | None]:
+                          run: RunDir, history: list[dict], photos: Manifest | None = None
+                          ) -> tuple[L.Trainer, FeaturePass | None, tuple[Adaptation, torch.Tensor, torch.Tensor] | None]:
     """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone; with
+    ``--add``, the labelled photos' clean view and ``photo_views`` views beside them (``photo_features.pt``); with
     ``--adapt-to``, the rounds of pseudo-labels after it."""
     pre, f = model.preprocessing, cfg.fit
     views = f.feature_views if cfg.augment.enabled else 0
@@ -241,20 +252,33 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     store = FeatureStore(model.name, cfg.model.weights, pre, layer=model.feature_layer) \
         if cfg.model.weights == "imagenet" else None
 
+    workers = loaders.workers(cfg) if gpu else min(1, loaders.workers(cfg))
+    photo_ds = loaders.dataset(photos, classes, pre, cfg) if photos is not None and len(photos) else None
+
     def compute(rank: int, world: int, barrier: Callable[[], None]) -> tuple[dict, FeaturePass]:
         feats, fp = cached_features(model.backbone, pre, datasets, batch_size=batch, views=views, aug=cfg.augment,
                                     seed=cfg.data.seed, cache_file=run.cache / "features.pt", gpu=gpu, store=store,
-                                    workers=loaders.workers(cfg) if gpu else min(1, loaders.workers(cfg)),
-                                    rank=rank, world=world, barrier=barrier)
+                                    workers=workers, rank=rank, world=world, barrier=barrier)
+        if photo_ds is not None:  # photos get torchvision's crops, whatever the data's crop range
+            photo_aug = replace(cfg.augment, crop_scale=RRC_MIN_AREA)
+            more, _ = cached_features(model.backbone, pre, {"photos": photo_ds}, batch_size=batch,
+                                      views=f.photo_views if cfg.augment.enabled else 0, aug=photo_aug,
+                                      seed=cfg.data.seed + 1, cache_file=run.cache / "photo_features.pt", gpu=gpu,
+                                      store=store, workers=workers, rank=rank, world=world, barrier=barrier,
+                                      augmented=("photos",))
+            feats = {**feats, **more}
         if model.feature_layer == "mid":  # the head reads them standardised on every training row (views included)
-            model.standardise.fit(torch.cat([feats[k][0] for k in ("train", "train_aug") if k in feats]).float())
+            model.standardise.fit(torch.cat([feats[k][0] for k in ("train", "train_aug", "photos", "photos_aug")
+                                             if k in feats]).float())
         return feats, fp
 
     data = FeatureData(compute, cfg, len(classes))
     module = _module(model.head, cfg, datasets["train"].targets, len(classes), f.lr, channels_last=False)
     trainer, ckpt = _trainer(cfg, run, "head", f.epochs, history, f.target_monitor == "train", progress=False)
-    log.info("[head] training the classifier head on %d cached feature vectors (%d classes)",
-             len(datasets["train"]) * (1 + views), len(classes))
+    log.info("[head] training the classifier head on %d cached feature vectors (%d classes)%s",
+             len(datasets["train"]) * (1 + views), len(classes),
+             f" and {len(photo_ds)} labelled photos x {1 + f.photo_views} views at {100 * f.photo_share:.0f}% of the "
+             "weight" if photo_ds is not None else "")
     t0 = time.perf_counter()
     trainer = _run_phase(trainer, ckpt, module, data, run, "head", history)
     STAGES.add("features", data.seconds)
@@ -273,7 +297,7 @@ def _adapt(trainer: L.Trainer, model: FruitNet, data: FeatureData, targets: list
     """``--adapt-to``: the photos' clean features once, then ``fit.adapt_rounds`` rounds of pseudo-labels, each
     retraining the head from scratch on the training features plus the photos it is sure of (``training/adapt.py``)."""
     f = cfg.fit
-    paths, skipped = readable(unlabeled_images(cfg.data.adapt_to), workers=loaders.workers(cfg) or 1)
+    paths, skipped = readable(find_photos(cfg.data.adapt_to), workers=loaders.workers(cfg) or 1)
     manifest = Manifest(tuple(Record(p, classes[0]) for p in paths))  # the label is never read
     ds = loaders.dataset(manifest, classes, model.preprocessing, cfg)
     feats, _ = cached_features(model.backbone, model.preprocessing, {"adapt": ds}, batch_size=batch, views=0,
@@ -295,7 +319,7 @@ def _adapt(trainer: L.Trainer, model: FruitNet, data: FeatureData, targets: list
         trainer, ckpt = _trainer(cfg, run, phase, f.epochs, history, f.target_monitor == "train", progress=False)
         trainer = _run_phase(trainer, ckpt, module, data, run, phase, history)
     log.info("%s", result.text())
-    return trainer, (result, data.extra[0])
+    return trainer, (result, data.extra[0], data.extra[1])
 
 
 def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
