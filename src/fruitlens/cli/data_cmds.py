@@ -115,9 +115,12 @@ def run_check(args) -> int:
         if audit is not None:
             out["label_issues"] = [{"path": i.path, "label": i.label, "suggested": i.suggested, "score": i.score,
                                     "p_label": i.p_label, "p_suggested": i.p_suggested, "rank": i.rank,
-                                    "kind": i.kind} for i in audit.issues]
+                                    "kind": i.kind, "evidence": i.evidence} for i in audit.issues]
             out["label_audit"] = {"html": audit.html, "csv": audit.csv, "audited": audit.audited,
-                                  "method": audit.method, "notes": audit.notes, "seconds": audit.seconds}
+                                  "method": audit.method, "rule": audit.rule, "notes": audit.notes,
+                                  "seconds": audit.seconds, "expected_precision": audit.expected_precision,
+                                  "lookalike": [{"a": p.a, "b": p.b, "share": p.share, "a_as_b": p.a_as_b,
+                                                 "b_as_a": p.b_as_a} for p in audit.lookalike]}
         print_json(json_safe(out))
     else:
         print_check(report, args.show)
@@ -127,17 +130,21 @@ def run_check(args) -> int:
 
 
 def print_audit(audit, show: int = 20) -> None:
-    print(f"\nlabel audit: {len(audit.issues)} of {audit.images} images look mislabelled "
-          f"({audit.audited} audited, {audit.seconds:.0f}s; {audit.method})")
+    print(f"\nlabel audit: {audit.text()} ({audit.audited} audited, {audit.seconds:.0f}s; {audit.method})")
     for note in audit.notes:
         print(f"  note: {note}")
     if audit.issues:
         pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
-        table(["rank", "image", "given", "suggested", "p(given)", "p(suggested)", "score"],
-              [[i.rank, i.path, i.label, i.suggested, pct(i.p_label), pct(i.p_suggested),
-                "copy" if i.kind == "conflict" else f"{i.score:.2f}"] for i in audit.issues[:show]])
+        table(["rank", "image", "given", "suggested", "p(given)", "p(suggested)", "why"],
+              [[i.rank, i.path, i.label, i.suggested, pct(i.p_label), pct(i.p_suggested), i.evidence]
+               for i in audit.issues[:show]])
         if len(audit.issues) > show:
             print(f"... and {len(audit.issues) - show} more")
+    if audit.lookalike:
+        print("classes that look alike (the model confuses them; the labels can be right):")
+        table(["classes", "read as the other", "images"],
+              [[f"{p.a} / {p.b}", f"{100 * p.share:.1f}% ({p.a_as_b} + {p.b_as_a})", p.n_a + p.n_b]
+               for p in audit.lookalike[:8]])
     print(f"gallery: {audit.html}\ndecide:  fill in new_label in {audit.csv}, then "
           f"fruitlens relabel DATA {audit.csv} --out DATA_FIXED/")
 

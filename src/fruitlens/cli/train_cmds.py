@@ -133,8 +133,12 @@ def print_summary(page, report, export_error: str | None = None) -> None:
         print(f"warning: {gap}")
     a = report.label_audit
     if a is not None and (a.train or a.val or a.test):
-        print(f"labels: {a.train} training and {a.val} validation images look mislabelled, and {len(a.test)} test "
-              f"images: see {Path(run) / a.html} (decide in label_issues.csv, then 'fruitlens relabel')")
+        precision = f" (expected precision {100 * a.expected_precision:.0f}%)" if a.expected_precision is not None else ""
+        print(f"labels: {a.train} training and {a.val} validation images look mislabelled{precision}, and {len(a.test)} "
+              f"test images: see {Path(run) / a.html} (decide in label_issues.csv, then 'fruitlens relabel')")
+    if a is not None and a.lookalike:
+        print("classes that look alike (not label errors): "
+              + ", ".join(f"{p['a']}/{p['b']} {100 * p['share']:.0f}%" for p in a.lookalike[:4]))
     for f in report.domain.figures[1:]:
         print(f"on {f.name}: accuracy {f.accuracy:.4f} (95% CI {ci_range(f.accuracy_ci95)})  balanced {f.balanced_accuracy:.4f}"
               f"  ({f.images} images; report {Path(run) / f.folder / 'report.html'})")

@@ -105,6 +105,8 @@ class AuditNote:
     audited: int = 0
     html: str = ""
     test: list[dict[str, Any]] = field(default_factory=list)  # path, label, suggested, p_label, p_suggested
+    expected_precision: float | None = None  # share of the listed training/validation images expected mislabelled
+    lookalike: list[dict[str, Any]] = field(default_factory=list)  # a, b, share: classes the model confuses
 
 
 @dataclass

@@ -1,18 +1,17 @@
-"""The label audit: which images look mislabelled, as a list a person can act on.
+"""The label audit: which images look mislabelled, and which classes look alike, as lists a person can act on.
 
 ``fruitlens check DATA --labels``: pretrained features of every usable image (cached under ``~/.cache/fruitlens``),
 out-of-fold probabilities from k linear heads with folds of whole near-duplicate groups (a copy of an image cannot
-vouch for its label), confident learning (``evaluation/audit.py``). ``fruitlens train`` runs the same on the held-out
-predictions it already has. Either writes ``label_issues.html`` (thumbnails, given -> suggested) and
-``label_issues.csv`` (with an empty ``new_label`` column for ``fruitlens relabel``). Nothing touches the images.
+vouch for its label), calibrated by a temperature, then ``evaluation/audit.py``'s two findings. ``fruitlens train``
+runs the same on the held-out predictions it already has. Either writes ``label_issues.html`` (the images, given ->
+suggested, with the evidence; the look-alike classes with examples) and ``label_issues.csv`` (with an empty
+``new_label`` column for ``fruitlens relabel``). Nothing touches the images.
 """
 from __future__ import annotations
 
 import csv
-import html
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +21,15 @@ import torch
 from fruitlens.data.check import CheckReport, duplicate_groups
 from fruitlens.data.dataset import ImageDataset, make_loader
 from fruitlens.errors import DataError
-from fruitlens.evaluation.audit import find_label_issues, thresholds
+from fruitlens.evaluation.audit import (ALPHA, SURE, audit_labels, expected_precision, neighbours_from_pairs,
+                                        thresholds)
 from fruitlens.evaluation.report import thumbnail
+from fruitlens.evaluation.selective import fit_temperature
 from fruitlens.evaluation.trust import choose_folds
 from fruitlens.inference.predictor import softmax
 from fruitlens.jsonio import write_json
 from fruitlens.models.registry import build_model
+from fruitlens.templating import render
 from fruitlens.training.auto import auto_image_size
 from fruitlens.training.features import Engine, FeatureStore
 from fruitlens.training.heldout import HeadRecipe, out_of_fold_logits
@@ -35,7 +37,8 @@ from fruitlens.training.heldout import HeadRecipe, out_of_fold_logits
 log = logging.getLogger(__name__)
 
 AUDIT_RECIPE = HeadRecipe(epochs=60)  # a linear head on clean features: converged well before (GroceryStore, Fruits-360)
-CSV_FIELDS = ("rank", "path", "label", "suggested", "p_label", "p_suggested", "score", "split", "kind", "new_label")
+CSV_FIELDS = ("rank", "path", "label", "suggested", "p_label", "p_suggested", "score", "split", "kind", "evidence",
+              "new_label")
 
 
 @dataclass
@@ -52,14 +55,32 @@ class AuditItem:
     rank: int = 0
     split: str = ""
     kind: str = "label"
+    evidence: str = ""
+
+
+@dataclass
+class LookAlikePair:
+    """Two classes whose images the held-out heads confuse: a finding about the classes, not about labels."""
+
+    a: str
+    b: str
+    a_as_b: int  # images of a read as b
+    b_as_a: int
+    n_a: int
+    n_b: int
+    share: float  # of the pair's images read as the other class
+    examples: list[dict] = field(default_factory=list)  # path, label, read_as, p
 
 
 @dataclass
 class LabelAudit:
     issues: list[AuditItem] = field(default_factory=list)
+    lookalike: list[LookAlikePair] = field(default_factory=list)
+    expected_precision: float | None = None  # share of the listed images expected to be mislabelled
     images: int = 0  # images with labels
     audited: int = 0  # images with an out-of-sample probability (their class was in the other folds)
     method: str = ""
+    rule: str = ""
     notes: list[str] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)  # per-class self-confidence, for new images
     seconds: float = 0.0
@@ -68,6 +89,14 @@ class LabelAudit:
 
     def count(self, split: str | None = None) -> int:
         return sum(1 for i in self.issues if split is None or i.split == split)
+
+    def text(self) -> str:
+        """``12 images look mislabelled (expected precision 94%); classes that look alike: A/B 8%, ...``."""
+        share = f" ({100 * len(self.issues) / self.images:.1f}% of {self.images:,})" if self.images else ""
+        prec = f", expected precision {100 * self.expected_precision:.0f}%" if self.expected_precision is not None else ""
+        alike = "; classes that look alike: " + ", ".join(
+            f"{p.a}/{p.b} {100 * p.share:.0f}%" for p in self.lookalike[:4]) if self.lookalike else ""
+        return f"{len(self.issues)} images look mislabelled{share}{prec}{alike}"
 
 
 def audit_data(report: CheckReport, out: Path, *, model: str = "mobilenet_v2", img_size: int = 0, folds: int = 5,
@@ -91,12 +120,16 @@ def audit_data(report: CheckReport, out: Path, *, model: str = "mobilenet_v2", i
     name, groups, fold, held = choose_folds(y, [("near copies", duplicate_groups(report)[keep])], folds, seed,
                                             "label audit")
     logits = out_of_fold_logits(x, torch.from_numpy(y), fold, len(classes), AUDIT_RECIPE, seed=seed)
-    notes = [f"{len(np.unique(groups))} groups of {name} in {len(np.unique(fold))} folds"]
-    result = audit_heldout(paths, y, softmax(logits), held, classes, [r.split for r in records], notes)
-    result.method = (f"confident learning on out-of-fold probabilities of {len(np.unique(fold))} linear heads on "
-                     f"ImageNet {model} features at {size} px")
-    result.issues = _merge(_conflicts(report), result.issues)
-    _rank(result)
+    temperature = fit_temperature(logits[held], y[held])
+    notes = [f"{len(np.unique(groups))} groups of {name} in {len(np.unique(fold))} folds; temperature "
+             f"{temperature:.2f}"]
+    position = {k: i for i, k in enumerate(keep)}
+    pairs = [(position[a], position[b]) for a, b in report.near_pairs.tolist() if a in position and b in position]
+    neighbours = neighbours_from_pairs(len(keep), np.array(pairs, dtype=np.int64))
+    result = audit_heldout(paths, y, softmax(logits / temperature), held, classes, [r.split for r in records],
+                           neighbours, notes)
+    result.method = (f"out-of-fold probabilities of {len(np.unique(fold))} linear heads on ImageNet {model} features "
+                     f"at {size} px, calibrated, and the labels of each image's near copies")
     result.seconds = round(time.perf_counter() - t0, 2)
     write_audit(result, out, classes)
     return result
@@ -124,65 +157,29 @@ def _features(net, paths: list[str], classes: list[str], records, root: str) -> 
     return x
 
 
+RULE = (f"listed: an image whose near copies mostly carry another label (with one or two such copies, the heads that "
+        f"never saw its group must side with them), or an image without copies whose label the heads that never saw it "
+        f"give at most {100 * ALPHA:.0f}% and another class more than {100 * SURE:.0f}%")
+
+
 def audit_heldout(paths: list[str], y: np.ndarray, probs: np.ndarray, held: np.ndarray, classes: list[str],
-                  splits: list[str], notes: list[str] | None = None) -> LabelAudit:
-    """Confident learning on the rows of ``probs`` that are out-of-sample (``held``)."""
-    rows = np.flatnonzero(held)
+                  splits: list[str], neighbours: list[np.ndarray], notes: list[str] | None = None) -> LabelAudit:
+    """The two findings on calibrated out-of-sample ``probs`` (rows where ``held``) and each image's near copies."""
     notes = list(notes or [])
-    skipped = len(y) - len(rows)
+    skipped = len(y) - int(np.sum(held))
     if skipped:
-        notes.append(f"{skipped} image(s) not audited: their class has too few near-duplicate groups for another fold "
-                     "to learn it (a class needs images in at least two groups)")
-    found = find_label_issues(probs[rows], y[rows]) if len(rows) else []
-    t = thresholds(probs[rows], y[rows]) if len(rows) else np.ones(len(classes))
-    issues = [AuditItem(paths[rows[i.index]], classes[i.label], classes[i.suggested], i.p_label, i.p_suggested, i.score,
-                        i.rank, splits[rows[i.index]]) for i in found]
-    return LabelAudit(issues, len(y), len(rows), "confident learning on held-out probabilities", notes,
+        notes.append(f"{skipped} image(s) without an out-of-sample prediction: their class has too few near-duplicate "
+                     "groups for another fold to learn it; their copies' labels still count")
+    found, alike = audit_labels(probs, y, held, neighbours)
+    t = thresholds(probs[held], y[held]) if held.any() else np.ones(len(classes))
+    issues = [AuditItem(paths[i.index], classes[i.label], classes[i.suggested], i.p_label, i.p_suggested, i.score,
+                        i.rank, splits[i.index], i.kind, i.evidence) for i in found]
+    pairs = [LookAlikePair(classes[p.a], classes[p.b], p.a_as_b, p.b_as_a, p.n_a, p.n_b, round(p.share, 4),
+                           [{"path": paths[e], "label": classes[y[e]], "read_as": classes[int(probs[e].argmax())],
+                             "p": float(probs[e].max())} for e in p.examples]) for p in alike]
+    return LabelAudit(issues, pairs, expected_precision(found), len(y), int(np.sum(held)),
+                      "calibrated held-out probabilities and each image's near copies", RULE, notes,
                       {c: float(v) for c, v in zip(classes, t)})
-
-
-def _conflicts(report: CheckReport) -> list[AuditItem]:
-    """Identical or near-identical images under different labels, from the check's duplicate pairs. An image whose
-    copies mostly carry its own label keeps it (the frames of a fruit turning around one mislabelled frame: only that
-    frame is listed, with its copies' label); where the labels tie (two copies, two labels), both are listed."""
-    records = report.manifest.records
-    neighbours: dict[int, list[int]] = {}
-    for a, b in report.near_pairs.tolist():
-        neighbours.setdefault(a, []).append(b)
-        neighbours.setdefault(b, []).append(a)
-    out = []
-    for i, near in neighbours.items():
-        own = records[i].label
-        votes = Counter(records[j].label for j in near)
-        if not any(label != own for label in votes):
-            continue
-        other, n_other = max(((lab, n) for lab, n in votes.items() if lab != own), key=lambda t: (t[1], t[0]))
-        if votes.get(own, 0) + 1 > n_other:  # its copies (and itself) mostly say its label
-            continue
-        out.append(AuditItem(str(report.manifest.resolve(records[i])), own, other, None, None, 1.0, kind="conflict",
-                             split=records[i].split))
-    return out
-
-
-def _merge(conflicts: list[AuditItem], issues: list[AuditItem]) -> list[AuditItem]:
-    """One entry per image: a copy under another label that confident learning flags too keeps its probabilities."""
-    by_path = {i.path: i for i in issues}
-    for c in conflicts:
-        found = by_path.pop(c.path, None)
-        if found is not None:
-            c.p_label, c.p_suggested, c.score, c.suggested = found.p_label, found.p_suggested, 1.0, found.suggested
-    seen, out = set(), []
-    for c in conflicts + list(by_path.values()):
-        if c.path not in seen:
-            seen.add(c.path)
-            out.append(c)
-    return out
-
-
-def _rank(audit: LabelAudit) -> None:
-    audit.issues.sort(key=lambda i: (i.kind != "conflict", -i.score))
-    for r, item in enumerate(audit.issues, start=1):
-        item.rank = r
 
 
 def write_audit(audit: LabelAudit, out: Path, classes: list[str]) -> None:
@@ -197,34 +194,21 @@ def write_audit(audit: LabelAudit, out: Path, classes: list[str]) -> None:
             w.writerow({"rank": i.rank, "path": i.path, "label": i.label, "suggested": i.suggested,
                         "p_label": "" if i.p_label is None else round(i.p_label, 4),
                         "p_suggested": "" if i.p_suggested is None else round(i.p_suggested, 4),
-                        "score": round(i.score, 4), "split": i.split, "kind": i.kind, "new_label": ""})
-    Path(audit.html).write_text(_page(audit, classes))
+                        "score": round(i.score, 4), "split": i.split, "kind": i.kind, "evidence": i.evidence,
+                        "new_label": ""})
+    Path(audit.html).write_text(_page(audit))
     write_json(out / "label_audit.json", audit)
 
 
-def _page(audit: LabelAudit, classes: list[str], limit: int = 300) -> str:
-    e = html.escape
-    cards = []
-    for i in audit.issues[:limit]:
-        try:
-            thumb = thumbnail(i.path, size=160)
-        except Exception:  # the file went away since: the card still names it
-            thumb = ""
-        probs = "" if i.p_label is None else f"<br>p({e(i.label)}) {i.p_label:.0%} · p({e(i.suggested)}) {i.p_suggested:.0%}"
-        what = "copy under another label" if i.kind == "conflict" else f"score {i.score:.2f}"
-        cards.append(f'<figure data-rank="{i.rank}"><img src="{thumb}" alt="{e(i.path)}" title="{e(i.path)}">'
-                     f'<figcaption><b>#{i.rank}</b> {e(i.label)} &rarr; <b>{e(i.suggested)}</b>{probs}<br>{what}'
-                     f'{" · " + e(i.split) if i.split else ""}<br><span class="path">{e(Path(i.path).name)}</span>'
-                     '</figcaption></figure>')
-    more = f"<p>... and {len(audit.issues) - limit} more in label_issues.csv</p>" if len(audit.issues) > limit else ""
-    notes = "".join(f"<li>{e(n)}</li>" for n in audit.notes)
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>fruitlens label audit</title>
-<style>body{{font-family:system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}}main{{max-width:1200px;margin:0 auto;padding:24px}}
-.grid{{display:flex;flex-wrap:wrap;gap:12px}}figure{{background:#fff;margin:0;padding:8px;border-radius:8px;box-shadow:0 1px 3px #0002;width:180px;font-size:.8em}}
-figure img{{width:164px;height:164px;object-fit:contain;background:#eee}}.path{{color:#5b6573;word-break:break-all}}.sub{{color:#5b6573}}</style></head>
-<body><main><h1>Label audit</h1>
-<p class="sub">{len(audit.issues)} of {audit.images} images look mislabelled ({audit.audited} audited; {e(audit.method)}).
-Most suspect first: given label &rarr; suggested label. Fill in the <code>new_label</code> column of
-<code>label_issues.csv</code> (a class name, or <code>drop</code>) and run <code>fruitlens relabel DATA label_issues.csv
---out FIXED/</code>: your images are never moved, renamed or deleted.</p><ul class="sub">{notes}</ul>
-<div class="grid" id="issues">{''.join(cards) or '<p>No label looks wrong.</p>'}</div>{more}</main></body></html>"""
+def _thumb(path: str, size: int) -> str:
+    try:
+        return thumbnail(path, size=size)
+    except Exception:  # the file went away since: the card still names it
+        return ""
+
+
+def _page(audit: LabelAudit, limit: int = 300) -> str:
+    items = [{"item": i, "thumb": _thumb(i.path, 160), "name": Path(i.path).name} for i in audit.issues[:limit]]
+    pairs = [{"pair": p, "examples": [{**e, "thumb": _thumb(e["path"], 96), "name": Path(e["path"]).name}
+                                      for e in p.examples]} for p in audit.lookalike[:12]]
+    return render("label_issues.html", audit=audit, items=items, more=max(0, len(audit.issues) - limit), pairs=pairs)

@@ -20,7 +20,7 @@ from fruitlens.data.scan import scan
 from fruitlens.errors import DataError, ImageError
 from fruitlens.evaluation.classmap import ClassMapping
 from fruitlens.evaluation.metrics import calibration, compute_metrics, validation_gap
-from fruitlens.evaluation.audit import flag_with_thresholds
+from fruitlens.evaluation.audit import flag_images
 from fruitlens.evaluation.card import write_model_card
 from fruitlens.evaluation.domain import DomainFigure, DomainNote
 from fruitlens.evaluation.photos import PhotoNote
@@ -236,15 +236,17 @@ def trust_note(predictor: Predictor, scored: Scored, mapping: ClassMapping, curv
 
 
 def audit_note(run: RunDir, target: EvalTarget, scored: Scored, mapping: ClassMapping) -> AuditNote | None:
-    """The run's label audit, and the evaluated images that look mislabelled by its thresholds."""
+    """The run's label audit (both findings), and the evaluated images that look mislabelled by its rule."""
+    from fruitlens.pipelines.audit import LabelAudit
+
     path = run.path / "label_audit.json"
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
-    splits = Counter(i.get("split") for i in saved.get("issues", []))
-    note = AuditNote(splits.get("train", 0), splits.get("val", 0), saved.get("audited", 0), "label_issues.html")
-    t = np.array([saved.get("thresholds", {}).get(c, 1.0) for c in mapping.columns])
-    flagged, suggested = flag_with_thresholds(scored.probs, scored.y, t)
+    saved = read_json(path, LabelAudit)
+    note = AuditNote(saved.count("train"), saved.count("val"), saved.audited, "label_issues.html",
+                     expected_precision=saved.expected_precision,
+                     lookalike=[{"a": p.a, "b": p.b, "share": p.share} for p in saved.lookalike[:6]])
+    flagged, suggested = flag_images(scored.probs, scored.y)
     columns = mapping.columns
     note.test = [{"path": scored.paths[i], "label": columns[scored.y[i]], "suggested": columns[suggested[i]],
                   "p_label": float(scored.probs[i, scored.y[i]]), "p_suggested": float(scored.probs[i, suggested[i]])}

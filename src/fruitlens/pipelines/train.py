@@ -21,6 +21,7 @@ from fruitlens.data.manifest import Manifest
 from fruitlens.data.photos import find_photos, near_copy_groups
 from fruitlens.errors import ConfigError, DataError, ExportError, FruitlensError, Interrupted, RunDirError
 from fruitlens.evaluation.classmap import ClassMapping
+from fruitlens.evaluation.audit import neighbours_from_groups
 from fruitlens.evaluation.domain import STUDIO_SHARE, DomainFigure
 from fruitlens.evaluation.photos import PhotoNote
 from fruitlens.evaluation.report import Report
@@ -302,16 +303,17 @@ def _save(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, fi
 def _audit_labels(run: RunDir, manifest: Manifest, classes: list[str], heldout: HeldOut,
                   temperature: float) -> LabelAudit:
     """The label audit on the held-out predictions that calibration made anyway: seconds, no extra forward pass.
-    Their probabilities take the model's temperature, so that its per-class thresholds, which ``evaluate`` applies
-    to the (calibrated) test predictions, are on the scale of those predictions."""
+    Their probabilities take the model's temperature, so that the audit's thresholds, which ``evaluate`` applies
+    to the (calibrated) test predictions, are on the scale of those predictions; each image's near copies are the
+    other members of its near-duplicate group."""
     splits = manifest.by_split()
     records = list(splits["train"]) + list(splits["val"])
     paths = [str(manifest.resolve(r)) for r in records]
     audit = audit_heldout(paths, heldout.labels, softmax(heldout.logits / temperature), heldout.held, classes,
-                          [r.split for r in records])
+                          [r.split for r in records], neighbours_from_groups([r.group for r in records]))
     write_audit(audit, run.path, classes)
-    if audit.issues:
-        log.info("label audit: %d training/validation images look mislabelled -> %s", len(audit.issues), audit.html)
+    if audit.issues or audit.lookalike:
+        log.info("label audit: %s -> %s", audit.text(), audit.html)
     return audit
 
 
