@@ -69,9 +69,9 @@ def test_once_photos_are_labelled_the_covered_kinds_give_way_to_new_and_unsure_o
     margins = np.ones(len(x))
     unsure = np.flatnonzero(cluster == 3)[5]
     margins[unsure] = 0.01  # the model can hardly decide on this one
-    picks = pick_photos(x, 3, margins=margins, labelled=labelled)
+    picks = pick_photos(x, 4, margins=margins, labelled=labelled)  # 3 typical, 1 unsure (30%)
     chosen = cluster[[p.index for p in picks]]
-    assert 0 not in chosen and sorted(chosen) == [1, 2, 3]
+    assert 0 not in chosen and set(chosen) == {1, 2, 3}
     assert unsure in [p.index for p in picks] and any("unsure" in p.why for p in picks)
 
 

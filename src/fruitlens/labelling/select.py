@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EMBED_DIMS = 64  # k-means on 64 principal components of the features: seconds at 100,000 photos
+EMBED_DIMS = 64  # k-means on 64 principal components of the features where there are many photos
+PCA_FROM = 20_000  # photos: below this, k-means runs on the features themselves (measured: PCA cost 3 points here)
 UNCERTAIN_SHARE = 0.3  # of the budget, once photos of the setting are labelled
 
 
@@ -35,10 +36,12 @@ class Pick:
 
 
 def embed(features: np.ndarray, seed: int = 0) -> np.ndarray:
-    """L2-normalised features, on their ``EMBED_DIMS`` principal components where they have more dimensions."""
+    """The features standardised over the photos (no dimension dominates by its scale), then L2-normalised; from
+    ``PCA_FROM`` photos up, on their ``EMBED_DIMS`` principal components (k-means stays seconds at 100,000)."""
     z = np.asarray(features, dtype=np.float32)
+    z = (z - z.mean(0)) / (z.std(0) + 1e-3)
     z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-    if z.shape[1] > EMBED_DIMS and len(z) > EMBED_DIMS:
+    if z.shape[1] > EMBED_DIMS and len(z) >= PCA_FROM:
         from sklearn.decomposition import PCA
 
         z = PCA(EMBED_DIMS, svd_solver="randomized", random_state=seed).fit_transform(z).astype(np.float32)
@@ -65,6 +68,19 @@ def _representatives(z: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.
         sizes.append(len(members))
     order = np.argsort(reps)
     return np.asarray(reps)[order], np.asarray(sizes)[order]
+
+
+def _covered(z: np.ndarray, cluster: np.ndarray, centres: np.ndarray, labelled: np.ndarray) -> set[int]:
+    """Clusters a labelled photo covers: one lies nearer the centre than the cluster's own median photo (k-means
+    splits a kind of photo with several labelled photos in it; each part is covered)."""
+    out = set()
+    nearest = ((labelled[:, None, :] - centres[None]) ** 2).sum(-1).min(0)
+    for c in range(len(centres)):
+        members = z[cluster == c]
+        radius = np.median(((members - centres[c]) ** 2).sum(1)) if len(members) else 0.0
+        if nearest[c] <= radius:
+            out.add(c)
+    return out
 
 
 def pick_photos(features: np.ndarray, budget: int, *, groups: np.ndarray | None = None,
@@ -94,8 +110,8 @@ def pick_photos(features: np.ndarray, budget: int, *, groups: np.ndarray | None 
         weight = np.concatenate([sizes, np.ones(len(z_lab))]).astype(np.float64)
         k = min(len(rows), budget - n_unsure + len(z_lab))
         cluster, centres = _kmeans(rows, k, weight, seed)
-        covered = set(cluster[len(reps):].tolist())
         cluster = cluster[:len(reps)]
+        covered = _covered(z[reps], cluster, centres, z_lab)
     else:
         cluster, centres = _kmeans(z[reps], budget, sizes.astype(np.float64), seed)
         covered = set()
@@ -113,7 +129,7 @@ def pick_photos(features: np.ndarray, budget: int, *, groups: np.ndarray | None 
         picks.append(Pick(int(reps[best]), f"typical of {int(size_of[c])} photo(s) like it", int(size_of[c]),
                           int(sizes[best] - 1)))
     if len(picks) < budget and margins is not None:  # the least sure photos, one per cluster
-        used_clusters = {int(cluster[i]) for i in taken}
+        used_clusters: set[int] = set()
         for i in np.argsort(np.asarray(margins)[reps], kind="stable"):
             if len(picks) >= budget:
                 break
