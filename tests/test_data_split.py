@@ -1,6 +1,7 @@
 import csv
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from fruitlens.cli.main import main
@@ -109,3 +110,27 @@ def test_split_replaces_its_own_manifest_but_never_another_file(tmp_path, capsys
     assert main(["split", str(root), "--out", str(out)]) == 0
     assert main(["split", str(root), "--out", str(out), "--seed", "1"]) == 0  # a rerun replaces its own manifest
     assert out.read_text().startswith("path,label,split,group,hash")
+
+
+def test_near_copies_train_through_representatives_that_cover_each_group(tmp_path):
+    """Frames of one fruit turning: each group keeps a share of its frames, picked to cover it (k-center on the
+    perceptual hashes), the rest move to split 'covered'; a group of one and the test split stay as they are."""
+    from fruitlens.data.check import FileInfo
+    from fruitlens.data.manifest import Manifest, Record
+    from fruitlens.data.prune import COVERED, auto_keep_share, cover, representatives
+
+    # a chain of hashes: frame i differs from frame 0 in its first i bits, so the ends are far apart
+    chain = np.array([(1 << i) - 1 for i in range(20)], dtype=np.uint64)
+    picked = cover(chain, 4)
+    assert len(picked) == 4 and {0, 19} <= set(picked.tolist())  # the extremes cover a chain
+    gaps = np.diff(np.sort(picked))
+    assert gaps.max() <= 10  # spread along it, not bunched
+    records = [Record(f"/d/apple/{i}.jpg", "apple", "train", "g1") for i in range(20)]
+    records += [Record("/d/kiwi/0.jpg", "kiwi", "train", "g2"), Record("/d/kiwi/t.jpg", "kiwi", "test", "g3")]
+    files = {r.path: FileInfo(True, phash=int(chain[i % 20])) for i, r in enumerate(records)}
+    pruned, moved = representatives(Manifest(tuple(records)), files, 0.2)
+    splits = [r.split for r in pruned]
+    assert moved == 16 and splits[:20].count("train") == 4 and splits[:20].count(COVERED) == 16
+    assert splits[20:] == ["train", "test"]
+    assert representatives(Manifest(tuple(records)), files, 1.0)[1] == 0
+    assert auto_keep_share(490) < 1 and auto_keep_share(1) == 1.0

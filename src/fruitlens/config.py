@@ -34,6 +34,7 @@ class DataConfig:
     eval_class_map: str = ""  # JSON mapping eval_data's class names onto the training classes
     adapt_to: str = ""  # a folder of unlabeled photos of where the model will be used (training/adapt.py)
     add: tuple[str, ...] = ()  # labels CSVs (path,label) of photos of the user's setting: train --add
+    keep_share: float = -1.0  # of each near-copy group of training images, trained on (data/prune.py); -1: auto
 
 
 RRC_MIN_AREA = 0.08  # torchvision's RandomResizedCrop default: the smallest crop, as a share of the image area
@@ -143,7 +144,7 @@ OPTIONS = {
     "num_nodes": "fit.num_nodes", "strategy": "fit.strategy", "accelerator": "fit.accelerator",
     "precision": "fit.precision", "val": "data.val", "test": "data.test", "seed": "data.seed",
     "workers": "data.num_workers", "cache_images": "data.cache_images", "group": "data.group",
-    "eval_data": "data.eval_data", "class_map": "data.eval_class_map", "adapt_to": "data.adapt_to", "add": "data.add",
+    "eval_data": "data.eval_data", "class_map": "data.eval_class_map", "adapt_to": "data.adapt_to", "add": "data.add", "keep_share": "data.keep_share",
     "feature_cache": "fit.feature_cache", "augment": "augment.enabled", "logger": "track.loggers",
     "mlflow_uri": "track.mlflow_uri", "experiment": "track.experiment",
 }
@@ -193,6 +194,7 @@ class TrainConfig:
             (d.val + d.test < 1, "data.val + data.test", "below 1 so that training keeps images"),
             (d.group in ("near-duplicates", "none", "pattern"), "data.group", "near-duplicates, none or pattern"),
             (d.group != "pattern" or bool(d.group_pattern), "data.group_pattern", "a regular expression when data.group=pattern"),
+            (d.keep_share == -1 or 0 < d.keep_share <= 1, "data.keep_share", "-1 (auto) or a fraction in (0, 1]"),
             (f.epochs >= 0, "fit.epochs", "0 (auto) or more"),
             (f.batch_size >= 1, "fit.batch_size", ">= 1"),
             (f.lr > 0, "fit.lr", "> 0"),

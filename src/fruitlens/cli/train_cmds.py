@@ -65,6 +65,9 @@ def register(sub) -> None:
     g.add_argument("--test", type=float, help="test fraction when the data has no test split (default 0.15)")
     g.add_argument("--seed", type=int)
     g.add_argument("--group", choices=["near-duplicates", "none"])
+    g.add_argument("--keep-share", type=float, help="of each group of near copies among the training images (frames "
+                   "of one fruit turning), train on this share, picked to cover the group (default: 0.2 where the "
+                   "typical group has 10 or more images, else 1 = all)")
     g.add_argument("--workers", type=int, help="data loading processes (default: up to 4)")
     g.add_argument("--cache-images", action="store_true", default=None, help="keep decoded images in memory")
     g.add_argument("--eval-data", metavar="OTHER", help="also evaluate on this labelled folder (e.g. photos like the "

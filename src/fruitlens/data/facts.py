@@ -31,3 +31,5 @@ class DataFacts:
     leak_free: bool | None = None
     median_side: int = 0  # the median shorter side of the usable images: the input size and crop range follow it
     added: AddedFacts | None = None  # train --add
+    keep_share: float = 1.0  # of each near-copy group of training images, trained on (data/prune.py)
+    covered: int = 0  # training images a representative of their group stands for (split "covered")

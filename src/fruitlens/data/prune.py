@@ -19,6 +19,14 @@ from fruitlens.data.hashing import popcount64
 from fruitlens.data.manifest import Manifest
 
 COVERED = "covered"  # the split name of the training images a representative stands for
+LARGE_GROUPS = 10  # a median near-copy group of this many training images or more: frames of one thing turning
+GROUP_SHARE = 0.2  # of such groups, trained on (benchmarks/RESULTS.md, "Near copies")
+
+
+def auto_keep_share(median_group: float) -> float:
+    """The share of each near-copy group to train on: ``GROUP_SHARE`` where the typical training image is one of
+    ``LARGE_GROUPS`` or more near copies (Fruits-360's turning fruit), all of them otherwise."""
+    return GROUP_SHARE if median_group >= LARGE_GROUPS else 1.0
 
 
 def cover(hashes: np.ndarray, k: int) -> np.ndarray:

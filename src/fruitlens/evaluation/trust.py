@@ -19,6 +19,7 @@ import torch
 from fruitlens.evaluation.selective import fit_temperature, nll, threshold_for_accuracy
 from fruitlens.models.ood import OODScorer, bank_indices
 from fruitlens.training.heldout import HeadRecipe, group_folds, out_of_fold_logits
+from fruitlens.training.solver import LinearFit
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ MIN_GROUPS_PER_CLASS = 3  # fewer, and each fold holds out a large part of a cla
 def fit_out_of_fold(x: torch.Tensor, y: torch.Tensor, groupings: list[tuple[str, np.ndarray]], n_classes: int,
                     recipe: HeadRecipe, target_precision: float,
                     augmented: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None, folds: int = 5,
-                    seed: int = 0) -> tuple[Trust, OODScorer, HeldOut]:
+                    seed: int = 0, init: LinearFit | None = None) -> tuple[Trust, OODScorer, HeldOut]:
     """Trust from out-of-fold heads on features ``x`` (clean views of the train + val images) with labels ``y``;
     ``augmented`` = (features, labels, index of the image each view came from).
 
@@ -88,8 +89,9 @@ def fit_out_of_fold(x: torch.Tensor, y: torch.Tensor, groupings: list[tuple[str,
     yy = y.numpy()
     name, groups, fold, held = choose_folds(yy, groupings, folds, seed)
     extra = None if augmented is None else (augmented[0], augmented[1], fold[augmented[2]])
-    logits = out_of_fold_logits(x, y, fold, n_classes, recipe, extra, seed)
-    source = (f"out-of-fold predictions of {len(np.unique(fold))} linear heads on the frozen backbone's features, "
+    logits = out_of_fold_logits(x, y, fold, n_classes, recipe, extra, init)
+    source = (f"out-of-fold predictions of {len(np.unique(fold))} linear heads (the real head's solver) on the frozen "
+              f"backbone's features, "
               f"folds of whole groups of {name} ({len(np.unique(groups))} groups)")
     if name == "single images":
         source += "; too few groups for grouped folds, so near copies may vouch for each other (optimistic)"
@@ -196,14 +198,14 @@ def _fit(logits: np.ndarray, y: np.ndarray, x: torch.Tensor, fold: np.ndarray, h
 
 def _heldout_distances(x: torch.Tensor, fold: np.ndarray, bank: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Cosine distance of each of ``rows`` to the nearest ``bank`` image of another fold: as far as a new photo of a
-    known class is from the stored training images (a near copy in its own fold cannot be its neighbour)."""
-    z = torch.nn.functional.normalize(x.float(), dim=1)
-    b = z[torch.from_numpy(bank)]
+    known class is from the stored training images (a near copy in its own fold cannot be its neighbour). The rows
+    are read a chunk at a time (``x`` may be the memory-mapped cache)."""
+    b = torch.nn.functional.normalize(x[torch.from_numpy(bank)].float(), dim=1)
     bank_fold = torch.from_numpy(fold[bank])
     out = np.zeros(len(rows), np.float32)
     for start in range(0, len(rows), 1024):
         idx = rows[start:start + 1024]
-        sim = z[torch.from_numpy(idx)] @ b.T
+        sim = torch.nn.functional.normalize(x[torch.from_numpy(idx)].float(), dim=1) @ b.T
         sim[torch.from_numpy(fold[idx]).unsqueeze(1) == bank_fold.unsqueeze(0)] = -1.0
         out[start:start + len(idx)] = (1 - sim.max(dim=1).values).numpy()
     return out

@@ -89,6 +89,12 @@ class Standardise(nn.Module):
         self.mean.copy_(x.mean(0))
         self.std.copy_(x.std(0) + floor)
 
+    @torch.no_grad()
+    def set(self, stats: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Fixes the statistics at ``(mean, std)`` (computed elsewhere, e.g. over memory-mapped features)."""
+        self.mean.copy_(stats[0])
+        self.std.copy_(stats[1])
+
     @property
     def active(self) -> bool:
         return bool(self.mean.any() or (self.std != 1).any())

@@ -17,12 +17,12 @@ from fruitlens.rundir import RunDir
 from fruitlens.training import loaders
 from fruitlens.training.features import Engine, load_cache
 from fruitlens.training.fit import FitResult, use_gpu
-from fruitlens.training.heldout import HeadRecipe, visual_groups
+from fruitlens.training.heldout import HeadRecipe, train_head, visual_groups
 from fruitlens.evaluation.photos import PhotoNote, photo_note
 from fruitlens.evaluation.trust import (MIN_PHOTOS, HeldOut, Trust, choose_folds, fit_on_photos, fit_on_validation,
                                         fit_out_of_fold)
 from fruitlens.training.photos import PhotoRows, fit_with_photos, photo_cross_validation, similar_groups
-from fruitlens.training.solver import LinearFit
+from fruitlens.training.solver import LinearFit, Rows
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,16 @@ def calibrate(model: FruitNet, splits: dict[str, Manifest], classes: list[str], 
     train, val = splits["train"], splits["val"]
     if fitted.backbone_frozen:
         x, y, augmented = _frozen_features(model, train, val, classes, cfg, run)
+        recipe = _recipe(cfg, model)
+        x_train = x.parts[0][0] if isinstance(x, Rows) else x[:len(train)]  # the cache's train rows, not a copy
+        head = _refit(model, *_training_rows(x_train, y[:len(train)], augmented, fitted), recipe)
         near = np.array([r.group or f"i{i}" for i, r in enumerate(list(train) + list(val))])
         groupings = [("near copies", near)]
         if cfg.trust.groups == "visual":
             groupings.insert(0, ("similar images", visual_groups(near, x, y.numpy(), cfg.trust.images_per_group,
                                                                  cfg.data.seed)))
-        trust, scorer, heldout = fit_out_of_fold(x, y, groupings, len(classes), _recipe(cfg, fitted.history, model),
-                                                 cfg.trust.target_precision, augmented, cfg.trust.folds, cfg.data.seed)
+        trust, scorer, heldout = fit_out_of_fold(x, y, groupings, len(classes), recipe, cfg.trust.target_precision,
+                                                 augmented, cfg.trust.folds, cfg.data.seed, init=head)
     else:
         trust, scorer, heldout = _from_validation(model, train, val, classes, cfg)
     note = None
@@ -65,7 +68,7 @@ def _with_photos(model: FruitNet, photos: Manifest, classes: list[str], cfg: Tra
     t0 = time.perf_counter()
     feats = load_cache(run.cache / "features.pt")[0]
     pf = load_cache(run.cache / "photo_features.pt")[0]
-    studio = _training_rows(feats, fitted)
+    studio = _training_rows(*feats["train"][:2], feats.get("train_aug"), fitted)
     aug = pf.get("photos_aug")
     x, y0 = pf["photos"][0], pf["photos"][1].long()
     views = (aug[0], aug[1].long(), aug[2]) if aug is not None else (x[:0], y0[:0], torch.zeros(0, dtype=torch.long))
@@ -81,7 +84,7 @@ def _with_photos(model: FruitNet, photos: Manifest, classes: list[str], cfg: Tra
     start = LinearFit(lin.weight.detach().clone(), lin.bias.detach().clone(), model.standardise.mean.clone(),
                       model.standardise.std.clone())
     if not model.standardise.active:  # the solver's penalty needs comparable dimensions: standardised features
-        model.standardise.fit(torch.cat([studio[0], rows.rows()[0]]).float())
+        model.standardise.set((studio[0] + Rows(rows.rows()[0])).mean_std())
     stats = (model.standardise.mean.clone(), model.standardise.std.clone())
     l2, share = cfg.fit.weight_decay, cfg.fit.photo_share
     head = fit_with_photos(studio, rows.rows(), len(classes), share, l2, stats, init=start)
@@ -95,7 +98,7 @@ def _with_photos(model: FruitNet, photos: Manifest, classes: list[str], cfg: Tra
         note = photo_note(y[held], rows.groups[held], cv.logits[held], [(s, n, z[held]) for s, n, z in cv.curve],
                           cv.folds, grouping=name, photos=len(y))
         if held.sum() >= MIN_PHOTOS:
-            x_train = torch.cat([feats["train"][0], feats["val"][0]])
+            x_train = Rows(feats["train"][0], feats["val"][0])
             y_train = torch.cat([feats["train"][1], feats["val"][1]]).numpy()
             trust, scorer = fit_on_photos(cv.logits[held], y[held], rows.x[torch.from_numpy(held)], fold[held],
                                           x_train, y_train, cfg.trust.target_precision, cfg.data.seed, name)
@@ -112,36 +115,50 @@ def _with_photos(model: FruitNet, photos: Manifest, classes: list[str], cfg: Tra
     return trust, scorer, note
 
 
-def _training_rows(feats: dict, fitted: FitResult) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows the head trained on apart from the photos: the train split's clean views and augmented views, and
-    the pseudo-labelled photos of --adapt-to."""
-    parts = [feats["train"]] + ([feats["train_aug"]] if "train_aug" in feats else [])
-    x = torch.cat([p[0].float() for p in parts])
-    y = torch.cat([p[1].long() for p in parts])
+def _training_rows(x: torch.Tensor, y: torch.Tensor, augmented: tuple | None,
+                   fitted: FitResult) -> tuple[Rows, torch.Tensor]:
+    """The rows the head trained on apart from the labelled photos: the train split's clean views (``x``, ``y``) and
+    augmented views, and the pseudo-labelled photos of --adapt-to; read where they are (no copy of the cache)."""
+    parts, ys = [x], [y.long()]
+    if augmented is not None:
+        parts.append(augmented[0])
+        ys.append(augmented[1].long())
     if fitted.adapted is not None and fitted.adapted_labels is not None:
-        x, y = torch.cat([x, fitted.adapted.float()]), torch.cat([y, fitted.adapted_labels.long()])
-    return x, y
+        parts.append(fitted.adapted)
+        ys.append(fitted.adapted_labels.long())
+    return Rows(*parts), torch.cat(ys)
 
 
-def _recipe(cfg: TrainConfig, history: list[dict], model: FruitNet) -> HeadRecipe:
-    """The real head's recipe, for as many epochs as it trained until its best validation loss (and standardising
-    the features where it does)."""
-    rows = [r for r in history if r.get("phase") == "head" and r.get("val_loss") is not None]
-    best = int(min(rows, key=lambda r: r["val_loss"])["epoch"]) if rows else cfg.fit.epochs
+def _recipe(cfg: TrainConfig, model: FruitNet) -> HeadRecipe:
+    """The real head's objective: its weight decay as the L2 penalty, label smoothing, class weights, and the
+    features standardised where the head standardises them."""
     f = cfg.fit
-    return HeadRecipe(epochs=max(1, best), lr=f.lr, weight_decay=f.weight_decay, dropout=cfg.model.dropout,
-                      label_smoothing=f.label_smoothing, batch_size=max(f.batch_size, 256),
-                      balance=f.balance != "none", standardise=model.standardise.active)
+    stats = (model.standardise.mean.clone(), model.standardise.std.clone()) if model.standardise.active else None
+    return HeadRecipe(weight_decay=f.weight_decay, label_smoothing=f.label_smoothing, balance=f.balance != "none",
+                      stats=stats)
+
+
+def _refit(model: FruitNet, x: torch.Tensor, y: torch.Tensor, recipe: HeadRecipe) -> LinearFit:
+    """The real head refitted by the solver on its training rows, started from the head the epochs trained (the
+    same estimator as the out-of-fold heads, so that their logits are on its scale); written into ``model``."""
+    lin = model.linear
+    start = LinearFit(lin.weight.detach().clone(), lin.bias.detach().clone(),
+                      *(recipe.stats or (torch.zeros(lin.in_features), torch.ones(lin.in_features))))
+    head = train_head(x, y, lin.out_features, recipe, init=start)
+    with torch.no_grad():
+        lin.weight.copy_(head.weight)
+        lin.bias.copy_(head.bias)
+    return head
 
 
 def _frozen_features(model: FruitNet, train: Manifest, val: Manifest, classes: list[str], cfg: TrainConfig,
-                     run: RunDir) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+                     run: RunDir) -> tuple[torch.Tensor | Rows, torch.Tensor, tuple | None]:
     """Clean features of the train + val images (and the augmented views of train), from the feature cache when the
     head trained on it, else one pass of the frozen backbone."""
     cache = run.cache / "features.pt"
     if cfg.fit.feature_cache and cache.is_file():
         feats = load_cache(cache)[0]
-        x = torch.cat([feats["train"][0], feats["val"][0]])
+        x = Rows(feats["train"][0], feats["val"][0])  # read where they are: no copy of the memory-mapped cache
         y = torch.cat([feats["train"][1], feats["val"][1]]).long()
         aug = feats.get("train_aug")
         return x, y, (aug[0], aug[1].long(), aug[2].numpy()) if aug is not None and len(aug) == 3 else None

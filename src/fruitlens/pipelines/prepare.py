@@ -7,9 +7,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fruitlens.config import TrainConfig
+from collections import Counter
+
 from fruitlens.data.check import CheckReport, check
 from fruitlens.data.facts import DataFacts
 from fruitlens.data.manifest import CSV_FIELDS, Manifest
+from fruitlens.data.prune import auto_keep_share, representatives
 from fruitlens.data.scan import scan
 from fruitlens.data.split import SplitResult, split
 from fruitlens.errors import ConfigError, DataError
@@ -47,7 +50,30 @@ def prepare(cfg: TrainConfig) -> PreparedData:
     facts = DataFacts(data=str(d.path), check=report.summary, check_findings=report.finding_counts(),
                       split=result.facts(), leak_free=not any(v["images"] for v in result.leaks.values()),
                       median_side=int(statistics.median(sides)) if sides else 224)
-    return PreparedData(result.manifest, facts, report)
+    manifest = _prune(result.manifest, report, d.keep_share, facts)
+    return PreparedData(manifest, facts, report)
+
+
+def _prune(manifest: Manifest, report: CheckReport, keep_share: float, facts: DataFacts) -> Manifest:
+    """The training images that representatives of their near-copy group stand for move to split ``covered``
+    (``data/prune.py``); the share kept is ``keep_share``, or picked from the groups' sizes."""
+    train = [r for r in manifest if r.split == "train"]
+    sizes = Counter(r.group for r in train if r.group)
+    typical = statistics.median([sizes[r.group] if r.group else 1 for r in train]) if train else 1
+    share = keep_share if keep_share > 0 else auto_keep_share(typical)
+    facts.keep_share = share
+    if share >= 1:
+        return manifest
+    files = {str(report.manifest.resolve(r)): f for r, f in zip(report.manifest.records, report.files) if f.ok}
+    pruned, moved = representatives(manifest, files, share)
+    facts.covered = moved
+    if moved:
+        note = (f"{moved:,} of {len(train):,} training images are near copies (frames of one fruit turning) that "
+                f"{len(train) - moved:,} representatives stand for: trained on the representatives "
+                f"({100 * share:.0f}% of each near-copy group, picked to cover it; data.keep_share)")
+        facts.split.notes.append(note)
+        log.info("%s", note)
+    return pruned
 
 
 def _refuse_unusable_split(result: SplitResult, path: str) -> None:

@@ -120,28 +120,40 @@ def extract(engine: Engine, ds: Dataset, batches: list[list[int]], batch_size: i
     single-process order: batch, view, position). ``known_clean``: every image's clean features already (only the
     views run)."""
     loader = DataLoader(ds, batch_sampler=batches, num_workers=workers)
-    clean, aug_feats, idx, aug_idx, aug_key = [], [], [], [], []
+    n = sum(len(r) for r in batches)
+    # written in place into tensors of the final size: a list of batches and its concatenation would hold the
+    # features twice (gigabytes at 100,000 images)
+    out: dict[str, torch.Tensor] = {"idx": torch.zeros(n, dtype=torch.long)}
+    if views:
+        out.update(aug_idx=torch.zeros(n * views, dtype=torch.long), aug_key=torch.zeros(n * views, dtype=torch.long))
+    at = 0
     t0 = time.perf_counter()
     for rows, (x, _) in zip(batches, _progress(loader, name, views + (known_clean is None))):
         rows_t = torch.tensor(rows)
         x = x.to(engine.device, non_blocking=True)
-        clean.append(engine(pre.normalise(x)) if known_clean is None else known_clean[rows_t])
-        idx.append(rows_t)
+        f = engine(pre.normalise(x)) if known_clean is None else known_clean[rows_t]
+        if "clean" not in out:
+            out["clean"] = torch.empty(n, f.shape[1])
+            if views:
+                out["aug"] = torch.empty(n * views, f.shape[1])
+        out["clean"][at:at + len(rows)] = f
+        out["idx"][at:at + len(rows)] = rows_t
         b = rows[0] // batch_size
         g = _batch_generator(seed, name, b)
         for v in range(views):
-            aug_feats.append(engine(pre.normalise(augment_batch(x, aug, g))))
-            aug_idx.append(rows_t)
-            aug_key.append((b * (views + 1) + v) * batch_size + torch.arange(len(rows)))
-    n = sum(len(r) for r in batches)
+            place = slice(views * at + v * len(rows), views * at + (v + 1) * len(rows))
+            out["aug"][place] = engine(pre.normalise(augment_batch(x, aug, g)))
+            out["aug_idx"][place] = rows_t
+            out["aug_key"][place] = (b * (views + 1) + v) * batch_size + torch.arange(len(rows))
+        at += len(rows)
     passes = views + (known_clean is None)
     dt = time.perf_counter() - t0
     log.info("features: %s, %d images x %d view(s) in %.1fs (%.0f img/s, %s)%s", name, n, passes, dt,
              n * passes / max(dt, 1e-9), engine.name, "; clean view from the feature store" if passes == views else "")
-    cat = lambda xs, width=0: torch.cat(xs) if xs else torch.zeros((0, width) if width else 0)
-    out = {"idx": cat(idx).long(), "clean": cat(clean, 1)}
-    if views:
-        out.update(aug=cat(aug_feats, 1), aug_idx=cat(aug_idx).long(), aug_key=cat(aug_key).long())
+    if "clean" not in out:  # no batch for this process
+        out["clean"] = torch.zeros((0, 1))
+        if views:
+            out["aug"] = torch.zeros((0, 1))
     return out
 
 
@@ -152,14 +164,17 @@ def _merge(parts: list[dict[str, dict[str, torch.Tensor]]], name: str, targets: 
     rows = [p[name] for p in parts if p.get(name) is not None and len(p[name]["idx"])]  # a process may get no batch
     if not rows:  # every clean feature came from the feature store and there are no views
         return {name: (known, targets)}
-    idx = torch.cat([r["idx"] for r in rows])
-    order = torch.argsort(idx)
-    out = {name: (torch.cat([r["clean"] for r in rows])[order], targets[idx[order]])}
+    ordered = lambda t, order: t if order is None else t[order]
+    cat = lambda key: rows[0][key] if len(rows) == 1 else torch.cat([r[key] for r in rows])
+    idx = cat("idx")
+    # one process computed every batch in order: its rows are the result as they are (no copy)
+    order = None if len(rows) == 1 and bool((idx[1:] > idx[:-1]).all()) else torch.argsort(idx)
+    out = {name: (ordered(cat("clean"), order), targets[ordered(idx, order)])}
     if "aug" in rows[0]:
-        key = torch.cat([r["aug_key"] for r in rows])
-        order = torch.argsort(key)
-        img = torch.cat([r["aug_idx"] for r in rows])[order]
-        out[f"{name}_aug"] = (torch.cat([r["aug"] for r in rows])[order], targets[img], img)
+        key = cat("aug_key")
+        order = None if len(rows) == 1 and bool((key[1:] > key[:-1]).all()) else torch.argsort(key)
+        img = ordered(cat("aug_idx"), order)
+        out[f"{name}_aug"] = (ordered(cat("aug"), order), targets[img], img)
     return out
 
 

@@ -36,6 +36,7 @@ from fruitlens.training.features import FeaturePass, FeatureStore, cached_featur
 from fruitlens.training.loggers import mlflow_run, phase_loggers
 from fruitlens.training.module import ClassifierModule
 from fruitlens.training.photos import photo_repeats
+from fruitlens.training.solver import Rows
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +269,8 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
                                       augmented=("photos",))
             feats = {**feats, **more}
         if model.feature_layer == "mid":  # the head reads them standardised on every training row (views included)
-            model.standardise.fit(torch.cat([feats[k][0] for k in ("train", "train_aug", "photos", "photos_aug")
-                                             if k in feats]).float())
+            model.standardise.set(Rows(*[feats[k][0] for k in ("train", "train_aug", "photos", "photos_aug")
+                                         if k in feats]).mean_std())
         return feats, fp
 
     data = FeatureData(compute, cfg, len(classes))

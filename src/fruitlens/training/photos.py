@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fruitlens.training.heldout import visual_groups
-from fruitlens.training.solver import LinearFit, fit_linear
+from fruitlens.training.solver import LinearFit, Rows, fit_linear
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,14 @@ class PhotoRows:
         return torch.cat([self.x[idx], self.aug_x[keep]]).float(), torch.cat([self.y[idx], self.aug_y[keep]])
 
 
-def fit_with_photos(studio: tuple[torch.Tensor, torch.Tensor], photos: tuple[torch.Tensor, torch.Tensor],
+def fit_with_photos(studio: tuple[torch.Tensor | Rows, torch.Tensor], photos: tuple[torch.Tensor, torch.Tensor],
                     n_classes: int, share: float, l2: float, stats: tuple[torch.Tensor, torch.Tensor],
                     init: LinearFit | None = None) -> LinearFit:
     """The head on the studio rows and the photos' rows, the photos carrying ``share`` of the weight."""
     (xs, ys), (xp, yp) = studio, photos
-    x, y = torch.cat([xs.float(), xp.float()]), torch.cat([ys.long(), yp.long()])
-    return fit_linear(x, y, n_classes, weight=row_weights(len(xs), len(xp), share), l2=l2, init=init, stats=stats)
+    rows = (xs if isinstance(xs, Rows) else Rows(xs)) + Rows(xp)
+    return fit_linear(rows, torch.cat([ys.long(), yp.long()]), n_classes, weight=row_weights(len(ys), len(xp), share),
+                      l2=l2, init=init, stats=stats)
 
 
 @dataclass
@@ -102,7 +103,7 @@ def _sample(y: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
     return torch.sort(torch.randperm(len(y), generator=g)[:limit]).values
 
 
-def photo_cross_validation(studio: tuple[torch.Tensor, torch.Tensor], photos: PhotoRows, fold: np.ndarray,
+def photo_cross_validation(studio: tuple[torch.Tensor | Rows, torch.Tensor], photos: PhotoRows, fold: np.ndarray,
                            n_classes: int, *, share: float, l2: float, stats: tuple[torch.Tensor, torch.Tensor],
                            init: LinearFit, curve: tuple[float, ...] = CURVE, seed: int = 0) -> PhotoCV:
     """Out-of-fold logits of every photo (``fold``: a fold per photo, whole groups), each head trained on the studio
@@ -111,7 +112,8 @@ def photo_cross_validation(studio: tuple[torch.Tensor, torch.Tensor], photos: Ph
     alone."""
     t0 = time.perf_counter()
     keep = _sample(studio[1], CV_STUDIO_ROWS, seed)
-    xs, ys = studio[0][keep].float(), studio[1][keep].long()
+    xs = studio[0].take(keep) if isinstance(studio[0], Rows) else studio[0][keep].float()
+    ys = studio[1][keep].long()
     rng = np.random.default_rng(seed)
     n = len(photos.y)
     logits = {s: np.zeros((n, n_classes), dtype=np.float32) for s in set(curve) | {1.0}}
