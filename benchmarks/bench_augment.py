@@ -34,7 +34,7 @@ from fruitlens.config import AugmentConfig  # noqa: E402
 from fruitlens.models.registry import build_model  # noqa: E402
 from fruitlens.training.adapt import confident, shares  # noqa: E402
 from fruitlens.training.augment import augment_batch  # noqa: E402
-from fruitlens.training.features import Engine  # noqa: E402
+from fruitlens.training.engine import Engine  # noqa: E402
 
 SIZE, STEP, VIEWS, SEEDS = 224, 6, 2, 2
 NET = build_model("mobilenet_v2", 27, img_size=SIZE)

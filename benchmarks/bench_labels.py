@@ -44,7 +44,7 @@ from fruitlens.models.registry import build_model  # noqa: E402
 from fruitlens.pipelines.prepare import prepare  # noqa: E402
 from fruitlens.runtime import limit_heap_growth  # noqa: E402
 from fruitlens.training.adapt import confident  # noqa: E402
-from fruitlens.training.features import cached_features  # noqa: E402
+from fruitlens.training.features import Placement, Views, cached_features  # noqa: E402
 from fruitlens.training.photos import PhotoRows, fit_with_photos, similar_groups  # noqa: E402
 from fruitlens.training.solver import fit_linear  # noqa: E402
 
@@ -97,13 +97,13 @@ def features() -> dict:
     parts = split.manifest.by_split()
     studio = {s: ([str(parts[s].resolve(r)) for r in parts[s]], [r.label for r in parts[s]]) for s in ("train", "val")}
     datasets = {s: _dataset(*studio[s], pre) for s in studio}
-    feats, _ = cached_features(net.backbone, pre, datasets, batch_size=32, views=STUDIO_VIEWS,
-                               aug=AugmentConfig(crop_scale=0.6), seed=0, workers=1)
+    feats, _ = cached_features(net.backbone, pre, datasets, Views(STUDIO_VIEWS, AugmentConfig(crop_scale=0.6), 0),
+                               place=Placement(workers=1))
     photo_paths = sorted(str(p) for p in (SHARED / "grocery").rglob("*.jpg"))
     fine = [Path(p).parent.name for p in photo_paths]
-    pf, _ = cached_features(net.backbone, pre, {"photos": _dataset(photo_paths, fine, pre)}, batch_size=32,
-                            views=PHOTO_VIEWS, aug=AugmentConfig(crop_scale=RRC_MIN_AREA), seed=1, workers=1,
-                            augmented=("photos",))
+    pf, _ = cached_features(net.backbone, pre, {"photos": _dataset(photo_paths, fine, pre)},
+                            Views(PHOTO_VIEWS, AugmentConfig(crop_scale=RRC_MIN_AREA), 1, ("photos",)),
+                            place=Placement(workers=1))
     near = near_copy_groups(read_photos(photo_paths, what="bench").files)
     classes = sorted(set(studio["train"][1]))
     out = {"studio_x": torch.cat([feats["train"][0], feats["train_aug"][0]]).half(),

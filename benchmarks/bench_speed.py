@@ -41,7 +41,7 @@ def backbone_throughput(size: int = 96, batch: int = 32, seconds: float = 10) ->
     import torch
 
     from fruitlens.models.registry import build_model
-    from fruitlens.training.features import Engine
+    from fruitlens.training.engine import Engine
 
     net = build_model("mobilenet_v2", 2, weights="imagenet", img_size=size)
     engine = Engine(net.backbone, size)

@@ -99,7 +99,7 @@ def test_export_is_not_made_twice_for_one_checkpoint(run_copy):
     onnx = run_copy / "export" / "model.onnx"
     before = onnx.stat().st_mtime_ns
     again = fruitlens.export(run_copy, bench=False)
-    assert onnx.stat().st_mtime_ns == before and again.parity["fp32"]["top1_agreement"] >= 0.995
+    assert onnx.stat().st_mtime_ns == before and again.parity["fp32"].top1_agreement >= 0.995
     from fruitlens.models.checkpoint import load_model, save_model
 
     c = load_model(run_copy / "checkpoints" / "best.ckpt")  # a changed checkpoint: a new export

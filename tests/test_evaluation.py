@@ -218,7 +218,8 @@ def test_class_map_numbers_follow_the_mapping(run_copy, tmp_path, monkeypatch):
 
     import fruitlens.pipelines.evaluate as evaluate_module
     from fruitlens.evaluation.classmap import ClassMapping
-    from fruitlens.inference.predictor import Predictor, softmax
+    from fruitlens.inference.predictor import Predictor
+    from fruitlens.models.probs import softmax
 
     shown = {}  # the answers the report's gallery is given
     real_gallery = evaluate_module.gallery
@@ -265,7 +266,8 @@ def test_a_model_class_that_counts_for_several_data_classes_counts_for_each(run_
     import shutil
 
     from fruitlens.evaluation.classmap import ClassMapping
-    from fruitlens.inference.predictor import Predictor, softmax
+    from fruitlens.inference.predictor import Predictor
+    from fruitlens.models.probs import softmax
 
     data = make_tree(tmp_path / "d", per_class=5, classes=("apple", "plum", "kiwi"), size=48)
     shutil.move(str(data / "apple"), str(data / "red_one"))

@@ -98,8 +98,8 @@ def test_export_metadata_parity_and_speed(exported):
     assert json.loads(meta["fruitlens_preprocessing"])["image_size"] == 32
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert (run / "export" / "labels.txt").read_text().split() == ["apple", "kiwi", "lemon", "plum"]
-    assert res.parity["fp32"]["top1_agreement"] == 1.0 and res.parity["fp32"]["max_abs_logit_diff"] < 1e-3
-    assert res.parity["fp32"]["max_abs_ood_diff"] < 1e-3  # the score serve's "unfamiliar" rests on, checked too
+    assert res.parity["fp32"].top1_agreement == 1.0 and res.parity["fp32"].max_abs_logit_diff < 1e-3
+    assert res.parity["fp32"].max_abs_ood_diff < 1e-3  # the score serve's "unfamiliar" rests on, checked too
     assert {"pytorch", "model.onnx", "model.int8.onnx"} <= set(res.speed)
     assert json.loads((run / "export" / "export.json").read_text())["parity"]["fp32"]["top1_agreement"] == 1.0
     assert not list((run / "export").glob("*partial*"))  # temporary files are gone
@@ -107,7 +107,7 @@ def test_export_metadata_parity_and_speed(exported):
 
 def test_int8_model_agrees_and_predicts(exported):
     run, res = exported
-    assert res.parity["int8"]["images"] > 0 and res.parity["int8"]["top1_agreement"] >= 0.9
+    assert res.parity["int8"].images > 0 and res.parity["int8"].top1_agreement >= 0.9
     int8 = Predictor.load(run / "export" / "model.int8.onnx")
     fp32 = Predictor.load(run / "export" / "model.onnx")
     imgs = [fruit_image(c, i, 48) for c in ("apple", "kiwi", "lemon", "plum") for i in range(4)]
@@ -132,16 +132,18 @@ def test_an_int8_model_of_an_earlier_checkpoint_is_removed_on_export(exported, t
 
 
 def test_int8_below_the_agreement_threshold_warns_and_keeps_fp32(run_copy, monkeypatch, caplog):
+    from dataclasses import replace
+
     real = ex.onnx_io.parity
 
     def parity(model, path, batch):
         got = real(model, path, batch)
-        return {**got, "top1_agreement": 0.5} if "int8" in path.name else got
+        return replace(got, top1_agreement=0.5) if "int8" in path.name else got
 
     monkeypatch.setattr(ex.onnx_io, "parity", parity)
     with caplog.at_level(logging.WARNING):
         res = ex.export(run_copy, int8=True, bench=False)
-    assert "keep using the fp32 model" in caplog.text and res.parity["fp32"]["top1_agreement"] == 1.0
+    assert "keep using the fp32 model" in caplog.text and res.parity["fp32"].top1_agreement == 1.0
     assert (run_copy / "export" / "model.onnx").is_file()
 
 

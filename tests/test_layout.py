@@ -1,28 +1,30 @@
-"""The package layering of DESIGN.md: imports point down the list, nothing imports the CLI, no circles."""
+"""The package layering of DESIGN.md (docs/design.md): imports point down the list, nothing imports the CLI, no
+circles between modules, not even through imports for type annotations."""
 import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fruitlens"
 # top to bottom; a package may import those below it (and the top-level modules), never those above
-LAYERS = ["cli", "serve", "pipelines", "evaluation", "training", "inference", "data", "models"]
-TOP = {"config", "errors", "jsonio", "filehash", "rundir", "runtime", "__init__", "__main__"}
+LAYERS = ["cli", "serve", "pipelines", "evaluation", "training", "inference", "labelling", "data", "models"]
+TOP = {"config", "errors", "jsonio", "filehash", "rundir", "runtime", "templating", "__init__", "__main__"}
 
 
-def _nodes(path: Path):
-    """Every node of the file, but those under ``if TYPE_CHECKING:`` (imports for annotations only run nothing)."""
+def _nodes(path: Path, type_only: bool = True):
+    """Every node of the file; ``type_only=False`` leaves out those under ``if TYPE_CHECKING:``."""
     stack = [ast.parse(path.read_text())]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+        if not type_only and isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
             continue
         yield node
         stack.extend(ast.iter_child_nodes(node))
 
 
 def _imports(path: Path) -> set[str]:
-    """The fruitlens sub-packages and top-level modules that ``path`` imports (at any depth of the file)."""
+    """The fruitlens sub-packages and top-level modules that ``path`` imports at run time (at any depth of the file;
+    the package's ``__init__`` imports its public functions lazily, for annotations only)."""
     out = set()
-    for node in _nodes(path):
+    for node in _nodes(path, type_only=False):
         names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
             [a.name for a in node.names] if isinstance(node, ast.Import) else []
         for name in names:

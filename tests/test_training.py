@@ -86,7 +86,7 @@ def test_mobilenet_feature_cache_then_fine_tune(tmp_path):
 def test_mid_layer_features_train_a_standardised_head_end_to_end(tmp_path):
     need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
     from fruitlens.pipelines.calibrate import _recipe
-    from fruitlens.training.features import FeatureStore
+    from fruitlens.training.store import FeatureStore
 
     data = make_tree(tmp_path / "d", per_class=12, size=64)
     cfg = _cfg(data, **{"model.img_size": 64, "model.feature_layer": "mid", "fit.epochs": 40, "fit.feature_views": 1,
@@ -112,10 +112,10 @@ def test_the_feature_store_tells_weights_apart(tmp_path, monkeypatch):
     from torchvision.models import MobileNet_V2_Weights
 
     from fruitlens.models.preprocessing import Preprocessing
-    from fruitlens.training import features
+    from fruitlens.training.store import FeatureStore
 
     pre = Preprocessing(96, 96, (0.5,) * 3, (0.25,) * 3)
-    store = lambda weights: features.FeatureStore("mobilenet_v2", weights, pre, cache=tmp_path).path
+    store = lambda weights: FeatureStore("mobilenet_v2", weights, pre, cache=tmp_path).path
     monkeypatch.setattr("fruitlens.models.weights.pick", lambda enum: MobileNet_V2_Weights.IMAGENET1K_V1)
     v1 = store("imagenet")
     monkeypatch.setattr("fruitlens.models.weights.pick", lambda enum: MobileNet_V2_Weights.IMAGENET1K_V2)
@@ -132,7 +132,7 @@ def test_feature_engine_matches_pytorch_and_leaves_no_temp_files(tmp_path, monke
 
     from torch import nn
 
-    from fruitlens.training.features import Engine
+    from fruitlens.training.engine import Engine
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the ONNX file is written (and removed) here
     torch.manual_seed(0)
@@ -271,7 +271,7 @@ def test_feature_cache_is_memory_mapped_and_resume_reuses_it(tmp_path):
     from fruitlens.data.split import split
     from fruitlens.models.registry import build_model
     from fruitlens.training import loaders
-    from fruitlens.training.features import cached_features
+    from fruitlens.training.features import Views, cached_features
 
     data = make_tree(tmp_path / "d", per_class=8, size=48)
     cfg = _cfg(data)
@@ -279,7 +279,7 @@ def test_feature_cache_is_memory_mapped_and_resume_reuses_it(tmp_path):
     net = build_model("mobilenet_v2", 3, weights="imagenet", img_size=32)
     datasets = {s: loaders.dataset(m.split(s), m.classes, net.preprocessing, cfg) for s in ("train", "val")}
     cache = tmp_path / "run" / "cache" / "features.pt"
-    kw = dict(batch_size=8, views=1, aug=cfg.augment, seed=0, cache_file=cache)
+    kw = dict(views=Views(1, cfg.augment, 0), batch_size=8, cache_file=cache)
     first, fp = cached_features(net.backbone, net.preprocessing, datasets, **kw)
     assert not fp.reused and fp.images_per_rank == [len(datasets["train"]) + len(datasets["val"])]
     assert _mapped(cache)  # the head reads pages of the file

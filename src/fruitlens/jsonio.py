@@ -59,6 +59,9 @@ def _value(typ: Any, value: Any) -> Any:
     if origin is list and isinstance(value, list):
         (item,) = typing.get_args(typ) or (Any,)
         return [_value(item, v) for v in value]
+    if origin is dict and isinstance(value, dict):
+        _, item = typing.get_args(typ) or (Any, Any)
+        return {k: _value(item, v) for k, v in value.items()}
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     return value

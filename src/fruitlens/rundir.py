@@ -51,6 +51,7 @@ class RunDir:
     cache = property(lambda self: self.path / "cache")
     photos = property(lambda self: self.path / "photos.csv")  # the labelled photos of the setting (train --add)
     photos_json = property(lambda self: self.path / "photos.json")  # the figures on them (PhotoNote)
+    label_audit = property(lambda self: self.path / "label_audit.json")  # the label audit (LabelAudit)
 
     def eval_dir(self, name: str) -> Path:
         """``eval/<name>/``: where a report on other data goes, so that the run's own report stays as it is."""

@@ -12,7 +12,8 @@ def _environment():
 
     env = Environment(loader=PackageLoader("fruitlens", "templates"), autoescape=select_autoescape(default=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["pct"] = lambda v, digits=1: "-" if v is None else f"{100 * v:.{digits}f}%"
+    env.filters["pct"] = lambda v, digits=1: "-" if v is None or v != v else f"{100 * v:.{digits}f}%"
+    env.filters["cell"] = lambda v: str(v).replace("|", "\\|")  # a Markdown table cell
     return env
 
 

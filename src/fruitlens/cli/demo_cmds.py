@@ -73,9 +73,9 @@ def run(args) -> int:
     print(f"  report:   {res.run.report_html}")
     print(f"  model:    {res.run.best_ckpt}")
     print(f"  onnx:     {res.export.onnx} (top-1 agreement with PyTorch "
-          f"{res.export.parity['fp32']['top1_agreement']:.2%})")
+          f"{res.export.parity['fp32'].top1_agreement:.2%})")
     if res.export.int8:
-        print(f"  int8:     {res.export.int8} (agreement {res.export.parity['int8']['top1_agreement']:.2%})")
+        print(f"  int8:     {res.export.int8} (agreement {res.export.parity['int8'].top1_agreement:.2%})")
     print_speed(res.export.speed, "  speed:   ")
     print(f"\nserve it:   fruitlens serve {res.run.path}     (then open http://127.0.0.1:8000)")
     print(f"predict:    fruitlens predict {res.run.path} some_fruit.jpg")

@@ -178,9 +178,9 @@ def run_export(args) -> int:
     res = export(args.run, int8=args.int8, opset=args.opset, bench=args.bench)
     print(f"wrote {res.onnx} (opset {res.opset}, {res.classes} classes, {res.image_size} px) and labels.txt")
     for name, p in res.parity.items():
-        print(f"parity {name}: top-1 agreement {p['top1_agreement']:.2%} on {p['images']} validation images, "
-              f"max |logit diff| {p['max_abs_logit_diff']:.2e}"
-              + (f", max |ood_score diff| {p['max_abs_ood_diff']:.2e}" if "max_abs_ood_diff" in p else ""))
+        print(f"parity {name}: top-1 agreement {p.top1_agreement:.2%} on {p.images} validation images, "
+              f"max |logit diff| {p.max_abs_logit_diff:.2e}"
+              + (f", max |ood_score diff| {p.max_abs_ood_diff:.2e}" if p.max_abs_ood_diff is not None else ""))
     if res.int8:
         print(f"wrote {res.int8}")
     print_speed(res.speed, "speed")

@@ -122,7 +122,6 @@ def print_summary(page, report, export_error: str | None = None) -> None:
     from fruitlens.evaluation.domain import studio_text
     from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
     from fruitlens.evaluation.selective import never_sure_text
-    from fruitlens.training.adapt import Adaptation
 
     m = report.metrics
     run = report.run
@@ -146,7 +145,7 @@ def print_summary(page, report, export_error: str | None = None) -> None:
         print(f"on {f.name}: accuracy {f.accuracy:.4f} (95% CI {ci_range(f.accuracy_ci95)})  balanced {f.balanced_accuracy:.4f}"
               f"  ({f.images} images; report {Path(run) / f.folder / 'report.html'})")
     if report.adaptation:
-        print(f"adaptation: {Adaptation(**report.adaptation).text()}")
+        print(f"adaptation: {report.adaptation.text()}")
     if report.photos is not None:
         print(report.photos.text())
         if report.photos.skipped:

@@ -59,9 +59,9 @@ class ImageDataset(Dataset):
         raise DataError("no image of this split can be decoded", "run 'fruitlens check' on the data")
 
 
-def class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
+def class_weights(targets: list[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights (mean 1) for the loss; absent classes get 0."""
-    counts = torch.bincount(torch.tensor(targets), minlength=num_classes).float()
+    counts = torch.bincount(torch.as_tensor(targets, dtype=torch.long), minlength=num_classes).float()
     w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
     return w
 

@@ -3,10 +3,18 @@ figures on the test split next to those on other data (``--eval-data``, ``fruitl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from fruitlens.evaluation.report import Report
+from fruitlens.config import ModelConfig
+from fruitlens.evaluation.metrics import Metrics
+
+
+class Evaluated(Protocol):
+    """What a figure is read from: an evaluation's name, metrics and class map (a ``Report``)."""
+
+    evaluated_on: str
+    metrics: Metrics
+    class_map: str | None
 
 STUDIO_SHARE = 0.8  # training data this much shot on white is "studio shots only"
 
@@ -25,7 +33,7 @@ class DomainFigure:
     class_map: str | None = None
 
     @classmethod
-    def of(cls, report: Report, folder: str = "") -> "DomainFigure":
+    def of(cls, report: Evaluated, folder: str = "") -> "DomainFigure":
         m = report.metrics
         return cls(report.evaluated_on, m.n, m.accuracy, m.accuracy_ci95, m.balanced_accuracy, m.macro_f1, folder,
                    report.class_map)
@@ -61,9 +69,9 @@ def studio_text(note: DomainNote) -> str:
             "input makes it much worse on photos.")
 
 
-def features_text(model_cfg: dict) -> str:
+def features_text(model: ModelConfig) -> str:
     """Which features the head reads (``model.feature_layer``), in words."""
-    if model_cfg.get("feature_layer") == "mid":
+    if model.feature_layer == "mid":
         return ("the features of a mid-level block of the backbone (--feature-layer mid), standardised on the "
                 "training features")
     return "the features of the backbone's last layer"

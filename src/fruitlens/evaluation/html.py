@@ -3,17 +3,15 @@ without a server. This module only prepares the figures and sentences the templa
 escaping are the template's."""
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import yaml
 
 from fruitlens.evaluation.domain import features_text, studio_text
 from fruitlens.evaluation.metrics import ci_range, ci_text, gap_text
+from fruitlens.evaluation.report import Report
 from fruitlens.evaluation.selective import never_sure_text
 from fruitlens.templating import render
-from fruitlens.training.adapt import Adaptation
-
-if TYPE_CHECKING:
-    from fruitlens.evaluation.report import Report
 
 
 def _pct(v) -> str:
@@ -24,7 +22,7 @@ def _num(v, fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def _trust_cards(report: "Report") -> tuple[list, list]:
+def _trust_cards(report: Report) -> tuple[list, list]:
     t = report.trust
     if t is None:
         return [], []
@@ -40,7 +38,7 @@ def _trust_cards(report: "Report") -> tuple[list, list]:
     return cards, coverage
 
 
-def _photo_cards(report: "Report") -> list:
+def _photo_cards(report: Report) -> list:
     p = report.photos
     if p is None or p.accuracy is None:
         return []
@@ -52,7 +50,7 @@ def _photo_cards(report: "Report") -> list:
     return cards
 
 
-def render_html(report: "Report", images: dict[str, str]) -> str:
+def render_html(report: Report, images: dict[str, str]) -> str:
     """The report page; every value is escaped by the template (class names come from folder names)."""
     m, ds = report.metrics, report.dataset
     ci = ci_text(m)
@@ -68,7 +66,7 @@ def render_html(report: "Report", images: dict[str, str]) -> str:
         "gap": gap_text(report.validation_gap, report.evaluated_on),
         # a run trained on the user's labelled photos says how it does on them instead
         "studio": studio_text(report.domain) if report.photos is None else "",
-        "adaptation": Adaptation(**report.adaptation).text() if report.adaptation else "",
+        "adaptation": report.adaptation.text() if report.adaptation else "",
         "others": len(report.domain.figures) > 1,
         "photo_cards": _photo_cards(report),
         "confused": [[p["true"], p["predicted"], p["count"]] for p in m.most_confused],
@@ -76,7 +74,7 @@ def render_html(report: "Report", images: dict[str, str]) -> str:
                       for c, v in m.per_class.items()],
         "counts": [[c, v.get("train", 0), v.get("val", 0), v.get("test", 0)] for c, v in sorted(ds.counts.items())],
         "trust_cards": trust_cards, "coverage_cards": coverage_cards, "never": never_sure_text(report.trust),
-        "features": features_text(report.config.get("model", {})), "pre": report.model.preprocessing,
-        "config_json": json.dumps(report.config, indent=2), "ci": ci_range,
+        "features": features_text(report.config.model), "pre": report.model.preprocessing,
+        "config_yaml": yaml.safe_dump(report.config.to_dict(), sort_keys=False), "ci": ci_range,
     }
     return render("report.html", **context)

@@ -9,8 +9,29 @@ import numpy as np
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
                              log_loss, precision_recall_fscore_support)
 
+from fruitlens.training.history import HistoryRow
 
-def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[str, Any]:
+
+@dataclass
+class CalibrationBin:
+    """One confidence bin of a reliability diagram."""
+
+    lo: float
+    hi: float
+    count: int
+    accuracy: float
+    confidence: float
+
+
+@dataclass
+class Calibration:
+    """Expected calibration error and the bins it was computed over."""
+
+    ece: float = float("nan")
+    bins: list[CalibrationBin] = field(default_factory=list)
+
+
+def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> Calibration:
     """Expected calibration error over equal-width confidence bins, with the bins for a reliability diagram."""
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y_true
@@ -22,8 +43,8 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[s
         if n:
             acc, mean_conf = float(correct[mask].mean()), float(conf[mask].mean())
             ece += n / len(y_true) * abs(acc - mean_conf)
-            rows.append({"lo": float(lo), "hi": float(hi), "count": n, "accuracy": acc, "confidence": mean_conf})
-    return {"ece": float(ece), "bins": rows}
+            rows.append(CalibrationBin(float(lo), float(hi), n, acc, mean_conf))
+    return Calibration(float(ece), rows)
 
 
 def wilson_interval(correct: float, n: float, z: float = 1.96) -> tuple[float, float]:
@@ -94,7 +115,7 @@ class Metrics:
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # precision, recall, f1, support
     classification_report: str = ""
     log_loss: float | None = None
-    calibration: dict[str, Any] = field(default_factory=dict)  # ece and the bins of the reliability diagram
+    calibration: Calibration = field(default_factory=Calibration)  # ece and the bins of the reliability diagram
     ece: float = float("nan")
     most_confused: list[dict[str, Any]] = field(default_factory=list)  # true, predicted, count
 
@@ -125,7 +146,7 @@ class ValidationGap:
     significant: bool  # the two 95% intervals are apart, validation above
 
 
-def validation_gap(history: list[dict], metrics: Metrics, n_val: int) -> ValidationGap | None:
+def validation_gap(history: list[HistoryRow], metrics: Metrics, n_val: int) -> ValidationGap | None:
     """The kept model's validation accuracy next to the accuracy measured here; ``significant`` when their 95%
     intervals do not overlap (validation above).
 
@@ -133,11 +154,11 @@ def validation_gap(history: list[dict], metrics: Metrics, n_val: int) -> Validat
     sides (GroceryStore: 99% validation accuracy, 75% on its own test photos). Such a gap says that new photos
     will score near the test figure, not the validation one. ``None`` without validation figures.
     """
-    rows = [r for r in history if isinstance(r.get("val_loss"), float) and isinstance(r.get("val_acc"), float)]
+    rows = [r for r in history if r.val_loss is not None and r.val_acc is not None]
     hi = (metrics.accuracy_ci95 or [None, None])[1]
     if not rows or not n_val or hi is None or np.isnan(hi):
         return None
-    val_acc = min(rows, key=lambda r: r["val_loss"])["val_acc"]  # the kept checkpoint: best validation loss
+    val_acc = min(rows, key=lambda r: r.val_loss).val_acc  # the kept checkpoint: best validation loss
     val_lo = wilson_interval(round(val_acc * n_val), n_val)[0]
     return ValidationGap(val_acc, n_val, metrics.accuracy, bool(val_lo > hi))
 
@@ -207,7 +228,7 @@ def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
     clipped = np.clip(probs, 1e-12, 1)
     out["log_loss"] = float(log_loss(y_true, clipped / clipped.sum(1, keepdims=True), labels=labels)) if len(y_true) else float("nan")
     out["calibration"] = calibration(y_true, probs)
-    out["ece"] = out["calibration"]["ece"]
+    out["ece"] = out["calibration"].ece
     pairs = [(int(cm[i, j]), classes[i], classes[j]) for i in range(n_cls) for j in range(n_cls) if i != j and cm[i, j]]
     out["most_confused"] = [{"true": t, "predicted": pr, "count": n} for n, t, pr in sorted(pairs, reverse=True)[:15]]
     return Metrics(**out)

@@ -7,7 +7,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+
+from fruitlens.evaluation.metrics import Calibration
+from fruitlens.training.history import HistoryRow  # noqa: E402
 
 
 def confusion_heatmap(cm: np.ndarray, classes: list[str], path: Path, normalise: bool, title: str) -> Path:
@@ -41,12 +44,12 @@ def confusion_heatmap(cm: np.ndarray, classes: list[str], path: Path, normalise:
     return path
 
 
-def training_curves(history: list[dict], path: Path) -> Path | None:
+def training_curves(history: list[HistoryRow], path: Path) -> Path | None:
     """Loss, accuracy and learning rate per epoch, train and validation, with the phases marked."""
     if not history:
         return None
     x = np.arange(1, len(history) + 1)
-    get = lambda key: np.array([np.nan if r.get(key) is None else float(r[key]) for r in history])
+    get = lambda key: np.array([np.nan if getattr(r, key) is None else float(getattr(r, key)) for r in history])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     dots = len(history) <= 40  # a marker per epoch, where they do not merge into a line
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
@@ -60,7 +63,7 @@ def training_curves(history: list[dict], path: Path) -> Path | None:
     axes[2].set_yscale("log")
     axes[2].set_title("learning rate")
     axes[2].set_xlabel("epoch (all phases)")
-    phases = [r.get("phase") for r in history]
+    phases = [r.phase for r in history]
     for ax in axes:
         start = 0
         for i in range(1, len(phases) + 1):
@@ -74,19 +77,18 @@ def training_curves(history: list[dict], path: Path) -> Path | None:
     return path
 
 
-def reliability_diagram(calib: dict, path: Path, before: dict | None = None) -> Path:
+def reliability_diagram(calib: Calibration, path: Path, before: Calibration | None = None) -> Path:
     """Accuracy against confidence per bin; with ``before`` (the bins without the temperature) side by side."""
     panels = [("before calibration", before), ("after calibration", calib)] if before else [("", calib)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
     for ax, (name, c) in zip(axes[0], panels):
-        bins = c["bins"]
-        centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
-        ax.bar(centers, [b["accuracy"] for b in bins], width=1 / 15 * 0.9, alpha=0.7, label="accuracy")
+        centers = [(b.lo + b.hi) / 2 for b in c.bins]
+        ax.bar(centers, [b.accuracy for b in c.bins], width=1 / 15 * 0.9, alpha=0.7, label="accuracy")
         ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-        ax.plot(centers, [b["confidence"] for b in bins], "r.", label="mean confidence")
+        ax.plot(centers, [b.confidence for b in c.bins], "r.", label="mean confidence")
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
-        ax.set_title(f"reliability {name} (ECE {c['ece']:.3f})".replace("  ", " "))
+        ax.set_title(f"reliability {name} (ECE {c.ece:.3f})".replace("  ", " "))
         ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -1,5 +1,4 @@
-"""The ``Report`` of one evaluation (report.json is its JSON), its galleries, and writing it: report.json,
-report.html, plots/*.png and classification_report.txt into one folder (the run's, or ``RUN/eval/<data>/``)."""
+"""The ``Report`` of one evaluation (report.json is its JSON) and its galleries; ``writer.py`` writes it."""
 from __future__ import annotations
 
 import base64
@@ -12,14 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from fruitlens.evaluation import plots
-from fruitlens.evaluation.html import render_html
+from fruitlens.config import TrainConfig
 from fruitlens.evaluation.domain import DomainNote
-from fruitlens.evaluation.metrics import Metrics, ValidationGap, group_keys
+from fruitlens.evaluation.metrics import Calibration, Metrics, ValidationGap, group_keys
 from fruitlens.evaluation.photos import PhotoNote
 from fruitlens.evaluation.selective import RiskCoverage
-from fruitlens.jsonio import from_dict, json_safe, write_json
+from fruitlens.jsonio import from_dict
 from fruitlens.models.preprocessing import Preprocessing, decode
+from fruitlens.training.adapt import Adaptation
+from fruitlens.training.history import HistoryRow
 
 
 @dataclass
@@ -86,7 +86,7 @@ class TrustNote:
     ece_after: float | None = None
     log_loss_before: float | None = None
     log_loss_after: float | None = None
-    calibration_before: dict[str, Any] = field(default_factory=dict)  # the reliability bins without the temperature
+    calibration_before: Calibration | None = None  # the reliability bins without the temperature
     risk_coverage: RiskCoverage = field(default_factory=RiskCoverage)
     answered: float | None = None  # share of these images answered ("not sure" and "unfamiliar" excluded)
     answered_accuracy: float | None = None
@@ -125,8 +125,8 @@ class Report:
     leak: LeakNote = field(default_factory=LeakNote)
     dataset: DatasetNote = field(default_factory=DatasetNote)
     model: ModelNote = field(default_factory=ModelNote)
-    config: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
+    config: TrainConfig = field(default_factory=TrainConfig)
+    history: list[HistoryRow] = field(default_factory=list)
     timing: Timing = field(default_factory=Timing)
     environment: Environment = field(default_factory=Environment)
     seed: int | None = None
@@ -134,7 +134,7 @@ class Report:
     trust: TrustNote | None = None  # None for models trained before the trust layer
     label_audit: AuditNote | None = None
     domain: DomainNote = field(default_factory=DomainNote)
-    adaptation: dict[str, Any] | None = None  # what --adapt-to did (training/adapt.py: Adaptation)
+    adaptation: Adaptation | None = None  # what --adapt-to did
     photos: PhotoNote | None = None  # train --add: the figures on the labelled photos of the user's setting
     gallery: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # worst_mistakes, least_confident_correct
     plots: dict[str, str] = field(default_factory=dict)  # name -> path relative to the report's folder
@@ -188,34 +188,3 @@ def gallery(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: list[st
     right = np.flatnonzero(pred == y)
     return {"worst_mistakes": pick(wrong[np.argsort(-conf[wrong], kind="stable")], True),
             "least_confident_correct": pick(right[np.argsort(conf[right], kind="stable")], False)}
-
-
-def write_report(report: Report, out: Path) -> Path:
-    """Writes the plots, report.json, report.html and classification_report.txt into ``out``; returns the page."""
-    out = Path(out)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    m = report.metrics
-    cm = np.array(m.confusion_matrix)
-    files = {
-        "confusion_counts": plots.confusion_heatmap(cm, report.classes, out / "plots" / "confusion_matrix.png", False,
-                                                    "confusion matrix (counts)"),
-        "confusion_normalised": plots.confusion_heatmap(cm, report.classes,
-                                                        out / "plots" / "confusion_matrix_normalised.png", True,
-                                                        "confusion matrix (row-normalised = recall)"),
-        "reliability": plots.reliability_diagram(m.calibration, out / "plots" / "reliability.png",
-                                                 report.trust.calibration_before if report.trust else None),
-        "risk_coverage": plots.risk_coverage(report.trust.risk_coverage, out / "plots" / "risk_coverage.png",
-                                             report.trust.target_precision) if report.trust else None,
-        "curves": plots.training_curves(report.history, out / "plots" / "training_curves.png"),
-    }
-    report.plots = {k: str(v.relative_to(out)) for k, v in files.items() if v}
-    (out / "classification_report.txt").write_text(m.classification_report)
-    data = json_safe(report)
-    slim = {**data, "gallery": {k: [{kk: vv for kk, vv in g.items() if kk != "thumbnail"} for g in v]
-                                for k, v in data["gallery"].items()}}
-    write_json(out / "report.json", slim)
-    images = {k: "data:image/png;base64," + base64.b64encode((out / v).read_bytes()).decode()
-              for k, v in report.plots.items()}
-    page = out / "report.html"
-    page.write_text(render_html(report, images))
-    return page

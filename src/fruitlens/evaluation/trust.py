@@ -18,6 +18,8 @@ import torch
 
 from fruitlens.evaluation.selective import fit_temperature, nll, threshold_for_accuracy
 from fruitlens.models.ood import OODScorer, bank_indices
+from fruitlens.models.probs import softmax
+from fruitlens.models.trust import Trust
 from fruitlens.training.heldout import HeadRecipe, group_folds, out_of_fold_logits
 from fruitlens.training.solver import LinearFit
 
@@ -35,38 +37,10 @@ class HeldOut:
     held: np.ndarray  # rows whose prediction was made without its image (and whose class the head knew)
 
 
-@dataclass
-class Trust:
-    """What the model says about itself, and how it was decided (stored in the checkpoint and the ONNX model)."""
-
-    temperature: float = 1.0
-    source: str = ""  # how the held-out predictions were made
-    heldout_images: int = 0
-    heldout_groups: int = 0
-    heldout_accuracy: float | None = None
-    heldout_ece_before: float | None = None
-    heldout_ece_after: float | None = None
-    heldout_nll_before: float | None = None
-    heldout_nll_after: float | None = None
-    target_precision: float = 0.95  # accuracy wanted of the answered images
-    unknown_threshold: float = 0.0  # calibrated top-1 probability below which the answer is "not sure"
-    heldout_coverage: float | None = None  # share of held-out images answered at that threshold
-    ood_threshold: float = 1.0  # ood_score above which the answer is "unfamiliar"
-    ood_rule: str = ""
-    heldout_ood_flagged: float | None = None  # share of held-out known images called unfamiliar
-    seconds: float = 0.0
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _ece(logits: np.ndarray, y: np.ndarray) -> float:
     from fruitlens.evaluation.metrics import calibration
 
-    return calibration(y, _softmax(logits))["ece"]
+    return calibration(y, softmax(logits)).ece
 
 
 MIN_HELDOUT_SHARE = 0.5  # of the images, whose class the other folds have: else the groups are too coarse
@@ -176,7 +150,7 @@ def _fit(logits: np.ndarray, y: np.ndarray, x: torch.Tensor, fold: np.ndarray, h
     ``bank_all``: every one of ``bank_rows`` goes into the nearest-neighbour bank (else a sample per class)."""
     z, yy = logits[held], y[held]
     temperature = fit_temperature(z, yy)
-    probs = _softmax(z / temperature)
+    probs = softmax(z / temperature)
     conf, correct = probs.max(axis=1), probs.argmax(axis=1) == yy
     threshold = threshold_for_accuracy(conf, correct, target_precision)
     trust = Trust(temperature=temperature, source=source, heldout_images=int(held.sum()),

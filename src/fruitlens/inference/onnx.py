@@ -8,6 +8,7 @@ import os
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from fruitlens.errors import ExportError
+from fruitlens.models.preprocessing import batch_for
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +81,22 @@ def file_metadata(path: Path) -> dict[str, str]:
 
 
 def _chunked(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
-    step = max(4, min(64, int(64 * (96 / batch.shape[-1]) ** 2)))  # small chunks for large inputs
+    step = batch_for(batch.shape[-1], 64, least=4)  # small chunks for large inputs
     return np.concatenate([fn(batch[i:i + step]) for i in range(0, len(batch), step)])
 
 
-def parity(model: nn.Module, path: Path, batch: np.ndarray) -> dict[str, float]:
+@dataclass
+class Parity:
+    """How an ONNX model agrees with PyTorch on real images: top-1 agreement, the largest logit difference, and for a
+    serving model the largest ``ood_score`` difference (None otherwise)."""
+
+    images: int = 0
+    top1_agreement: float = 0.0
+    max_abs_logit_diff: float = 0.0
+    max_abs_ood_diff: float | None = None
+
+
+def parity(model: nn.Module, path: Path, batch: np.ndarray) -> Parity:
     """Top-1 agreement and the largest logit difference between PyTorch ``model`` and the ONNX model at ``path``
     (its first output), on ``batch`` (the normalised input of real images, made by the predictor's own
     preprocessing). When the ONNX model is a serving model (models/serving.py), also the largest difference of its
@@ -108,12 +121,9 @@ def parity(model: nn.Module, path: Path, batch: np.ndarray) -> dict[str, float]:
         ref = _chunked(torch_out, batch)
     got = _chunked(onnx_out, batch)
     k = ref.shape[1] - serving
-    figures = {"images": int(len(batch)),
-               "top1_agreement": float((ref[:, :k].argmax(1) == got[:, :k].argmax(1)).mean()),
-               "max_abs_logit_diff": float(np.abs(ref[:, :k] - got[:, :k]).max())}
-    if serving:
-        figures["max_abs_ood_diff"] = float(np.abs(ref[:, k] - got[:, k]).max())
-    return figures
+    return Parity(int(len(batch)), float((ref[:, :k].argmax(1) == got[:, :k].argmax(1)).mean()),
+                  float(np.abs(ref[:, :k] - got[:, :k]).max()),
+                  float(np.abs(ref[:, k] - got[:, k]).max()) if serving else None)
 
 
 def output_names(sess) -> list[str]:

@@ -20,6 +20,8 @@ from fruitlens.errors import ConfigError, ImageError, RunDirError
 from fruitlens.filehash import sha256_file
 from fruitlens.inference import onnx as onnx_io
 from fruitlens.models.preprocessing import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing
+from fruitlens.models.probs import softmax
+from fruitlens.models.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,6 @@ class Prediction:
         return f"{self.reason}: {top}" if self.unknown else f"{self.label} {100 * self.score:.0f}%"
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 Outputs = dict  # "logits" (n, classes), and where the model has them "features", "class_maps", "ood_score"
 
 
@@ -72,16 +68,16 @@ class Predictor:
     """
 
     def __init__(self, forward: Callable[[np.ndarray], Outputs], classes: list[str], preprocessing: Preprocessing,
-                 engine: str, source: str = "", trust: dict | None = None,
+                 engine: str, source: str = "", trust: Trust | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self._forward = forward
         self.classes = list(classes)
         self.preprocessing = preprocessing
         self.engine = engine
         self.source = source
-        self.trust = dict(trust or {})
-        self.unknown_threshold = float(self.trust.get("unknown_threshold", 0.0))
-        self.ood_threshold = self.trust.get("ood_threshold") if self.trust else None
+        self.trust = trust
+        self.unknown_threshold = float(trust.unknown_threshold) if trust is not None else 0.0
+        self.ood_threshold = trust.ood_threshold if trust is not None else None
         self.max_pixels = max_pixels
 
     @classmethod
@@ -121,7 +117,7 @@ class Predictor:
             out = serving(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
             return {name: t.float().numpy() for name, t in zip(OUTPUTS, out)}
 
-        return cls(forward, ckpt.classes, ckpt.model.preprocessing, "pytorch", str(run.path), ckpt.extra.get("trust"))
+        return cls(forward, ckpt.classes, ckpt.model.preprocessing, "pytorch", str(run.path), Trust.from_saved(ckpt.extra.get("trust")))
 
     @classmethod
     def from_onnx(cls, path: str | Path, threads: int = 0) -> "Predictor":
@@ -138,7 +134,7 @@ class Predictor:
         try:
             classes = json.loads(meta["fruitlens_classes"])
             pre = Preprocessing.from_dict(json.loads(meta["fruitlens_preprocessing"]))
-            trust = json.loads(meta.get("fruitlens_trust") or "{}")
+            trust = Trust.from_saved(json.loads(meta.get("fruitlens_trust") or "{}"))
         except (KeyError, ValueError):
             raise RunDirError(f"{path}: ONNX model lacks fruitlens metadata (classes, preprocessing)",
                               "export it with 'fruitlens export RUN --format onnx'") from None

@@ -32,6 +32,12 @@ class Checkpoint:
     classes: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def parameters(self) -> int:
+        from fruitlens.models.registry import model_parameters
+
+        return model_parameters(self.model)
+
 
 def save_model(path: Path, model: FruitNet, classes: list[str], extra: dict[str, Any] | None = None) -> Path:
     """Writes ``model`` with its name, sizes, preprocessing, classes and ``extra`` (plain data or tensors only)."""

@@ -100,6 +100,12 @@ class Preprocessing:
         return self.normalise(x).numpy()
 
 
+def batch_for(image_size: int, base: int = 32, least: int = 8) -> int:
+    """Images per batch at ``image_size``: ``base`` at 96 px, fewer as the pixels grow (activations stay about the
+    same size: 8 at 448 px), at least ``least``."""
+    return max(least, min(base, int(base * (96 / image_size) ** 2)))
+
+
 @dataclass(frozen=True)
 class Decoded:
     """A decoded image and what its file said: size and mode as stored, whether EXIF turned it."""

@@ -156,6 +156,11 @@ class FruitNet(nn.Module):
         self.linear.bias.div_(temperature)
 
 
+def model_parameters(model: nn.Module) -> int:
+    """Trained numbers of a model: its floating-point parameters and buffers, BatchNorm's running statistics aside."""
+    return int(sum(v.numel() for k, v in model.state_dict().items() if v.is_floating_point() and "running" not in k))
+
+
 def list_models() -> list[ModelSpec]:
     return [MODELS[k] for k in sorted(MODELS)]
 

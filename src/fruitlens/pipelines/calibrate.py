@@ -12,10 +12,12 @@ from fruitlens.config import TrainConfig
 from fruitlens.data.dataset import make_loader
 from fruitlens.data.manifest import Manifest
 from fruitlens.models.ood import OODScorer
+from fruitlens.models.preprocessing import batch_for
 from fruitlens.models.registry import FruitNet
 from fruitlens.rundir import RunDir
 from fruitlens.training import loaders
-from fruitlens.training.features import Engine, load_cache
+from fruitlens.training.engine import Engine
+from fruitlens.training.features import load_cache
 from fruitlens.training.fit import FitResult, use_gpu
 from fruitlens.training.heldout import HeadRecipe, train_head, visual_groups
 from fruitlens.evaluation.photos import PhotoNote, photo_note
@@ -174,7 +176,7 @@ def _features(model: FruitNet, parts: list[Manifest], classes: list[str],
     out = []
     for m in parts:
         dl = make_loader(loaders.dataset(m, classes, pre, cfg), shuffle=False, workers=min(1, loaders.workers(cfg)),
-                         batch_size=max(8, min(32, int(32 * (96 / pre.image_size) ** 2))))
+                         batch_size=batch_for(pre.image_size))
         xs, ys = [], []
         for x, y in dl:
             xs.append(engine(pre.normalise(x.to(engine.device))))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from fruitlens.data.check import CheckReport, check
 from fruitlens.data.scan import scan
-from fruitlens.pipelines.audit import LabelAudit, audit_data
+from fruitlens.evaluation.label_audit import LabelAudit
+from fruitlens.pipelines.audit import audit_data
 
 
 @dataclass

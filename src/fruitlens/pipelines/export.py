@@ -17,6 +17,7 @@ from fruitlens.data.manifest import Manifest
 from fruitlens.errors import ExportError, ImageError
 from fruitlens.filehash import sha256_file
 from fruitlens.inference import onnx as onnx_io
+from fruitlens.inference.onnx import Parity
 from fruitlens.jsonio import read_json, write_json
 from fruitlens.models.checkpoint import load_model
 from fruitlens.models.preprocessing import Preprocessing
@@ -39,7 +40,7 @@ class ExportResult:
     classes: int = 0
     image_size: int = 0
     checkpoint_sha256: str = ""
-    parity: dict[str, dict[str, float]] = field(default_factory=dict)  # fp32 / int8 -> images, agreement, diff
+    parity: dict[str, Parity] = field(default_factory=dict)  # fp32 / int8
     int8: str | None = None
     speed: dict[str, dict[str, float]] = field(default_factory=dict)  # engine -> img/s at batch 32, ms at batch 1
 
@@ -61,7 +62,7 @@ def export(run: RunDir | str | Path, *, int8: bool = False, opset: int = 17, che
     earlier = _current_export(run, result)
     if earlier is not None:  # made from this checkpoint with this opset, and its parity held: not made again
         log.info("%s is the export of this checkpoint (top-1 agreement %.2f%%): kept", run.onnx,
-                 100 * earlier.parity["fp32"]["top1_agreement"])
+                 100 * earlier.parity["fp32"].top1_agreement)
         result.parity["fp32"] = earlier.parity["fp32"]
     else:
         meta = {"fruitlens_classes": ckpt.classes, "fruitlens_preprocessing": pre.to_dict(),
@@ -80,9 +81,9 @@ def export(run: RunDir | str | Path, *, int8: bool = False, opset: int = 17, che
         result.parity["int8"] = onnx_io.parity(model, tmp, batch)
         tmp.replace(qpath)
         result.int8 = str(qpath)
-        if result.parity["int8"]["top1_agreement"] < MIN_AGREEMENT_INT8:
+        if result.parity["int8"].top1_agreement < MIN_AGREEMENT_INT8:
             log.warning("int8 model agrees with PyTorch on only %.2f%% of top-1 answers; keep using the fp32 model",
-                        100 * result.parity["int8"]["top1_agreement"])
+                        100 * result.parity["int8"].top1_agreement)
     if bench:
         result.speed = onnx_io.benchmark(model, [run.onnx] + ([Path(result.int8)] if result.int8 else []),
                                          pre.image_size)
@@ -114,13 +115,13 @@ def _export_checked(model: torch.nn.Module, dest: Path, image_size: int, opset: 
         onnx_io.export_module(ServingModel(model), tmp, image_size, output_names=OUTPUTS, opset=opset)
         onnx_io.write_metadata(tmp, meta)
         figures = onnx_io.parity(model, tmp, batch)
-        if figures["top1_agreement"] < MIN_AGREEMENT_FP32:
-            raise ExportError(f"ONNX export disagrees with PyTorch: top-1 agreement {figures['top1_agreement']:.2%} "
+        if figures.top1_agreement < MIN_AGREEMENT_FP32:
+            raise ExportError(f"ONNX export disagrees with PyTorch: top-1 agreement {figures.top1_agreement:.2%} "
                               f"< {MIN_AGREEMENT_FP32:.1%} on {figures['images']} images; no model.onnx was written",
                               "try another --opset, and report the model and versions")
-        if figures.get("max_abs_ood_diff", 0.0) > MAX_OOD_DIFF_FP32:  # serve decides "unfamiliar" on it
+        if (figures.max_abs_ood_diff or 0.0) > MAX_OOD_DIFF_FP32:  # serve decides "unfamiliar" on it
             raise ExportError(f"ONNX export's ood_score differs from PyTorch's by up to "
-                              f"{figures['max_abs_ood_diff']:.3g} (> {MAX_OOD_DIFF_FP32}) on {figures['images']} "
+                              f"{figures.max_abs_ood_diff:.3g} (> {MAX_OOD_DIFF_FP32}) on {figures.images} "
                               "images; no model.onnx was written",
                               "try another --opset, and report the model and versions")
         tmp.replace(dest)

@@ -15,7 +15,8 @@ import numpy as np
 from fruitlens.data.manifest import Manifest
 from fruitlens.data.photos import find_photos, near_copy_groups, read_photos
 from fruitlens.errors import ConfigError, ImageError
-from fruitlens.inference.predictor import Predictor, softmax
+from fruitlens.inference.predictor import Predictor
+from fruitlens.models.probs import softmax
 from fruitlens.labelling.labels import ToLabel, read_labels, read_to_label, write_to_label
 from fruitlens.labelling.page import write_label_page
 from fruitlens.labelling.select import pick_photos

@@ -25,13 +25,14 @@ from fruitlens.evaluation.audit import neighbours_from_groups
 from fruitlens.evaluation.domain import STUDIO_SHARE, DomainFigure
 from fruitlens.evaluation.photos import PhotoNote
 from fruitlens.evaluation.report import Report
+from fruitlens.evaluation.scoring import RunContext
 from fruitlens.evaluation.trust import HeldOut, Trust
-from fruitlens.inference.predictor import softmax
+from fruitlens.models.probs import softmax
 from fruitlens.jsonio import json_safe, read_json, write_json
 from fruitlens.labelling.labels import read_labels, refuse_copies
 from fruitlens.models.checkpoint import save_model
-from fruitlens.models.registry import FruitNet, build_model, check_options, has_pretrained_weights
-from fruitlens.pipelines.audit import LabelAudit, audit_heldout, write_audit
+from fruitlens.models.registry import FruitNet, build_model, check_options, has_pretrained_weights, model_parameters
+from fruitlens.evaluation.label_audit import LabelAudit, audit_heldout, write_audit
 from fruitlens.pipelines.evaluate import evaluate, with_other_data, write_run_report
 from fruitlens.pipelines.export import ExportResult, export
 from fruitlens.pipelines.prepare import PreparedData, prepare, with_data_path
@@ -41,7 +42,7 @@ from fruitlens.training import auto
 from fruitlens.pipelines.calibrate import calibrate
 from fruitlens.pipelines.track import log_results
 from fruitlens.training.fit import FitResult, fit
-from fruitlens.training.history import read_history, write_history
+from fruitlens.training.history import HistoryRow, read_history, write_history
 from fruitlens.training.info import TrainInfo
 from fruitlens.training.loggers import check_available
 
@@ -210,7 +211,7 @@ def _write_inputs(run: RunDir, cfg: TrainConfig, prepared: PreparedData, photos:
         photos.to_csv(run.photos)
 
 
-def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: DataFacts, history: list[dict],
+def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: DataFacts, history: list[HistoryRow],
                   t0: float, model: FruitNet | None = None, photos: Manifest | None = None) -> TrainResult:
     """Fits, calibrates, audits, exports and evaluates; ``model``: built by a new run's checks; ``photos``: the
     labelled photos of ``--add``."""
@@ -233,11 +234,13 @@ def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: Data
     with STAGES("export"):
         result.export, result.export_error = _export_for_serving(run)
     with STAGES("evaluation"):
-        result.report = evaluate(run, train_info=result.info, write=False)
+        context = RunContext(cfg, facts, result.info, fitted.history, result.audit, result.photos,
+                             model_parameters(model), round(run.best_ckpt.stat().st_size / 2**20, 2))
+        result.report = evaluate(run, context=context, write=False)
         if cfg.data.eval_data:  # the figure on the user's other data next to the test split's
             try:
                 result.other = [evaluate(run, cfg.data.eval_data, class_map=cfg.data.eval_class_map or None,
-                                         reference=DomainFigure.of(result.report))]
+                                         context=context, reference=DomainFigure.of(result.report))]
             except FruitlensError as exc:  # the trained run and its own report stay; the user reruns evaluate
                 result.other_error = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
                 log.error("--eval-data %s: %s; the run is complete without it (then: fruitlens evaluate %s %s)",
@@ -274,7 +277,7 @@ def _with_facts(note: PhotoNote, added: AddedFacts | None) -> PhotoNote:
 
 
 def _fit(model: FruitNet, manifest: Manifest, classes: list[str], cfg: TrainConfig, run: RunDir,
-         history: list[dict], photos: Manifest | None = None) -> FitResult:
+         history: list[HistoryRow], photos: Manifest | None = None) -> FitResult:
     """``training.fit``; on Ctrl-C the best model so far is saved and the run can be resumed."""
     t0 = time.perf_counter()
     try:
@@ -289,8 +292,7 @@ def _save(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, fi
           train_seconds: float | None, trust: Trust | None = None) -> TrainInfo:
     info = TrainInfo.here(train_seconds if train_seconds is not None else fitted.seconds, fitted.seconds,
                           fitted.phases, fitted.world_size)
-    info.feature_pass = json_safe(fitted.feature_pass) if fitted.feature_pass is not None else None
-    info.adaptation = json_safe(fitted.adaptation) if fitted.adaptation is not None else None
+    info.feature_pass, info.adaptation = fitted.feature_pass, fitted.adaptation
     extra = {"config": cfg.to_dict(), "fit_seconds": round(fitted.seconds, 2)}
     if trust is not None:
         extra["trust"] = json_safe(trust)
@@ -325,6 +327,6 @@ def _export_for_serving(run: RunDir) -> tuple[ExportResult | None, str | None]:
         log.warning("no ONNX export (%s); evaluation runs on PyTorch", exc.message)
         return None, exc.message
     log.info("exported %s (top-1 agreement with PyTorch %.2f%%)", result.onnx,
-             100 * result.parity["fp32"]["top1_agreement"])
+             100 * result.parity["fp32"].top1_agreement)
     return result, None
 

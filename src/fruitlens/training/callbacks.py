@@ -9,7 +9,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from torch import nn
 
-from fruitlens.training.history import write_history
+from fruitlens.training.history import HistoryRow, write_history
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +86,15 @@ class EpochSummary(Callback):
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
-        row = {"phase": self.phase, "epoch": trainer.current_epoch + 1, "train_loss": m.get("train/loss"),
-               "train_acc": m.get("train/acc"), "val_loss": m.get("val/loss"), "val_acc": m.get("val/acc"),
-               "lr": lr, "seconds": round(time.perf_counter() - self._t0, 2)}
+        row = HistoryRow(self.phase, trainer.current_epoch + 1, m.get("train/loss"), m.get("train/acc"),
+                         m.get("val/loss"), m.get("val/acc"), lr, round(time.perf_counter() - self._t0, 2))
         self.rows.append(row)
         if self.path is not None:
             write_history(self.path, self.rows)
         _log_keras_names(trainer, row, len(self.rows))
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
-        log.info("[%s] epoch %d: train loss %s acc %s | val loss %s acc %s | lr %.2g | %.1fs", self.phase, row["epoch"],
-                 fmt(row["train_loss"]), fmt(row["train_acc"]), fmt(row["val_loss"]), fmt(row["val_acc"]), lr,
-                 row["seconds"])
+        log.info("[%s] epoch %d: train loss %s acc %s | val loss %s acc %s | lr %.2g | %.1fs", self.phase, row.epoch,
+                 fmt(row.train_loss), fmt(row.train_acc), fmt(row.val_loss), fmt(row.val_acc), lr, row.seconds)
 
 
 # the original notebook's (Keras's) names for the per-epoch figures, as trackers show them
@@ -105,10 +103,10 @@ KERAS_NAMES = {"train_loss": "loss", "train_acc": "accuracy", "val_loss": "val_l
 PHASE_NUMBER = {"head": 1, "full": 1, "fine-tune": 2}
 
 
-def _log_keras_names(trainer, row: dict, step: int) -> None:
+def _log_keras_names(trainer, row: HistoryRow, step: int) -> None:
     """loss, accuracy, val_loss, val_accuracy, learning_rate and the phase (1 head or full, 2 fine-tune) of one
     epoch to every logger of the trainer; the step counts epochs across phases, so the curves run on."""
-    metrics = {name: row[key] for key, name in KERAS_NAMES.items() if row.get(key) is not None}
-    metrics["phase"] = PHASE_NUMBER.get(row["phase"], 0)
+    metrics = {name: getattr(row, key) for key, name in KERAS_NAMES.items() if getattr(row, key) is not None}
+    metrics["phase"] = PHASE_NUMBER.get(row.phase, 0)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)

@@ -1,18 +1,15 @@
-"""The fast path: run the frozen backbone once per image (and per augmented view) and cache the features.
+"""The fast path's feature cache: run the frozen backbone once per image (and per augmented view) and keep the features.
 
 Each image is decoded once (in DataLoader workers) into a uint8 tensor at the model's input size; the clean view
-and ``views`` augmented views (batched warps, see ``augment.py``) then go through the backbone. The backbone runs
-on the GPU when training does, else through ONNX Runtime when available (several times faster than PyTorch eager on
-a CPU), else PyTorch channels_last.
-The head then trains on the cached tensors in about a second per epoch.
+and the augmented views (batched warps, see ``augment.py``) then go through the backbone (``engine.py``). Over DDP
+processes each takes every N-th batch and the shards are merged into the single-process result. The cache
+(``RUN/cache/features.pt``) is read back memory-mapped; the head trains on it in about a second per epoch.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -24,56 +21,38 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fruitlens.config import AugmentConfig
-from fruitlens.inference import onnx as onnx_io
 from fruitlens.jsonio import json_safe
 from fruitlens.models.preprocessing import Preprocessing
 from fruitlens.runtime import STAGES
 from fruitlens.training.augment import augment_batch
+from fruitlens.training.engine import Engine
+from fruitlens.training.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
 
-class Engine:
-    """Runs a frozen backbone on batches: on the GPU if asked and present, else ONNX Runtime if it works, else PyTorch.
+@dataclass(frozen=True)
+class Views:
+    """The augmented views a feature pass adds: ``count`` per image of the datasets named in ``of``, drawn with
+    ``aug`` from ``seed``."""
 
-    ``device`` is where the input batches should be (augmentation runs there too).
-    """
-
-    def __init__(self, backbone: nn.Module, image_size: int, prefer_onnx: bool = True, gpu: bool = False,
-                 threads: int = 0) -> None:
-        self.device = torch.device("cpu")
-        if gpu and torch.cuda.is_available():  # under DDP each process takes its own GPU
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        self.backbone = backbone.eval()
-        self.session = None
-        if self.device.type == "cuda":  # a copy: the model itself stays on the CPU for the training phases
-            self.backbone = copy.deepcopy(backbone).to(self.device)
-        elif prefer_onnx:
-            try:
-                self.session = _onnx_session(backbone, image_size, threads)
-            except Exception as exc:  # any exporter/runtime problem: PyTorch still works
-                log.info("feature pass falls back to PyTorch (%s)", exc)
-        self.name = "onnxruntime" if self.session is not None else f"pytorch {self.device.type}"
-        self.seconds = 0.0  # spent in the backbone (the rest of a feature pass is decoding and augmentation)
-        if self.session is None:
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        try:
-            if self.session is not None:
-                return torch.from_numpy(self.session.run(None, {"input": x.contiguous().numpy()})[0])
-            return self.backbone(x.contiguous(memory_format=torch.channels_last)).float().cpu()
-        finally:
-            self.seconds += time.perf_counter() - t0
+    count: int = 0
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    of: tuple[str, ...] = ("train",)
 
 
-def _onnx_session(backbone: nn.Module, image_size: int, threads: int = 0):
-    with tempfile.TemporaryDirectory(prefix="fruitlens-feat-") as tmp:  # the session holds the model in memory
-        path = Path(tmp) / "backbone.onnx"
-        onnx_io.export_module(backbone, path, image_size)
-        return onnx_io.session(path, threads)
+@dataclass(frozen=True)
+class Placement:
+    """Where a feature pass runs: process ``rank`` of ``world`` (DDP; ``barrier`` waits for all), on the GPU or not,
+    with ``workers`` decoding processes; ``prefer_onnx``: ONNX Runtime on a CPU."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] | None = None
+    gpu: bool = False
+    workers: int = 0
+    prefer_onnx: bool = True
 
 
 @dataclass
@@ -178,17 +157,15 @@ def _merge(parts: list[dict[str, dict[str, torch.Tensor]]], name: str, targets: 
     return out
 
 
-def cached_features(backbone: nn.Module, pre: Preprocessing, datasets: dict[str, Dataset], *, batch_size: int,
-                    views: int, aug: AugmentConfig, seed: int = 0, cache_file: Path | None = None,
-                    prefer_onnx: bool = True, gpu: bool = False, store: "FeatureStore | None" = None, workers: int = 0,
-                    rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None,
-                    augmented: tuple[str, ...] = ("train",)) -> tuple[dict[str, tuple[torch.Tensor, ...]], FeaturePass]:
-    """Features for ``datasets`` (uint8 images, ``ImageDataset``); those named in ``augmented`` also get ``views``
+def cached_features(backbone: nn.Module, pre: Preprocessing, datasets: dict[str, Dataset], views: Views = Views(), *,
+                    batch_size: int = 32, cache_file: Path | None = None, store: FeatureStore | None = None,
+                    place: Placement = Placement()) -> tuple[dict[str, tuple[torch.Tensor, ...]], FeaturePass]:
+    """Features for ``datasets`` (uint8 images, ``ImageDataset``); those ``views.of`` names also get ``views.count``
     augmented views (``<name>_aug``).
 
-    Process ``rank`` of ``world`` (DDP) decodes and forwards every ``world``-th batch and writes its shard beside
-    ``cache_file``; after ``barrier`` every process merges the shards into the single-process result (the same
-    tensors, views included). ``gpu``: run on the GPU (if there is one). With ``cache_file`` the result is saved, and
+    Process ``place.rank`` of ``place.world`` (DDP) decodes and forwards every ``world``-th batch and writes its shard
+    beside ``cache_file``; after ``place.barrier`` every process merges the shards into the single-process result (the
+    same tensors, views included). ``place.gpu``: run on the GPU (if there is one). With ``cache_file`` the result is saved, and
     reused when present (so ``--resume`` skips the pass). ``store``: clean features already computed for these files
     (``check --labels``) are taken from it, and new ones added to it.
     """
@@ -196,6 +173,7 @@ def cached_features(backbone: nn.Module, pre: Preprocessing, datasets: dict[str,
         log.info("features: reusing %s", cache_file)
         saved, meta = load_cache(cache_file)
         return saved, FeaturePass(**{**meta, "reused": True})
+    rank, world, barrier = place.rank, place.world, place.barrier
     if world > 1 and (cache_file is None or barrier is None):
         raise ValueError("a feature pass over several processes needs a cache file and a barrier")
     engine = None
@@ -203,7 +181,7 @@ def cached_features(backbone: nn.Module, pre: Preprocessing, datasets: dict[str,
     known_of: dict[str, torch.Tensor | None] = {}
     t0, images = time.perf_counter(), 0
     for name, ds in datasets.items():
-        n_views = views if name in augmented else 0
+        n_views = views.count if name in views.of else 0
         known = store.lookup(ds.paths)[0] if store is not None else None
         known_of[name] = known
         if known is not None and not n_views:  # nothing to decode
@@ -211,9 +189,10 @@ def cached_features(backbone: nn.Module, pre: Preprocessing, datasets: dict[str,
             mine[name] = None
             continue
         batches = shard_batches(len(ds), batch_size, rank, world)
-        engine = engine or Engine(backbone, pre.image_size, prefer_onnx, gpu,
+        engine = engine or Engine(backbone, pre.image_size, place.prefer_onnx, place.gpu,
                                   threads=max(1, (os.cpu_count() or 1) // world) if world > 1 else 0)
-        mine[name] = extract(engine, ds, batches, batch_size, pre, name, n_views, aug, seed, known, workers)
+        mine[name] = extract(engine, ds, batches, batch_size, pre, name, n_views, views.aug, views.seed, known,
+                             place.workers)
         images += sum(len(b) for b in batches)
     part = {"rows": mine, "images": images, "seconds": round(time.perf_counter() - t0, 2)}
     if engine is not None:
@@ -256,90 +235,3 @@ def load_cache(path: Path) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict]:
     not grow with the data set), and what made it."""
     saved = torch.load(path, weights_only=True, mmap=True)
     return saved, saved.pop("_feature_pass", None) or {}
-
-
-def _weights_key(model: str, weights: str) -> str:
-    """What the backbone's weights are, for the store's file name: "imagenet" names the torchvision entry it loads
-    (importing IMAGENET1K_V2 beside V1 switches to it), a file its path, size and modification time."""
-    from fruitlens.models.registry import get_spec
-    from fruitlens.models.weights import pick
-
-    enum = get_spec(model).weights_enum
-    if weights == "imagenet" and enum is not None:
-        chosen = pick(enum)  # V1 keeps the store's name from before the entry was in it
-        return "imagenet" if chosen == getattr(enum, "IMAGENET1K_V1", None) else f"imagenet:{chosen.name}"
-    path = Path(weights)
-    if path.is_file():
-        st = path.stat()
-        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    return weights
-
-
-class FeatureStore:
-    """Clean-view backbone features per image file, cached under ``~/.cache/fruitlens/features`` (never beside the
-    user's images), so that ``check --labels`` and a following ``train`` compute them once.
-
-    One file per (model, feature layer, weights, input size, preprocessing); an entry is keyed by the image's absolute
-    path, size and modification time, so a changed file is computed again, and a manifest of the same files finds
-    them too.
-    """
-
-    def __init__(self, model: str, weights: str, pre: Preprocessing, cache: Path | None = None,
-                 layer: str = "last") -> None:
-        import hashlib
-        import json
-
-        from fruitlens.data.download import cache_root
-
-        key = f"{model}|{_weights_key(model, weights)}|{json.dumps(pre.to_dict())}"
-        tag = hashlib.sha1(key.encode()).hexdigest()[:12]
-        layer = "" if layer == "last" else f"-{layer}"  # the last layer's files keep their names
-        self.path = (cache or cache_root() / "features") / f"{model}{layer}-{pre.image_size}px-{tag}.pt"
-        self.index: dict[tuple, int] = {}
-        self.x: torch.Tensor | None = None
-        if self.path.is_file():
-            try:
-                saved = torch.load(self.path, weights_only=True)
-                self.index = {tuple(k): i for i, k in enumerate(saved["keys"])}
-                self.x = saved["x"]
-            except Exception as exc:  # a broken cache is recomputed, never trusted
-                log.info("feature store %s unreadable (%s): starting again", self.path, exc)
-
-    @staticmethod
-    def key(path: str | Path) -> tuple:
-        st = Path(path).stat()
-        return (str(Path(path).resolve()), int(st.st_size), int(st.st_mtime_ns))
-
-    def lookup(self, paths: list[str]) -> tuple[torch.Tensor | None, list[int]]:
-        """(features of the known paths in order, or None if any is missing; indices of the missing ones)."""
-        rows, missing = [], []
-        for i, p in enumerate(paths):
-            try:
-                row = self.index.get(self.key(p))
-            except OSError:
-                row = None
-            (missing.append(i) if row is None else rows.append(row))
-        if missing or self.x is None:
-            return None, missing if self.x is not None else list(range(len(paths)))
-        return self.x[torch.tensor(rows, dtype=torch.long)], []
-
-    def add(self, paths: list[str], features: torch.Tensor) -> None:
-        keys, new = [], []
-        for p, f in zip(paths, features):
-            try:
-                k = self.key(p)
-            except OSError:
-                continue
-            if k not in self.index:
-                keys.append(k)
-                new.append(f)
-        if not new:
-            return
-        start = 0 if self.x is None else len(self.x)
-        self.x = torch.stack(new) if self.x is None else torch.cat([self.x, torch.stack(new)])
-        self.index.update({k: start + i for i, k in enumerate(keys)})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        ordered = sorted(self.index, key=self.index.get)
-        torch.save({"keys": [list(k) for k in ordered], "x": self.x}, tmp)
-        tmp.replace(self.path)

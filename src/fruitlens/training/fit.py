@@ -23,6 +23,7 @@ from fruitlens.config import RRC_MIN_AREA, TrainConfig
 from fruitlens.data.dataset import class_weights
 from fruitlens.data.manifest import Manifest, Record
 from fruitlens.models.checkpoint import refused
+from fruitlens.models.preprocessing import batch_for
 from fruitlens.models.registry import FruitNet
 from fruitlens.rundir import RunDir
 from fruitlens.runtime import STAGES
@@ -32,7 +33,9 @@ from fruitlens.training.adapt import METHOD, Adaptation, confident, shares
 from fruitlens.training.augment import BatchInput
 from fruitlens.training.auto import pretrained
 from fruitlens.training.callbacks import EpochSummary, FreezeBackbone, TargetAccuracy
-from fruitlens.training.features import FeaturePass, FeatureStore, cached_features
+from fruitlens.training.features import FeaturePass, Placement, Views, cached_features
+from fruitlens.training.store import FeatureStore
+from fruitlens.training.history import HistoryRow
 from fruitlens.training.loggers import mlflow_run, phase_loggers
 from fruitlens.training.module import ClassifierModule
 from fruitlens.training.photos import photo_repeats
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 class FitResult:
     """What training did: the epochs of every phase, the time, and whether this process is the one that saves."""
 
-    history: list[dict] = field(default_factory=list)
+    history: list[HistoryRow] = field(default_factory=list)
     seconds: float = 0.0
     phases: list[str] = field(default_factory=list)
     is_global_zero: bool = True
@@ -58,7 +61,7 @@ class FitResult:
 
 
 def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
-        history: list[dict], photos: Manifest | None = None) -> FitResult:
+        history: list[HistoryRow], photos: Manifest | None = None) -> FitResult:
     """Trains ``model`` in place on the train split, validating on val; ``history`` gets a row per epoch (a resumed
     run passes the rows so far). ``photos``: labelled photos of the user's setting (``--add``), trained with the
     train split at ``fit.photo_share`` of the weight (the cached-feature path). KeyboardInterrupt (Ctrl-C) leaves the
@@ -91,12 +94,12 @@ def use_gpu(cfg: TrainConfig) -> bool:
     return torch.cuda.is_available() and cfg.fit.accelerator in ("auto", "gpu", "cuda")
 
 
-def _target_reached(history: list[dict], cfg: TrainConfig) -> bool:
+def _target_reached(history: list[HistoryRow], cfg: TrainConfig) -> bool:
     key = "val_acc" if cfg.fit.target_monitor == "val" else "train_acc"
-    return cfg.fit.target_acc > 0 and any((r.get(key) or 0) >= cfg.fit.target_acc for r in history)
+    return cfg.fit.target_acc > 0 and any((getattr(r, key) or 0) >= cfg.fit.target_acc for r in history)
 
 
-def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: list[dict], monitor_train: bool,
+def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: list[HistoryRow], monitor_train: bool,
              progress: bool) -> tuple[L.Trainer, ModelCheckpoint]:
     f = cfg.fit
     ckpt = ModelCheckpoint(dirpath=run.checkpoints / phase, filename="best", monitor="val/loss", mode="min",
@@ -130,7 +133,7 @@ def _load_state(module: ClassifierModule, path: Path) -> None:
 
 def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModule,
                data: tuple[DataLoader, DataLoader] | L.LightningDataModule, run: RunDir, phase: str,
-               history: list[dict]) -> L.Trainer:
+               history: list[HistoryRow]) -> L.Trainer:
     """Fits (resuming from the phase's last.ckpt if present) and loads the best weights back into the module."""
     done = run.checkpoints / phase / "done"
     last = run.checkpoints / phase / "last.ckpt"
@@ -175,14 +178,14 @@ def _phase_best(run: RunDir, phase: str) -> float | None:
     return float(m.group()) if m else None
 
 
-def _prune_history(history: list[dict], last: Path, phase: str) -> None:
+def _prune_history(history: list[HistoryRow], last: Path, phase: str) -> None:
     """Drops this phase's history rows past the epochs that ``last.ckpt`` holds: a run stopped between an epoch's
     summary and its checkpoint trains that epoch again, and must not list it twice (no ``last.ckpt``: none)."""
     try:
         done = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1 if last.exists() else 0
     except pickle.UnpicklingError as exc:
         raise refused(last, exc) from None
-    history[:] = [r for r in history if r.get("phase") != phase or int(r["epoch"]) <= done]
+    history[:] = [r for r in history if r.phase != phase or r.epoch <= done]
 
 
 def _module(net, cfg: TrainConfig, targets: list[int], n_classes: int, lr: float, channels_last: bool,
@@ -237,7 +240,7 @@ class FeatureData(L.LightningDataModule):
 
 
 def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig,
-                          run: RunDir, history: list[dict], photos: Manifest | None = None
+                          run: RunDir, history: list[HistoryRow], photos: Manifest | None = None
                           ) -> tuple[L.Trainer, FeaturePass | None, tuple[Adaptation, torch.Tensor, torch.Tensor] | None]:
     """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone; with
     ``--add``, the labelled photos' clean view and ``photo_views`` views beside them (``photo_features.pt``); with
@@ -248,7 +251,7 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     # CPU: one decoding process keeps up with the backbone; more would only compete with it for the cores. 32 images
     # a batch at 96 px, fewer at larger sizes so that activations stay small (8 at 448 px). GPU: decoding is the
     # bottleneck (one process: 170 images/s at 448 px on an H200), so all workers, and larger batches
-    batch = 64 if gpu else max(8, min(32, int(32 * (96 / pre.image_size) ** 2)))
+    batch = 64 if gpu else batch_for(pre.image_size)
     datasets = {split: loaders.dataset(splits[split], classes, pre, cfg) for split in ("train", "val")}
     store = FeatureStore(model.name, cfg.model.weights, pre, layer=model.feature_layer) \
         if cfg.model.weights == "imagenet" else None
@@ -257,16 +260,14 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     photo_ds = loaders.dataset(photos, classes, pre, cfg) if photos is not None and len(photos) else None
 
     def compute(rank: int, world: int, barrier: Callable[[], None]) -> tuple[dict, FeaturePass]:
-        feats, fp = cached_features(model.backbone, pre, datasets, batch_size=batch, views=views, aug=cfg.augment,
-                                    seed=cfg.data.seed, cache_file=run.cache / "features.pt", gpu=gpu, store=store,
-                                    workers=workers, rank=rank, world=world, barrier=barrier)
+        place = Placement(rank, world, barrier, gpu, workers)
+        feats, fp = cached_features(model.backbone, pre, datasets, Views(views, cfg.augment, cfg.data.seed),
+                                    batch_size=batch, cache_file=run.cache / "features.pt", store=store, place=place)
         if photo_ds is not None:  # photos get torchvision's crops, whatever the data's crop range
-            photo_aug = replace(cfg.augment, crop_scale=RRC_MIN_AREA)
-            more, _ = cached_features(model.backbone, pre, {"photos": photo_ds}, batch_size=batch,
-                                      views=f.photo_views if cfg.augment.enabled else 0, aug=photo_aug,
-                                      seed=cfg.data.seed + 1, cache_file=run.cache / "photo_features.pt", gpu=gpu,
-                                      store=store, workers=workers, rank=rank, world=world, barrier=barrier,
-                                      augmented=("photos",))
+            photo_views = Views(f.photo_views if cfg.augment.enabled else 0,
+                                replace(cfg.augment, crop_scale=RRC_MIN_AREA), cfg.data.seed + 1, ("photos",))
+            more, _ = cached_features(model.backbone, pre, {"photos": photo_ds}, photo_views, batch_size=batch,
+                                      cache_file=run.cache / "photo_features.pt", store=store, place=place)
             feats = {**feats, **more}
         if model.feature_layer == "mid":  # the head reads them standardised on every training row (views included)
             model.standardise.set(Rows(*[feats[k][0] for k in ("train", "train_aug", "photos", "photos_aug")
@@ -293,7 +294,7 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
 
 
 def _adapt(trainer: L.Trainer, model: FruitNet, data: FeatureData, targets: list[int], classes: list[str],
-           cfg: TrainConfig, run: RunDir, history: list[dict], batch: int, gpu: bool,
+           cfg: TrainConfig, run: RunDir, history: list[HistoryRow], batch: int, gpu: bool,
            store: FeatureStore | None) -> tuple[L.Trainer, tuple[Adaptation, torch.Tensor]]:
     """``--adapt-to``: the photos' clean features once, then ``fit.adapt_rounds`` rounds of pseudo-labels, each
     retraining the head from scratch on the training features plus the photos it is sure of (``training/adapt.py``)."""
@@ -301,9 +302,9 @@ def _adapt(trainer: L.Trainer, model: FruitNet, data: FeatureData, targets: list
     paths, skipped = readable(find_photos(cfg.data.adapt_to), workers=loaders.workers(cfg) or 1)
     manifest = Manifest(tuple(Record(p, classes[0]) for p in paths))  # the label is never read
     ds = loaders.dataset(manifest, classes, model.preprocessing, cfg)
-    feats, _ = cached_features(model.backbone, model.preprocessing, {"adapt": ds}, batch_size=batch, views=0,
-                               aug=cfg.augment, seed=cfg.data.seed, cache_file=run.cache / "adapt_features.pt",
-                               gpu=gpu, store=store, workers=min(1, loaders.workers(cfg)))
+    feats, _ = cached_features(model.backbone, model.preprocessing, {"adapt": ds}, batch_size=batch,
+                               cache_file=run.cache / "adapt_features.pt", store=store,
+                               place=Placement(gpu=gpu, workers=min(1, loaders.workers(cfg))))
     photos = feats["adapt"][0]
     result = Adaptation(METHOD, cfg.data.adapt_to, len(paths), skipped, f.adapt_share)
     for r, share in enumerate(shares(f.adapt_share, f.adapt_rounds)):
@@ -324,7 +325,7 @@ def _adapt(trainer: L.Trainer, model: FruitNet, data: FeatureData, targets: list
 
 
 def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
-                history: list[dict], phase: str, *, train_blocks: int, lr: float,
+                history: list[HistoryRow], phase: str, *, train_blocks: int, lr: float,
                 epochs: int) -> tuple[L.Trainer, bool]:
     """A phase on images with augmentation: the head alone, the top blocks (fine-tune), or everything (-1).
     Returns the trainer and whether the phase's weights were kept (not when validation loss got worse)."""
@@ -355,6 +356,6 @@ def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str]
     return trainer, True
 
 
-def _val_loss(history: list[dict]) -> float | None:
-    losses = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+def _val_loss(history: list[HistoryRow]) -> float | None:
+    losses = [r.val_loss for r in history if r.val_loss is not None]
     return min(losses) if losses else None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fruitlens.data.dataset import class_weights
 from fruitlens.training.solver import CHUNK, LinearFit, Rows, fit_linear
 
 log = logging.getLogger(__name__)
@@ -33,20 +34,13 @@ class HeadRecipe:
     stats: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std; None: the features as they are
 
 
-def class_weight_rows(y: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """A weight per row: inverse class frequency (a class without rows weighs nothing), mean 1."""
-    counts = torch.bincount(y, minlength=n_classes).float()
-    per_class = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
-    return per_class[y]
-
-
 def train_head(x: torch.Tensor | Rows, y: torch.Tensor, n_classes: int, recipe: HeadRecipe,
                init: LinearFit | None = None) -> LinearFit:
     """The recipe's linear head on features ``x`` (n, d; or ``Rows``) with labels ``y`` (n,), started from ``init``."""
     y = y.long()
     dim = x.dim if isinstance(x, Rows) else x.shape[1]
     stats = recipe.stats if recipe.stats is not None else (torch.zeros(dim), torch.ones(dim))
-    return fit_linear(x, y, n_classes, weight=class_weight_rows(y, n_classes) if recipe.balance else None,
+    return fit_linear(x, y, n_classes, weight=class_weights(y, n_classes)[y] if recipe.balance else None,
                       l2=recipe.weight_decay, init=init, stats=stats, label_smoothing=recipe.label_smoothing)
 
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 
+from fruitlens.training.adapt import Adaptation
+from fruitlens.training.features import FeaturePass
+
 
 @dataclass
 class TrainInfo:
@@ -24,8 +27,8 @@ class TrainInfo:
     gpu: str | None = None
     stages: dict[str, float] = field(default_factory=dict)  # wall seconds per stage, in the order they ran
     command_seconds: float | None = None  # the whole train command, evaluation included
-    feature_pass: dict | None = None  # world_size, images_per_rank, seconds_per_rank, cache_bytes (cached features)
-    adaptation: dict | None = None  # --adapt-to: method, source, images, skipped, threshold, rounds, per_class
+    feature_pass: FeaturePass | None = None  # who computed the feature cache (the cached-feature path)
+    adaptation: Adaptation | None = None  # what --adapt-to did
 
     @classmethod
     def here(cls, train_seconds: float, fit_seconds: float, phases: list[str], world_size: int = 1) -> "TrainInfo":
