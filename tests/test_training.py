@@ -48,7 +48,7 @@ def test_auto_crop_scale_by_kind_of_data():
 def test_auto_epochs_by_phase():
     from fruitlens.training.auto import HEAD_EPOCHS, IMAGE_EPOCHS, auto_epochs
 
-    assert auto_epochs(TrainConfig()) == HEAD_EPOCHS == 200  # a head on cached features trains to early stopping
+    assert auto_epochs(TrainConfig()) == HEAD_EPOCHS == 40  # a head on cached features: the solver finishes it
     for kw in ({"model.name": "small_cnn"}, {"model.weights": "none"}, {"fit.feature_cache": False}):
         assert auto_epochs(apply_overrides(TrainConfig(), kw)) == IMAGE_EPOCHS == 30, kw
 

@@ -70,6 +70,13 @@ def run(args) -> int:
           f"{'leak-free' if res.report.leak.leak_free else 'NOT leak-free'})")
     print(f"  test:     accuracy {m.accuracy:.2%} ({ci_text(m)}), macro F1 {m.macro_f1:.2%}, ECE {m.ece:.3f} "
           f"on {m.n} images")
+    a = res.report.label_audit
+    if a is not None:
+        precision = f" (expected precision {100 * a.expected_precision:.0f}%)" if a.expected_precision is not None else ""
+        alike = "; classes that look alike: " + ", ".join(f"{p['a']}/{p['b']} {100 * p['share']:.0f}%"
+                                                          for p in a.lookalike[:3]) if a.lookalike else ""
+        print(f"  labels:   {a.train + a.val} of {a.audited} training/validation images look mislabelled"
+              f"{precision}{alike}")
     print(f"  report:   {res.run.report_html}")
     print(f"  model:    {res.run.best_ckpt}")
     print(f"  onnx:     {res.export.onnx} (top-1 agreement with PyTorch "

@@ -125,10 +125,10 @@ def fit_linear(x: torch.Tensor | Rows, y: torch.Tensor, n_classes: int, *, weigh
                                  label_smoothing=label_smoothing)
             loss = (w[where] * ce).sum()
             loss.backward()  # gradients add up over the chunks
-            total += float(loss)
+            total += loss.item()
         penalty = 0.5 * l2 * (W * W).sum()
         penalty.backward()
-        return torch.tensor(total + float(penalty))
+        return torch.tensor(total + penalty.item())
 
     opt.step(closure)
     return LinearFit(W.detach(), b.detach(), mean, std)
