@@ -256,7 +256,11 @@ def added_run(tmp_path_factory):
             _photo(label, 5000 + i).save(path)
             rows.append((f"shots/{path.name}", label))
     labels = _labels_csv(base / "labels.csv", rows + [("shots/gone.png", "kiwi")])
-    result = fruitlens.train(data, base / "run", add=[labels], img_size=64, workers=0)
+    unlabeled = base / "unlabeled"  # --adapt-to combines with --add: pseudo-labels on photos nobody labelled
+    unlabeled.mkdir()
+    for i in range(12):
+        _photo(("apple", "kiwi", "lemon", "plum")[i % 4], 9000 + i).save(unlabeled / f"u{i}.png")
+    result = fruitlens.train(data, base / "run", add=[labels], adapt_to=unlabeled, img_size=64, workers=0)
     return base, result
 
 
@@ -270,6 +274,7 @@ def test_train_add_learns_the_new_class_and_reports_the_photos(added_run):
     assert note.photos == 32 and note.new_classes == ["plum"] and note.skipped == 1
     assert note.accuracy is not None and note.held_out >= 20 and note.curve[0].photos == 0
     assert note.calibrated_on_photos and "labelled photos of your setting" in result.trust.source
+    assert result.report.adaptation is not None and result.report.adaptation.images == 12  # --adapt-to ran too
     pred = Predictor.load(run)  # the exported ONNX model knows the new class
     plums = [base / "shots" / f"plum-{i}.png" for i in range(8)]
     assert [p.label for p in pred.predict(plums)].count("plum") >= 6

@@ -1,5 +1,5 @@
 """Trackers (TensorBoard, MLflow on SQLite) read back through their own readers, compare over an MLflow experiment,
-the Python API exactly as the README shows it, and the model card against report.json."""
+the Python API exactly as docs/training.md shows it, and the model card against report.json."""
 from __future__ import annotations
 
 import importlib.util
@@ -114,10 +114,10 @@ def test_a_missing_tracker_package_fails_before_training_naming_the_extra(tmp_pa
         train_small(tmp_path, "y", logger="wandb")
 
 
-def test_python_api_exactly_as_the_readme_shows_it(tmp_path, monkeypatch):
+def test_python_api_exactly_as_the_docs_show_it(tmp_path, monkeypatch):
     need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (make weights)")
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"### Python\n\n```python\n(.*?)```", readme, re.S).group(1)
+    guide = (ROOT / "docs" / "training.md").read_text()
+    block = re.search(r"## Python\n\n```python\n(.*?)```", guide, re.S).group(1)
     assert "fruitlens.train(" in block and "Predictor.load(" in block
     make_tree(tmp_path / "photos", per_class=12, size=64)
     from conftest import fruit_image
@@ -125,7 +125,7 @@ def test_python_api_exactly_as_the_readme_shows_it(tmp_path, monkeypatch):
     fruit_image("apple", 999).save(tmp_path / "apple.jpg")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(block, "README.md", "exec"), scope)
+    exec(compile(block, "docs/training.md", "exec"), scope)
     run, pred = scope["run"], scope["pred"]
     assert run.run.path == Path("runs/x") and run.report.metrics.n > 0
     (p,) = pred.predict(["apple.jpg"], top_k=3)
