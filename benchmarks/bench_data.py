@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _measure import FRUITLENS, OUT, SHARED, machine, run, save
+from _measure import FRUITLENS, OUT, SMOKE, data_path, machine, run, save, scratch
+
+SYNTHETIC = (200,) if SMOKE else (10_000, 100_000)  # images of the synthetic trees check runs on
 
 
 def synthetic_tree(root: Path, n: int, side: int = 48, classes: int = 20, quality: int = 80) -> Path:
@@ -31,7 +33,7 @@ def synthetic_tree(root: Path, n: int, side: int = 48, classes: int = 20, qualit
 
 
 def main() -> None:
-    fruits = SHARED / "fruits360"
+    fruits = data_path("fruits360")
     res: dict = {"machine": machine()}
     r = run(FRUITLENS + ["check", str(fruits), "--json"], OUT / "check_fruits360.log")
     summary = json.loads(r["output"][r["output"].index("{"):])["summary"]
@@ -52,8 +54,8 @@ def main() -> None:
         res["grouped_split"] = {"cmd": r["cmd"].replace(str(pooled), "pooled.csv").replace(str(out_csv), "manifest.csv"),
                                 "seconds": r["seconds"], "totals": split["totals"], "leaks": split["leaks"],
                                 "classes_without_test": sum(1 for v in split["per_class"].values() if not v["test"])}
-    synth = Path(tempfile.gettempdir()) / "fruitlens-bench-synthetic"
-    for n in (10_000, 100_000):
+    synth = scratch("fruitlens-bench-synthetic")
+    for n in SYNTHETIC:
         root = synthetic_tree(synth / str(n), n)
         r = run(FRUITLENS + ["check", str(root), "--json"], OUT / f"check_synthetic_{n}.log")
         res[f"check_synthetic_{n}"] = {"cmd": r["cmd"].replace(str(root), f"<{n} synthetic 48px JPEGs>"),

@@ -15,16 +15,16 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from _measure import FRUITLENS, OUT, SHARED, machine, run, save, write_section
+from _measure import (FRUITLENS, OUT, SHARED, SMOKE_SIZE, check_command, data_path, machine, pick, run, save, scratch,
+                      write_section)
 
-RUNS = Path(tempfile.gettempdir()) / "fruitlens-bench-domain"
-CLASS_MAP = SHARED / "grocery-from-fruits360.json"
-F360 = SHARED / "fruits360"
+RUNS = scratch("fruitlens-bench-domain")
+CLASS_MAP = data_path("grocery-from-fruits360.json")
+F360 = data_path("fruits360")
 RECIPES = {  # name -> (label, train options)
-    "f360_adapt": ("fruitlens default --adapt-to grocery/train", ["--adapt-to", str(SHARED / "grocery" / "train")]),
+    "f360_adapt": ("fruitlens default --adapt-to grocery/train", ["--adapt-to", str(data_path("grocery") / "train")]),
     "f360_default": ("fruitlens default", []),
     "f360_last": ("default on the last layer's features (--feature-layer last)", ["--feature-layer", "last"]),
     # the default's features (its feature store: a warm-cache time), the head trained with the original's recipe
@@ -42,9 +42,13 @@ def manifest(name: str, splits: tuple[str, ...]) -> Path:
         w = csv.writer(fh)
         w.writerow(["path", "label"])
         for split in splits:
-            for p in sorted((SHARED / "grocery" / split).rglob("*.jpg")):
+            for p in sorted((data_path("grocery") / split).rglob("*.jpg")):
                 w.writerow([str(p.resolve()), p.parent.name])
     return out
+
+
+def command(name: str, options: list[str]) -> list[str]:
+    return FRUITLENS + ["train", str(F360), "--out", str(RUNS / name)] + options
 
 
 def train(name: str, options: list[str], keep: bool) -> Path:
@@ -58,7 +62,7 @@ def train(name: str, options: list[str], keep: bool) -> Path:
     if name != "f360_original_head":
         shutil.rmtree(cache, ignore_errors=True)
     os.environ["FRUITLENS_CACHE"] = str(cache)
-    r = run(FRUITLENS + ["train", str(F360), "--out", str(run_dir)] + options, OUT / f"domain_train_{name}.log")
+    r = run(command(name, options) + SMOKE_SIZE, OUT / f"domain_train_{name}.log")
     if r["rc"] != 0:
         sys.exit(f"{name}: training failed\n{r['output'][-3000:]}")
     return run_dir
@@ -144,7 +148,7 @@ def main() -> None:
     photos, val, seen = (manifest(f"grocery-{n}", splits) for n, splits in
                          (("photos", ("train", "val")), ("val", ("val",)), ("train", ("train",))))
     rows = [row(name, label, train(name, options, keep), photos, val, seen) for name, (label, options) in
-            RECIPES.items()]
+            pick(RECIPES.items(), check=lambda item: check_command(command(item[0], item[1][1])))]
     res = {"machine": machine(), "rows": rows}
     save("domain", res)
     write_section("domain", markdown(res))

@@ -8,15 +8,14 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from _measure import FRUITLENS, OUT, ROOT, SHARED, machine, run, save
+from _measure import FRUITLENS, OUT, ROOT, SMOKE, data_path, machine, prerequisite, run, save, scratch
 
-RUN = Path(tempfile.gettempdir()) / "fruitlens-bench-runs" / "f360_default"
+RUN = scratch("fruitlens-bench-runs") / "f360_default"
 
 
 def _rss_mib(pid: int) -> float:
@@ -47,17 +46,18 @@ def predict_path(run_dir: Path, rounds: int = 5) -> dict:
     from PIL import Image
 
     from fruitlens.inference.predictor import Predictor
-    from fruitlens.rundir import load_model
+    from fruitlens.models.checkpoint import load_model
 
-    files = sorted((SHARED / "fruits360" / "Test").rglob("*.jpg"))[:512]
+    files = sorted((data_path("fruits360") / "Test").rglob("*.jpg"))[:512]
     images = [Image.open(f).convert("RGB") for f in files]
-    model, classes, _ = load_model(run_dir / "checkpoints" / "best.ckpt")
+    ckpt = load_model(run_dir / "checkpoints" / "best.ckpt")
+    model = ckpt.model
 
     @torch.inference_mode()
     def eager(x):
-        return model(torch.from_numpy(x)).numpy()
+        return {"logits": model(torch.from_numpy(x)).numpy()}
 
-    engines = {"pytorch eager (NCHW)": Predictor(eager, classes, model.preprocessing, "pytorch"),
+    engines = {"pytorch eager (NCHW)": Predictor(eager, ckpt.classes, model.preprocessing, "pytorch"),
                "pytorch channels_last (fruitlens torch engine)": Predictor.from_run(run_dir, engine="torch"),
                "onnxruntime fp32": Predictor.from_onnx(run_dir / "export" / "model.onnx"),
                "onnxruntime int8": Predictor.from_onnx(run_dir / "export" / "model.int8.onnx")}
@@ -98,9 +98,16 @@ def start_server(run_dir: Path, *args: str) -> tuple[subprocess.Popen, int]:
     """``fruitlens serve RUN`` on a free loopback port, once /health answers."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    log = subprocess.DEVNULL
+    if SMOKE:  # what the server says, where a smoke run fails on it
+        OUT.mkdir(parents=True, exist_ok=True)
+        log = (OUT / f"serve_{port}.log").open("w")
     server = subprocess.Popen(FRUITLENS + ["serve", str(run_dir), "--port", str(port), *args], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=log, stderr=log)
     for _ in range(300):
+        if server.poll() is not None:
+            sys.exit(f"fruitlens serve {run_dir} {' '.join(args)} exited with status {server.returncode}"
+                     + (f":\n{(OUT / f'serve_{port}.log').read_text()[-3000:]}" if SMOKE else ""))
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             c.request("GET", "/health")
@@ -115,7 +122,7 @@ def serve_load(run_dir: Path, seconds: float = 30, clients: int = 8, workers: in
     """``clients`` threads post one Fruits-360 JPEG each in a loop for ``seconds`` (loopback only)."""
     server, port = start_server(run_dir, "--workers", str(workers))
     try:
-        files = sorted((SHARED / "fruits360" / "Test").rglob("*.jpg"))[:64]
+        files = sorted((data_path("fruits360") / "Test").rglob("*.jpg"))[:64]
         payloads = [_multipart(f.read_bytes()) for f in files]
         # warm up, then memory before
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -166,18 +173,25 @@ def serve_load(run_dir: Path, seconds: float = 30, clients: int = 8, workers: in
 
 
 def main() -> None:
+    if SMOKE and not (RUN / "report.json").exists():
+        prerequisite("bench_train.py", "fruits360_default")
     if not (RUN / "report.json").exists():
         sys.exit(f"{RUN} is missing: run benchmarks/bench_train.py fruits360 first")
     res: dict = {"machine": machine(), "run": "runs/f360_default (fruitlens default recipe on Fruits-360, 96 px)"}
     r = run(FRUITLENS + ["evaluate", str(RUN)], OUT / "evaluate.log")
     res["evaluate"] = {"cmd": r["cmd"].replace(str(RUN), "runs/f360_default"), "seconds": r["seconds"],
                        "peak_mib": r["peak_mib"], "rc": r["rc"]}
-    r = run(FRUITLENS + ["export", str(RUN), "--format", "onnx", "--int8"], OUT / "export.log")
+    # --smoke: no speed figures, 10 s of the smoke run's few minutes (fruitlens demo in bench_speed.py measures them)
+    r = run(FRUITLENS + ["export", str(RUN), "--format", "onnx", "--int8"] + (["--no-bench"] if SMOKE else []),
+            OUT / "export.log")
     res["export"] = {"cmd": r["cmd"].replace(str(RUN), "runs/f360_default"), "seconds": r["seconds"], "rc": r["rc"],
                      **json.loads((RUN / "export" / "export.json").read_text())}
-    res["predict_path"] = predict_path(RUN)
-    res["serve"] = serve_load(RUN)
-    res["serve_workers2"] = serve_load(RUN, workers=2)
+    res["predict_path"] = predict_path(RUN, rounds=1 if SMOKE else 5)
+    seconds = 2 if SMOKE else 30
+    res["serve"] = serve_load(RUN, seconds)
+    res["serve_workers2"] = serve_load(RUN, seconds, workers=2)
+    if SMOKE and any(res[k]["errors"] for k in ("serve", "serve_workers2")):
+        sys.exit(f"the server answered with errors: {res['serve']}, {res['serve_workers2']}")
     save("infer", res)
     print(json.dumps(res, indent=2))
 

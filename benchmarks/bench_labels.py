@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _measure import FRUITLENS, OUT, ROOT, SHARED, machine, run, save, write_section
+from _measure import (FRUITLENS, OUT, ROOT, SHARED, SMOKE, SMOKE_DIR, SMOKE_SIZE, data_path, machine, pick, run, save,
+                      write_section)
 
 sys.path.insert(0, str(ROOT / "src"))
 from fruitlens.config import RRC_MIN_AREA, AugmentConfig, TrainConfig, apply_overrides  # noqa: E402
@@ -48,12 +49,15 @@ from fruitlens.training.features import Placement, Views, cached_features  # noq
 from fruitlens.training.photos import PhotoRows, fit_with_photos, similar_groups  # noqa: E402
 from fruitlens.training.solver import fit_linear  # noqa: E402
 
-SIZE, STUDIO_VIEWS, PHOTO_VIEWS = 224, 3, 8
-BUDGETS = (18, 36, 90, 180)
-VAL_SEEDS, CV_SEEDS, FOLDS = (0, 1, 2, 3), (0, 1), 5
+SIZE, STUDIO_VIEWS, PHOTO_VIEWS = (64, 1, 2) if SMOKE else (224, 3, 8)
+BUDGETS, BUDGET = ((6, 12), 12) if SMOKE else ((18, 36, 90, 180), 90)  # BUDGET: of the rows after the curve
+# the command-line loop's suggest; under --smoke 36 of the 48 photos, because 'train --add' with under 5 labelled
+# photos in every class stops with sklearn's "n_splits=... cannot be greater than the number of members in each class"
+SUGGEST = 36 if SMOKE else 90
+VAL_SEEDS, CV_SEEDS, FOLDS = pick((0, 1, 2, 3)), pick((0, 1)), 2 if SMOKE else 5
 ROWS = OUT / "labels_rows.json"
 SHARE, L2 = 0.3, 1e-3  # fruitlens's defaults: fit.photo_share, and the studio head's weight decay
-CLASS_MAP = json.loads((SHARED / "grocery-from-fruits360.json").read_text())
+CLASS_MAP = json.loads(data_path("grocery-from-fruits360.json").read_text())
 APPLES = {"Golden-Delicious": "Apple Golden 1", "Granny-Smith": "Apple Granny Smith", "Red-Delicious": "Apple Red 1",
           "Pink-Lady": "Apple Red Yellow", "Royal-Gala": "Apple Red Yellow"}
 PEARS = {"Anjou", "Conference", "Kaiser"}
@@ -92,7 +96,7 @@ def features() -> dict:
     if path.is_file():
         saved = torch.load(path, weights_only=False)
         if "studio_groups" not in saved:  # features cached before the reverse direction was measured
-            split = prepare(apply_overrides(TrainConfig(), {"data.path": str(SHARED / "fruits360")}).validated())
+            split = prepare(apply_overrides(TrainConfig(), {"data.path": str(data_path("fruits360"))}).validated())
             train = [r for r in split.manifest.records if r.split in ("train", "covered")]
             saved["studio_groups"] = np.unique([r.group for r in train], return_inverse=True)[1]
             torch.save(saved, path)
@@ -102,14 +106,14 @@ def features() -> dict:
     net = build_model("mobilenet_v2", 2, img_size=SIZE, feature_layer="mid")
     pre = net.preprocessing
     # every training frame (data.keep_share=1): the photos' weight is a share of the studio rows, whatever their number
-    split = prepare(apply_overrides(TrainConfig(), {"data.path": str(SHARED / "fruits360"), "data.keep_share": 1})
-                    .validated())
+    overrides = {"data.path": str(data_path("fruits360")), "data.keep_share": 1}
+    split = prepare(apply_overrides(TrainConfig(), overrides).validated())
     parts = split.manifest.by_split()
     studio = {s: ([str(parts[s].resolve(r)) for r in parts[s]], [r.label for r in parts[s]]) for s in ("train", "val")}
     datasets = {s: _dataset(*studio[s], pre) for s in studio}
     feats, _ = cached_features(net.backbone, pre, datasets, Views(STUDIO_VIEWS, AugmentConfig(crop_scale=0.6), 0),
                                place=Placement(workers=1))
-    photo_paths = sorted(str(p) for p in (SHARED / "grocery").rglob("*.jpg"))
+    photo_paths = sorted(str(p) for p in data_path("grocery").rglob("*.jpg"))
     fine = [Path(p).parent.name for p in photo_paths]
     pf, _ = cached_features(net.backbone, pre, {"photos": _dataset(photo_paths, fine, pre)},
                             Views(PHOTO_VIEWS, AugmentConfig(crop_scale=RRC_MIN_AREA), 1, ("photos",)),
@@ -123,6 +127,7 @@ def features() -> dict:
            "photo_aug_img": pf["photos_aug"][2], "paths": photo_paths, "fine": fine, "near": near,
            "split": [Path(p).parent.parent.name for p in photo_paths], "studio_groups": studio_groups,
            "seconds": time.perf_counter() - t0}
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
     return out
 
@@ -250,11 +255,13 @@ def curves() -> dict:
     for budget in BUDGETS:
         rows.append(b.measure(f"{budget} random photos", budget=budget, how="random"))
         rows.append(b.measure(f"{budget} suggested photos", budget=budget, how="suggested"))
-    rows.append(b.measure("90 suggested photos alone (no studio shots)", budget=90, how="suggested", studio=False))
-    rows.append(b.measure("90 suggested, photos as one image each (no weighting)", budget=90, how="suggested",
+    rows.append(b.measure(f"{BUDGET} suggested photos alone (no studio shots)", budget=BUDGET, how="suggested",
+                          studio=False))
+    rows.append(b.measure(f"{BUDGET} suggested, photos as one image each (no weighting)", budget=BUDGET, how="suggested",
                           share=None))
-    rows.append(b.measure("90 suggested, photos at 50% of the weight", budget=90, how="suggested", share=0.5))
-    rows.append(b.measure("90 suggested + --adapt-to the rest of the pool", budget=90, how="suggested", adapt=True))
+    rows.append(b.measure(f"{BUDGET} suggested, photos at 50% of the weight", budget=BUDGET, how="suggested", share=0.5))
+    rows.append(b.measure(f"{BUDGET} suggested + --adapt-to the rest of the pool", budget=BUDGET, how="suggested",
+                          adapt=True))
     rows.append(b.measure("all photos of the pool labelled", budget=1, how="all"))
     for how in ("two rounds, typical", "two rounds, with unsure", "two rounds, random"):
         rows.append(b.measure(f"45 suggested, then 45 more ({how.split(', ')[1]}) with the first 45 labelled",
@@ -337,7 +344,7 @@ def _f360_test() -> tuple[torch.Tensor, np.ndarray]:
         saved = torch.load(path, weights_only=False)
         return saved["x"], saved["y"]
     net = build_model("mobilenet_v2", 2, img_size=SIZE, feature_layer="mid")
-    files = sorted((SHARED / "fruits360" / "Test").rglob("*.jpg"))
+    files = sorted((data_path("fruits360") / "Test").rglob("*.jpg"))
     labels = [p.parent.name for p in files]
     feats, _ = cached_features(net.backbone, net.preprocessing, {"test": _dataset([str(p) for p in files], labels,
                                                                                   net.preprocessing)},
@@ -373,9 +380,11 @@ def write(res: dict) -> None:
 # --- the loop a user runs, command by command ---
 
 def _kind_map(model_classes: list[str], fine_classes: list[str]) -> dict[str, list[str]]:
-    """For ``evaluate --class-map``: each GroceryStore folder -> the model classes of its kind."""
+    """For ``evaluate --class-map``: each GroceryStore folder -> the model classes of its kind. Folders of a kind the
+    model has no class for are left out (evaluate counts their photos apart; a class map naming a class the model
+    does not know is refused)."""
     kinds = {g: [c for c in model_classes if class_kind(c) == kind(g)] for g in fine_classes}
-    return {g: cs for g, cs in kinds.items() if cs}  # kinds the model has no class for are counted apart
+    return {g: classes for g, classes in kinds.items() if classes}
 
 
 def _fill_labels(csv_in: Path, csv_out: Path, label_of) -> int:
@@ -396,7 +405,7 @@ def _accuracy(report: Path) -> str:
 
 
 def cli() -> list[dict]:
-    base = Path(tempfile.mkdtemp(prefix="fruitlens-bench-labels-"))
+    base = Path(tempfile.mkdtemp(prefix="fruitlens-bench-labels-", dir=SMOKE_DIR))
     steps = []
 
     def step(args: list[str], result=None) -> dict:
@@ -411,12 +420,12 @@ def cli() -> list[dict]:
         print(json.dumps(row), flush=True)
         return row
 
-    f360, grocery = SHARED / "fruits360", SHARED / "grocery"
-    step(["train", str(f360), "--out", str(base / "f360")])
-    step(["suggest", str(base / "f360"), str(grocery / "train"), "--budget", "90", "--out", str(base / "pick")])
+    f360, grocery = data_path("fruits360"), data_path("grocery")
+    step(["train", str(f360), "--out", str(base / "f360")] + SMOKE_SIZE)
+    step(["suggest", str(base / "f360"), str(grocery / "train"), "--budget", str(SUGGEST), "--out", str(base / "pick")])
     labels = base / "labels.csv"
     _fill_labels(base / "pick" / "to-label.csv", labels, lambda p: person_label(p.parent.name))
-    step(["train", str(f360), "--add", str(labels), "--out", str(base / "mine")],
+    step(["train", str(f360), "--add", str(labels), "--out", str(base / "mine")] + SMOKE_SIZE,
          lambda: json.loads((base / "mine" / "photos.json").read_text())["verdict"][:80])
     classes = json.loads((base / "mine" / "labels.json").read_text())
     kmap = base / "kinds.json"

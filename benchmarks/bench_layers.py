@@ -16,13 +16,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _measure import SHARED, machine, save, write_section
-from bench_augment import NET, PRE, SEEDS, _crops, default_aug, load_data, score_probs
+from _measure import data_path, machine, save, write_section
+from bench_augment import CLASSES, NET, PRE, SEEDS, _crops, default_aug, load_data, score_probs
 from bench_augment import head as augment_head
 
 BLOCKS = (13, 14, 15, 16, 17, 18)  # 96, 160, 160, 160, 320 channels; 18: the last layer (1280)
 POOLS = ("mean", "max", "gem")  # gem: generalised mean, p = 3
-CLASS_MAP = SHARED / "grocery-from-fruits360.json"
+CLASS_MAP = data_path("grocery-from-fruits360.json")
 
 
 @torch.inference_mode()
@@ -61,7 +61,7 @@ class Probe:
         if pca:  # whitened on the studio shots' top components
             Xc = tf(X)
             c = Xc.mean(0)
-            _, s, v = torch.pca_lowrank(Xc - c, q=pca, center=False)
+            _, s, v = torch.pca_lowrank(Xc - c, q=min(pca, *Xc.shape), center=False)  # (the rows: --smoke)
             w = v / s * len(X) ** 0.5
             tf = lambda z, tf0=tf: (tf0(z) - c) @ w
         return tf(X), {"photos": tf(others["photos"]), "unl": tf(others["unl"]), "tiles": [tf(t) for t in others["tiles"]]}
@@ -165,7 +165,7 @@ def _em_prior(u: torch.Tensor, rounds: int = 30) -> torch.Tensor:
 
 def kinds(d: dict, scores: torch.Tensor) -> list[dict]:
     """Per GroceryStore kind: photos, accuracy, and the three Fruits-360 classes it is called most."""
-    classes = sorted(p.name for p in (SHARED / "fruits360" / "Training").iterdir())
+    classes = CLASSES
     names = sorted(json.loads(CLASS_MAP.read_text()))
     pred = scores.argmax(1)
     out = []

@@ -16,11 +16,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _measure import machine, save, write_section
+from _measure import SMOKE, machine, save, write_section
 from bench_augment import NET, PRE, SEEDS, default_aug, load_data, score_probs
 from bench_layers import head
 
-CUT, EPOCHS = 13, 4  # blocks 0..CUT frozen
+CUT, EPOCHS = 13, 1 if SMOKE else 4  # blocks 0..CUT frozen
 
 
 @torch.inference_mode()

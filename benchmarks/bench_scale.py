@@ -7,15 +7,15 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from _measure import FRUITLENS, OUT, SHARED, machine, run, save, write_section
+from _measure import FRUITLENS, OUT, SMOKE, SMOKE_SIZE, data_path, machine, run, save, scratch, write_section
 from bench_data import synthetic_tree
 
-RUNS = Path(tempfile.gettempdir()) / "fruitlens-bench-scale"
+RUNS = scratch("fruitlens-bench-scale")
+SIZES = (200,) if SMOKE else (10_000, 30_000, 100_000)  # synthetic images the default command trains on
 
 
 def train(name: str, data: Path, args: list[str]) -> dict:
@@ -24,7 +24,7 @@ def train(name: str, data: Path, args: list[str]) -> dict:
     cache = RUNS / f"cache-{name}"  # a feature store of its own: every run computes its features
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["FRUITLENS_CACHE"] = str(cache)
-    r = run(FRUITLENS + ["train", str(data), "--out", str(out)] + args, OUT / f"scale_{name}.log")
+    r = run(FRUITLENS + ["train", str(data), "--out", str(out)] + args + SMOKE_SIZE, OUT / f"scale_{name}.log")
     if r["rc"] != 0:
         raise SystemExit(f"{name} failed:\n{r['output'][-3000:]}")
     info = json.loads((out / "train_info.json").read_text())
@@ -76,15 +76,14 @@ def markdown(res: dict) -> str:
 
 def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
-    fruits = SHARED / "fruits360"
+    fruits = data_path("fruits360")
     res: dict = {"machine": machine()}
     single = train("f360_single", fruits, ["--accelerator", "cpu"])
     ddp = train("f360_ddp", fruits, ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"])
     res["ddp"] = {"single": single, "ddp": ddp, "caches_equal": caches_equal(Path(single["run"]), Path(ddp["run"]))}
     res["sizes"] = []
-    for n in (10_000, 30_000, 100_000):
-        data = synthetic_tree(Path(tempfile.gettempdir()) / "fruitlens-bench-synthetic96" / str(n), n, side=96,
-                              quality=85)
+    for n in SIZES:
+        data = synthetic_tree(scratch("fruitlens-bench-synthetic96") / str(n), n, side=96, quality=85)
         res["sizes"].append(train(f"synthetic_{n}", data, ["--target-acc", "0"]))
     save("scale", res)
     write_section("scale", markdown(res))

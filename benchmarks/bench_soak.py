@@ -11,17 +11,16 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from PIL import Image
 
-from _measure import SHARED, machine, save, write_section
+from _measure import SMOKE, data_path, machine, prerequisite, save, scratch, write_section
 from bench_infer import _multipart, _tree_rss_mib, start_server
 
-RUNS = Path(tempfile.gettempdir()) / "fruitlens-bench-trust"
+RUNS = scratch("fruitlens-bench-trust")
 
 
 def _png(img: Image.Image) -> bytes:
@@ -32,7 +31,7 @@ def _png(img: Image.Image) -> bytes:
 
 def hostile() -> list[tuple[str, bytes, str, tuple[int, ...]]]:
     """(name, body, content type, statuses that are right) of each hostile request."""
-    jpeg = next((SHARED / "fruits360" / "Test").rglob("*.jpg")).read_bytes()
+    jpeg = next((data_path("fruits360") / "Test").rglob("*.jpg")).read_bytes()
     bomb = Image.new("1", (30000, 30000))  # 900 megapixels, a few hundred KB as PNG
     cases = [("truncated JPEG", _multipart(jpeg[: len(jpeg) // 3]), (422,)),
              ("text file", _multipart(b"not an image at all\n" * 50), (415, 422)),
@@ -47,8 +46,8 @@ def hostile() -> list[tuple[str, bytes, str, tuple[int, ...]]]:
 def soak(run_dir: Path, seconds: float = 300, clients: int = 8, hostile_share: float = 0.05) -> dict:
     server, port = start_server(run_dir)
     try:
-        good = [_multipart(f.read_bytes()) for f in sorted((SHARED / "grocery" / "val").rglob("*.jpg"))[:48]]
-        good += [_multipart(f.read_bytes()) for f in sorted((SHARED / "fruits360" / "Test").rglob("*.jpg"))[:48]]
+        good = [_multipart(f.read_bytes()) for f in sorted((data_path("grocery") / "val").rglob("*.jpg"))[:48]]
+        good += [_multipart(f.read_bytes()) for f in sorted((data_path("fruits360") / "Test").rglob("*.jpg"))[:48]]
         bad = hostile()
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         for body, ctype in good[:16]:  # warm up
@@ -91,7 +90,7 @@ def soak(run_dir: Path, seconds: float = 300, clients: int = 8, hostile_share: f
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
-            time.sleep(10)
+            time.sleep(min(10, seconds / 4))
             memory.append((round(time.perf_counter() - t0), _tree_rss_mib(server.pid)))
         for t in threads:
             t.join()
@@ -134,6 +133,8 @@ def markdown(res: dict) -> str:
 
 def main(seconds: float = 300) -> None:
     runs = {"Fruits-360 model, 96 px": RUNS / "f360", "GroceryStore model, 448 px": RUNS / "g_visual_0"}
+    if SMOKE and not all((r / "export" / "model.onnx").exists() for r in runs.values()):
+        prerequisite("bench_trust.py")
     for run_dir in runs.values():
         if not (run_dir / "export" / "model.onnx").exists():
             sys.exit(f"{run_dir} is missing: run benchmarks/bench_trust.py first")
@@ -141,9 +142,12 @@ def main(seconds: float = 300) -> None:
     for name, run_dir in runs.items():
         res["runs"][name] = soak(run_dir, seconds)
         print(name, json.dumps({k: v for k, v in res["runs"][name].items() if k != "memory_mib"}), flush=True)
+        if SMOKE and (res["runs"][name]["wrong_answers"] or not res["runs"][name]["server_alive"]):
+            sys.exit(f"{name}: wrong answers {res['runs'][name]['wrong_examples']}, "
+                     f"server alive: {res['runs'][name]['server_alive']}")
     save("soak", res)
     write_section("soak", markdown(res))
 
 
 if __name__ == "__main__":
-    sys.exit(main(float(sys.argv[1]) if len(sys.argv) > 1 else 300))
+    sys.exit(main(float(sys.argv[1]) if len(sys.argv) > 1 else 3 if SMOKE else 300))

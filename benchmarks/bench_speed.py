@@ -7,21 +7,20 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from _measure import FRUITLENS, OUT, SMOKE, SMOKE_SIZE, data_path, machine, run, save, scratch, write_section
 
-
-from _measure import FRUITLENS, OUT, SHARED, machine, run, save, write_section
-
-RUNS = Path(tempfile.gettempdir()) / "fruitlens-bench-speed"
+RUNS = scratch("fruitlens-bench-speed")
+THROUGHPUT = (1, 1) if SMOKE else (10, 3)  # seconds of each backbone measurement, and how many (the median is kept)
 
 
 def train(name: str, args: list[str]) -> dict:
     out = RUNS / name
     shutil.rmtree(out, ignore_errors=True)
-    r = run(FRUITLENS + ["train", str(SHARED / "fruits360"), "--out", str(out)] + args, OUT / f"speed_{name}.log")
+    r = run(FRUITLENS + ["train", str(data_path("fruits360")), "--out", str(out)] + args + SMOKE_SIZE,
+            OUT / f"speed_{name}.log")
     if r["rc"] != 0:
         raise SystemExit(f"{name} failed:\n{r['output'][-3000:]}")
     rep = json.loads((out / "report.json").read_text())
@@ -58,7 +57,9 @@ def backbone_throughput(size: int = 96, batch: int = 32, seconds: float = 10) ->
 def demo() -> dict:
     out = RUNS / "demo"
     shutil.rmtree(out, ignore_errors=True)
-    r = run(FRUITLENS + ["demo", "--data", str(SHARED / "fruits360"), "--out", str(out)], OUT / "speed_demo.log")
+    smoke = ["--no-int8", "model.img_size=64"] if SMOKE else []  # (bench_infer.py's smoke run exports int8)
+    r = run(FRUITLENS + ["demo", "--data", str(data_path("fruits360")), "--out", str(out)] + smoke,
+            OUT / "speed_demo.log")
     if r["rc"] != 0:
         raise SystemExit(f"demo failed:\n{r['output'][-3000:]}")
     rep = json.loads((out / "report.json").read_text())
@@ -129,13 +130,13 @@ def main(which: str = "all") -> None:
         res["default"] = train("f360_default", [])
         res["plain"] = train("f360_plain", ["--no-feature-cache", "--img-size", "224", "--target-acc", "0.98",
                                             "--target-monitor", "train", "--epochs", "2"])
-        res["backbone_img_per_s"] = statistics.median([backbone_throughput() for _ in range(3)])
+        res["backbone_img_per_s"] = statistics.median([backbone_throughput(seconds=THROUGHPUT[0])
+                                                       for _ in range(THROUGHPUT[1])])
     if which in ("all", "demo", "default"):
         res["demo"] = demo()
     save("speed", res)
     if all(k in res for k in ("default", "plain", "demo")):
         write_section("speed", markdown(res))
-
 
 
 if __name__ == "__main__":

@@ -7,16 +7,33 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from _measure import FRUITLENS, OUT, SHARED, machine, run, save, write_section
+from _measure import (FRUITLENS, OUT, SMOKE_SIZE, check_command, data_path, machine, pick, run, save,
+                      scratch, write_section)
+
+GROCERY = {  # the grocery part's rows: name -> (run folder, train options)
+    "mobilenet_v2 default": ("g_mnv2", ["--target-acc", "0"]),
+    "mobilenet_v2 + fine-tune 3 blocks": ("g_mnv2_ft", ["--target-acc", "0", "--fine-tune-blocks", "3",
+                                                        "--fine-tune-epochs", "3"]),
+    "plain recipe (224 px, frozen, no cache)": ("g_plain", ["--no-feature-cache", "--img-size", "224", "--target-acc",
+                                                            "0", "--epochs", "5"]),
+    "small_cnn (from scratch)": ("g_cnn", ["--model", "small_cnn", "--img-size", "128", "--target-acc", "0", "--epochs",
+                                           "30"]),
+    "densenet121 (from scratch: no offline weights)": ("g_dn121", ["--model", "densenet121", "--weights", "none",
+                                                                   "--img-size", "128", "--target-acc", "0", "--epochs",
+                                                                   "8"]),
+}
+
+
+def command(name: str, data: Path, args: list[str], runs: Path) -> list[str]:
+    return FRUITLENS + ["train", str(data), "--out", str(runs / name)] + args
 
 
 def train(name: str, data: Path, args: list[str], runs: Path) -> dict:
     out = runs / name
     shutil.rmtree(out, ignore_errors=True)
-    r = run(FRUITLENS + ["train", str(data), "--out", str(out)] + args, OUT / f"train_{name}.log")
+    r = run(command(name, data, args, runs) + SMOKE_SIZE, OUT / f"train_{name}.log")
     row = {"cmd": r["cmd"].replace(str(out), f"runs/{name}"), "rc": r["rc"], "seconds": r["seconds"],
            "peak_mib": r["peak_mib"]}
     if r["rc"] == 0:
@@ -32,8 +49,8 @@ def train(name: str, data: Path, args: list[str], runs: Path) -> dict:
 
 
 def main(which: str = "all") -> None:
-    runs = Path(tempfile.gettempdir()) / "fruitlens-bench-runs"
-    fruits, grocery = SHARED / "fruits360", SHARED / "grocery"
+    runs = scratch("fruitlens-bench-runs")
+    fruits, grocery = data_path("fruits360"), data_path("grocery")
     res: dict = {"machine": machine()}
     if which == "fruits360_default":  # rerun the fast recipe alone (the plain one takes ~15 min)
         res["fruits360_default"] = train("f360_default", fruits, [], runs)
@@ -41,7 +58,7 @@ def main(which: str = "all") -> None:
     if which in ("all", "seeds"):  # the default recipe with 3 seeds: split, augmentation and head all vary
         for key, data in (("fruits360", fruits), ("grocery", grocery)):
             extra = ["--target-acc", "0"] if key == "grocery" else []
-            rows = [train(f"{key}_seed{s}", data, extra + ["--seed", str(s)], runs) for s in range(3)]
+            rows = [train(f"{key}_seed{s}", data, extra + ["--seed", str(s)], runs) for s in pick(range(3))]
             accs = [r["accuracy"] for r in rows if "accuracy" in r]
             res[f"{key}_seeds"] = {"runs": rows, "mean_accuracy": sum(accs) / len(accs) if accs else None}
         if which == "seeds":  # seed 0 is the default command: it updates the default row and the speed-up
@@ -50,7 +67,7 @@ def main(which: str = "all") -> None:
     if which == "layers":  # photos -> photos: does block 17 (the studio default) read them as well as the last layer?
         res["grocery_layers"] = {layer: [train(f"grocery_{layer}_seed{s}", grocery, ["--target-acc", "0", "--seed",
                                                                                      str(s), "--feature-layer", layer],
-                                               runs) for s in range(3)] for layer in ("last", "mid")}
+                                               runs) for s in pick(range(3))] for layer in ("last", "mid")}
         save("train_layers", res)  # apart from train.json, which write_results.py reads for the core tables
         write_section("grocery_layers", layers_markdown(res["grocery_layers"], res["machine"]["date"]))
         return
@@ -60,17 +77,9 @@ def main(which: str = "all") -> None:
                                                               "0.98", "--target-monitor", "train", "--epochs", "2"], runs)
         res["fruits360_speedup"] = round(res["fruits360_plain"]["seconds"] / res["fruits360_default"]["seconds"], 1)
     if which in ("all", "grocery"):
-        res["grocery"] = {
-            "mobilenet_v2 default": train("g_mnv2", grocery, ["--target-acc", "0"], runs),
-            "mobilenet_v2 + fine-tune 3 blocks": train("g_mnv2_ft", grocery, ["--target-acc", "0", "--fine-tune-blocks",
-                                                                              "3", "--fine-tune-epochs", "3"], runs),
-            "plain recipe (224 px, frozen, no cache)": train("g_plain", grocery, ["--no-feature-cache", "--img-size", "224",
-                                                                                 "--target-acc", "0", "--epochs", "5"], runs),
-            "small_cnn (from scratch)": train("g_cnn", grocery, ["--model", "small_cnn", "--img-size", "128",
-                                                                 "--target-acc", "0", "--epochs", "30"], runs),
-            "densenet121 (from scratch: no offline weights)": train("g_dn121", grocery, [
-                "--model", "densenet121", "--weights", "none", "--img-size", "128", "--target-acc", "0", "--epochs", "8"], runs),
-        }
+        # --smoke: the fine-tuning recipe (the default one is the seeds part's seed 0; eval_finetune.py reuses it)
+        res["grocery"] = {label: train(name, grocery, args, runs) for label, (name, args) in pick(
+            GROCERY.items(), [1], check=lambda item: check_command(command(item[1][0], grocery, item[1][1], runs)))}
     res["started"] = {which: res["machine"]["date"]}
     prev = OUT / "train.json"
     if prev.exists() and which != "all":

@@ -16,21 +16,26 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _measure import FRUITLENS, OUT, SHARED, machine, run, save, write_section
+from _measure import (FRUITLENS, OUT, SMOKE, SMOKE_SIZE, check_command, data_path, machine, pick, run, save, scratch,
+                      write_section)
 
-RUNS = Path(tempfile.gettempdir()) / "fruitlens-bench-trust"
+RUNS = scratch("fruitlens-bench-trust")
+TIMED = (5, 2, 2) if SMOKE else (200, 30, 50)  # timed runs at batch 1 and batch 32, and of the overlay
+
+
+def command(name: str, data: Path | str, args: list[str]) -> list[str]:
+    return FRUITLENS + ["train", str(data), "--out", str(RUNS / name)] + args
 
 
 def train(name: str, data: Path | str, args: list[str]) -> dict:
     out = RUNS / name
     shutil.rmtree(out, ignore_errors=True)
-    r = run(FRUITLENS + ["train", str(data), "--out", str(out)] + args, OUT / f"trust_{name}.log")
+    r = run(command(name, data, args) + SMOKE_SIZE, OUT / f"trust_{name}.log")
     if r["rc"] != 0:
         raise SystemExit(f"{name} failed:\n{r['output'][-3000:]}")
     rep = json.loads((out / "report.json").read_text())
@@ -130,7 +135,7 @@ def prediction_cost(run_dir: str) -> dict:
             for _ in range(5):
                 sess.run(None, {name: x})
             times = []
-            for _ in range(200 if batch == 1 else 30):
+            for _ in range(TIMED[0] if batch == 1 else TIMED[1]):
                 t = time.perf_counter()
                 sess.run(None, {name: x})
                 times.append(time.perf_counter() - t)
@@ -139,7 +144,7 @@ def prediction_cost(run_dir: str) -> dict:
     photo = Image.new("RGB", (size, size), (200, 40, 40))
     p = pred.predict([photo], top_k=3)[0]
     times = []
-    for _ in range(50):
+    for _ in range(TIMED[2]):
         t = time.perf_counter()
         overlay(photo, p.class_map, pred.preprocessing, p.text())
         times.append(time.perf_counter() - t)
@@ -207,18 +212,20 @@ def markdown(res: dict) -> str:
 
 def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
-    grocery, fruits = SHARED / "grocery", SHARED / "fruits360"
+    grocery, fruits = data_path("grocery"), data_path("fruits360")
     res: dict = {"machine": machine(), "calibration": [], "ood": []}
-    for groups in ("visual", "near-duplicates"):
-        for seed in range(3):
-            row = train(f"g_{groups}_{seed}", grocery, ["--target-acc", "0", "--seed", str(seed),
-                                                        f"trust.groups={groups}"])
+    options = lambda groups, seed: ["--target-acc", "0", "--seed", str(seed), f"trust.groups={groups}"]
+    for groups in pick(("visual", "near-duplicates"),
+                       check=lambda g: check_command(command(f"g_{g}_0", grocery, options(g, 0)))):
+        for seed in pick(range(3)):
+            row = train(f"g_{groups}_{seed}", grocery, options(groups, seed))
             res["calibration"].append({**row, "data": "grocery", "groups": groups, "seed": seed})
     f360 = train("f360", fruits, [])
     res["calibration"].append({**f360, "data": "fruits360", "groups": "visual", "seed": 0})
-    res["ood"].append({**ood("g_ood", grocery, ("train", "val"), ("train", "val"), ["--target-acc", "0"]),
-                       "data": "grocery"})
-    res["ood"].append({**ood("f360_ood", fruits, ("Training", "Test"), ("Test",), []), "data": "fruits360"})
+    cases = (("g_ood", grocery, ("train", "val"), ("train", "val"), ["--target-acc", "0"], "grocery"),
+             ("f360_ood", fruits, ("Training", "Test"), ("Test",), [], "fruits360"))
+    for name, root, splits, unknown_from, args, data in pick(cases, [1]):  # --smoke: the quicker one
+        res["ood"].append({**ood(name, root, splits, unknown_from, args), "data": data})
     res["cost"] = prediction_cost(f360["run"])
     save("trust", res)
     write_section("trust", markdown(res))

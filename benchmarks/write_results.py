@@ -1,12 +1,13 @@
-"""Writes benchmarks/RESULTS.md from the JSON files the bench_*.py scripts left in benchmarks/out/."""
+"""Writes benchmarks/RESULTS.md from the JSON files the bench_*.py scripts left in benchmarks/out/.
+``--smoke``: from the smoke runs' JSON files into the smoke scratch folder's RESULTS.md (running bench_train.py,
+bench_infer.py and bench_data.py in smoke mode first where their files are missing)."""
 from __future__ import annotations
 
 import json
 import re
 import sys
-from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "out"
+from _measure import OUT, RESULTS, SMOKE, prerequisite
 
 
 def _load(name: str) -> dict:
@@ -19,6 +20,11 @@ def _pct(v) -> str:
 
 
 def main() -> None:
+    if SMOKE:
+        for name, script in (("train", ("bench_train.py", "all")), ("infer", ("bench_infer.py",)),
+                             ("data", ("bench_data.py",))):
+            if not (OUT / f"{name}.json").exists():
+                prerequisite(*script)
     data, train, infer = _load("data"), _load("train"), _load("infer")
     missing = [n for n, d in (("data", data), ("train", train), ("infer", infer)) if not d]
     if missing:  # RESULTS.md keeps the figures it has rather than losing the parts no JSON is left for
@@ -129,7 +135,7 @@ def main() -> None:
                              f"{s['req_per_s']} | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | "
                              f"{s['errors']} / {s['requests']} | {s['rss_before_mib']} -> {s['rss_after_mib']} |")
         lines.append("")
-    path = OUT.parent / "RESULTS.md"
+    path = RESULTS
     kept = _sections(path.read_text()) if path.exists() else []
     path.write_text("\n".join(lines).rstrip() + "\n" + "".join(f"\n{block}\n" for block in kept))
     print("\n".join(lines))
