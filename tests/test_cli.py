@@ -46,6 +46,25 @@ def test_models_and_weights_list(capsys):
     assert "mobilenet_v2-b0353104.pth" in capsys.readouterr().out
 
 
+def test_models_lists_every_backbone_with_torchvision_figures(capsys):
+    from torchvision.models import EfficientNet_B0_Weights
+
+    from fruitlens.models import MODELS
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in MODELS}
+    assert set(rows) == set(MODELS)
+    meta = EfficientNet_B0_Weights.IMAGENET1K_V1.meta  # read from torchvision, not copied into fruitlens
+    assert f"{meta['_metrics']['ImageNet-1K']['acc@1']:.1f}%" in rows["efficientnet_b0"]
+    assert f"{meta['num_params'] / 1e6:.1f}M" in rows["efficientnet_b0"]
+    assert "224 only" in rows["vit_b_16"] and "patch tokens" in rows["vit_b_16"]
+    note = " ".join(out.split())
+    assert "fruitlens has not measured them" in note and "download into torchvision's cache on first use" in note
+    assert main(["weights", "list"]) == 0
+    assert "efficientnet_b0_rwightman-7f5810bc.pth" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, says", [
     (["predict", "run", "a.jpg", "--batch-size", "0"], "--batch-size: expected a whole number from 1 up"),
     (["predict", "run", "a.jpg", "--top-k", "-1"], "--top-k: expected a whole number from 1 up"),

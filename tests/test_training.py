@@ -116,9 +116,9 @@ def test_the_feature_store_tells_weights_apart(tmp_path, monkeypatch):
 
     pre = Preprocessing(96, 96, (0.5,) * 3, (0.25,) * 3)
     store = lambda weights: FeatureStore("mobilenet_v2", weights, pre, cache=tmp_path).path
-    monkeypatch.setattr("fruitlens.models.weights.pick", lambda enum: MobileNet_V2_Weights.IMAGENET1K_V1)
+    monkeypatch.setattr("fruitlens.models.registry.imagenet_weights", lambda spec: MobileNet_V2_Weights.IMAGENET1K_V1)
     v1 = store("imagenet")
-    monkeypatch.setattr("fruitlens.models.weights.pick", lambda enum: MobileNet_V2_Weights.IMAGENET1K_V2)
+    monkeypatch.setattr("fruitlens.models.registry.imagenet_weights", lambda spec: MobileNet_V2_Weights.IMAGENET1K_V2)
     assert store("imagenet") != v1
     own = tmp_path / "mine.pth"
     own.write_bytes(b"one")

@@ -1,6 +1,7 @@
 """Model registry: a name -> builder entry; every built model is a ``FruitNet`` with backbone, head, preprocessing.
 
-Adding a torchvision classification model takes one entry in ``MODELS``.
+Adding a torchvision classification model takes one entry in ``MODELS`` (and, where its pooling is not a plain mean
+of ``features``, a feature-map function in ``_feature_maps``).
 """
 from __future__ import annotations
 
@@ -10,30 +11,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 from torchvision.models import WeightsEnum
 
 from fruitlens.errors import ModelError, WeightsError, did_you_mean
+from fruitlens.models import _feature_maps as fm
+from fruitlens.models import vit
 from fruitlens.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from fruitlens.models.small_cnn import SmallCNN
 from fruitlens.models.weights import load_state_dict, pick
 
 log = logging.getLogger(__name__)
 
-
-def _features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return net.features(x)
-
-
-def _densenet(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.relu(net.features(x))
-
-
-def _resnet(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+FeatureMap = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -43,29 +34,68 @@ class ModelSpec:
     name: str
     builder: Callable[..., nn.Module]
     weights_enum: type[WeightsEnum] | None
-    head_attr: str  # attribute holding the classifier that the backbone drops
-    block_attrs: tuple[str, ...]  # ordered bottom -> top; a Sequential attribute expands into its children
+    head_attr: str  # the classifier (a dotted path) that the backbone drops: backbone(x) is then the head's input
+    # ordered bottom -> top, dotted paths; an nn.Sequential (not a subclass such as a conv-norm-act stem) expands into
+    # its children
+    block_attrs: tuple[str, ...]
     min_size: int = 32
     description: str = ""
     # the last feature map, (N, C, h, w): the backbone's pooled features are its spatial mean (a test holds them so),
     # which makes the class activation map exact
-    feature_map: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _features
+    feature_map: FeatureMap = fm.features
     # ``feature_layer="mid"``: the index in ``features`` of the last block kept (the blocks above it are dropped);
     # None: the model has only its last layer
     mid_block: int | None = None
+    fixed_size: int = 0  # the only input size the model takes (ViT: position embeddings); 0: any from min_size up
+    skip_weights: tuple[str, ...] = ()  # entries of the enum this build cannot load (another input size)
 
 
-MODELS: dict[str, ModelSpec] = {
-    "mobilenet_v2": ModelSpec("mobilenet_v2", tvm.mobilenet_v2, tvm.MobileNet_V2_Weights, "classifier", ("features",),
-                              32, "MobileNetV2 (3.5M params), ImageNet weights; the fast default", mid_block=17),
-    "densenet121": ModelSpec("densenet121", tvm.densenet121, tvm.DenseNet121_Weights, "classifier", ("features",),
-                             32, "DenseNet121 (8.0M params), ImageNet weights; slower on a CPU", _densenet),
-    "resnet18": ModelSpec("resnet18", tvm.resnet18, tvm.ResNet18_Weights, "fc",
-                          ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"), 32, "ResNet-18 (11.7M params)",
-                          _resnet),
-    "small_cnn": ModelSpec("small_cnn", SmallCNN, None, "classifier", ("features",), 16,
-                           "the original's Sequential Conv2D + pooling CNN; trains from scratch"),
-}
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    ModelSpec(name="mobilenet_v2", builder=tvm.mobilenet_v2, weights_enum=tvm.MobileNet_V2_Weights,
+              head_attr="classifier", block_attrs=("features",), description="MobileNetV2; the fast default",
+              mid_block=17),
+    ModelSpec(name="mobilenet_v3_large", builder=tvm.mobilenet_v3_large, weights_enum=tvm.MobileNet_V3_Large_Weights,
+              head_attr="classifier", block_attrs=("features",),
+              description="MobileNetV3-Large; the head reads its 960 pooled channels, not the 1280-wide layer"),
+    ModelSpec(name="densenet121", builder=tvm.densenet121, weights_enum=tvm.DenseNet121_Weights,
+              head_attr="classifier", block_attrs=("features",), description="DenseNet-121; slower on a CPU",
+              feature_map=fm.densenet),
+    ModelSpec(name="resnet18", builder=tvm.resnet18, weights_enum=tvm.ResNet18_Weights, head_attr="fc",
+              block_attrs=("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"), description="ResNet-18",
+              feature_map=fm.resnet),
+    ModelSpec(name="resnet50", builder=tvm.resnet50, weights_enum=tvm.ResNet50_Weights, head_attr="fc",
+              block_attrs=("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"), description="ResNet-50",
+              feature_map=fm.resnet),
+    ModelSpec(name="efficientnet_b0", builder=tvm.efficientnet_b0, weights_enum=tvm.EfficientNet_B0_Weights,
+              head_attr="classifier", block_attrs=("features",), description="EfficientNet-B0"),
+    ModelSpec(name="efficientnet_b1", builder=tvm.efficientnet_b1, weights_enum=tvm.EfficientNet_B1_Weights,
+              head_attr="classifier", block_attrs=("features",), description="EfficientNet-B1"),
+    ModelSpec(name="efficientnet_b2", builder=tvm.efficientnet_b2, weights_enum=tvm.EfficientNet_B2_Weights,
+              head_attr="classifier", block_attrs=("features",), description="EfficientNet-B2"),
+    ModelSpec(name="efficientnet_b3", builder=tvm.efficientnet_b3, weights_enum=tvm.EfficientNet_B3_Weights,
+              head_attr="classifier", block_attrs=("features",), description="EfficientNet-B3"),
+    ModelSpec(name="efficientnet_v2_s", builder=tvm.efficientnet_v2_s, weights_enum=tvm.EfficientNet_V2_S_Weights,
+              head_attr="classifier", block_attrs=("features",), description="EfficientNetV2-S"),
+    ModelSpec(name="regnet_y_800mf", builder=tvm.regnet_y_800mf, weights_enum=tvm.RegNet_Y_800MF_Weights,
+              head_attr="fc", block_attrs=("stem", "trunk_output"), description="RegNetY-800MF",
+              feature_map=fm.regnet),
+    ModelSpec(name="regnet_y_1_6gf", builder=tvm.regnet_y_1_6gf, weights_enum=tvm.RegNet_Y_1_6GF_Weights,
+              head_attr="fc", block_attrs=("stem", "trunk_output"), description="RegNetY-1.6GF",
+              feature_map=fm.regnet),
+    # the classifier is LayerNorm2d, Flatten, Linear: only the Linear goes, the head reads the normalised features
+    ModelSpec(name="convnext_tiny", builder=tvm.convnext_tiny, weights_enum=tvm.ConvNeXt_Tiny_Weights,
+              head_attr="classifier.2", block_attrs=("features", "classifier.0"), description="ConvNeXt-Tiny",
+              feature_map=fm.convnext),
+    ModelSpec(name="swin_t", builder=tvm.swin_t, weights_enum=tvm.Swin_T_Weights, head_attr="head",
+              block_attrs=("features", "norm"), description="Swin-T", feature_map=fm.swin),
+    ModelSpec(name="vit_b_16", builder=vit.vit_b_16, weights_enum=tvm.ViT_B_16_Weights, head_attr="heads",
+              block_attrs=("conv_proj", "encoder.layers", "encoder.ln"), min_size=vit.IMAGE_SIZE,
+              description="ViT-B/16; the head reads the mean of its patch tokens, not the class token",
+              feature_map=fm.patch_grid, fixed_size=vit.IMAGE_SIZE, skip_weights=("IMAGENET1K_SWAG_E2E_V1",)),
+    ModelSpec(name="small_cnn", builder=SmallCNN, weights_enum=None, head_attr="classifier",
+              block_attrs=("features",), min_size=16,
+              description="the original's Sequential Conv2D + pooling CNN; trains from scratch"),
+)}
 
 
 FEATURE_LAYERS = ("last", "mid")
@@ -109,7 +139,7 @@ class FruitNet(nn.Module):
 
     def __init__(self, name: str, backbone: nn.Module, feature_dim: int, num_classes: int, dropout: float,
                  preprocessing: Preprocessing, blocks: list[nn.Module],
-                 feature_map: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _features,
+                 feature_map: FeatureMap = fm.features,
                  feature_layer: str = "last") -> None:
         super().__init__()
         self.name = name
@@ -170,6 +200,40 @@ def pretrained_enums() -> list[type[WeightsEnum]]:
     return [spec.weights_enum for spec in list_models() if spec.weights_enum is not None]
 
 
+def imagenet_weights(spec: ModelSpec) -> WeightsEnum:
+    """The weights entry that ``weights="imagenet"`` loads for ``spec`` (``weights.pick`` over the entries it can
+    load); ``spec`` must have a weights enum."""
+    return pick(spec.weights_enum, spec.skip_weights)
+
+
+def usable_weights(spec: ModelSpec) -> list[WeightsEnum]:
+    """The entries of ``spec``'s weights enum that this build loads (none for a model without pretrained weights)."""
+    return [w for w in spec.weights_enum or () if w.name not in spec.skip_weights]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What torchvision publishes about the ImageNet model whose weights ``weights="imagenet"`` loads; nothing here is
+    measured by fruitlens. For a model without pretrained weights only ``params`` (its backbone's) is known."""
+
+    params: int
+    weights: str = ""  # the weights entry, e.g. IMAGENET1K_V2
+    imagenet_top1: float | None = None  # ImageNet-1K top-1 accuracy (%) of torchvision's model with these weights
+    file_mb: float | None = None  # the weights file's size, downloaded on first use
+
+
+def model_facts(spec: ModelSpec) -> ModelFacts:
+    """``spec``'s parameter count, ImageNet top-1 accuracy and weights file size, read from its weights enum's
+    ``meta`` (torchvision's figures for its ImageNet model, with the 1000-class layer that fruitlens replaces)."""
+    if spec.weights_enum is None:
+        net = spec.builder()
+        head = net.get_submodule(spec.head_attr)
+        return ModelFacts(sum(p.numel() for p in net.parameters()) - sum(p.numel() for p in head.parameters()))
+    w = imagenet_weights(spec)
+    top1 = w.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+    return ModelFacts(int(w.meta["num_params"]), w.name, top1, w.meta.get("_file_size"))
+
+
 def has_pretrained_weights(name: str) -> bool:
     """``name`` has ImageNet weights in torchvision (small_cnn has none)."""
     return get_spec(name).weights_enum is not None
@@ -181,9 +245,9 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def check_options(name: str, weights: str) -> None:
-    """A model name or ``--weights`` value that cannot work fails here, before any data is read."""
-    get_spec(name)
+def check_options(name: str, weights: str, img_size: int = 0) -> None:
+    """A model name, ``--weights`` or ``--img-size`` value that cannot work fails here, before any data is read."""
+    _check_size(get_spec(name), img_size)
     if weights not in ("imagenet", "none", "", None) and not Path(weights).is_file():
         close = did_you_mean(str(weights), ("imagenet", "none"), "weights").split(" Available")[0]
         hint = "use imagenet, none, or the path of a .pth state dict"
@@ -191,18 +255,25 @@ def check_options(name: str, weights: str) -> None:
                            hint)
 
 
+def _check_size(spec: ModelSpec, img_size: int) -> None:
+    """``img_size`` (0: not given) fits ``spec``."""
+    if img_size and spec.fixed_size and img_size != spec.fixed_size:
+        raise ModelError(f"{spec.name} takes {spec.fixed_size} px images only (its position embeddings are for "
+                         f"{spec.fixed_size} px) but received an image size of {img_size} px",
+                         f"use --img-size {spec.fixed_size}, or leave it out")
+    if img_size and img_size < spec.min_size:
+        raise ModelError(f"image size {img_size} px is too small for {spec.name}: expected at least {spec.min_size} px",
+                         f"use --img-size {max(spec.min_size, 64)} or larger")
+
+
 def _preprocessing(spec: ModelSpec, img_size: int) -> Preprocessing:
     if spec.weights_enum is not None:
-        t = pick(spec.weights_enum).transforms()
+        t = imagenet_weights(spec).transforms()
         pre = Preprocessing(int(t.crop_size[0]), int(t.resize_size[0]), tuple(t.mean), tuple(t.std))
     else:
         pre = Preprocessing(96, 96, IMAGENET_MEAN, IMAGENET_STD)
-    if img_size:
-        if img_size < spec.min_size:
-            raise ModelError(f"image size {img_size} px is too small for {spec.name}: expected at least {spec.min_size} px",
-                             f"use --img-size {max(spec.min_size, 64)} or larger")
-        pre = pre.with_image_size(img_size)
-    return pre
+    _check_size(spec, img_size)
+    return pre.with_image_size(img_size) if img_size else pre
 
 
 def build_model(name: str, num_classes: int, *, weights: str = "imagenet", img_size: int = 0,
@@ -225,13 +296,14 @@ def build_model(name: str, num_classes: int, *, weights: str = "imagenet", img_s
         if spec.weights_enum is None:
             log.info("%s has no pretrained weights: it trains from scratch", name)
         else:
-            net.load_state_dict(load_state_dict(pick(spec.weights_enum)))
+            net.load_state_dict(load_state_dict(imagenet_weights(spec)))
     elif weights not in ("none", "", None):
         _load_file(net, Path(weights), spec)
-    head = getattr(net, spec.head_attr)
+    head = net.get_submodule(spec.head_attr)
     feature_dim = head.in_features if isinstance(head, nn.Linear) else next(
         m.in_features for m in head.modules() if isinstance(m, nn.Linear))
-    setattr(net, spec.head_attr, nn.Identity())
+    parent, _, attr = spec.head_attr.rpartition(".")
+    setattr(net.get_submodule(parent), attr, nn.Identity())
     if feature_layer == "mid":  # the blocks above mid_block go; the pooled output is then mid_block's
         top = net.features
         for i in range(spec.mid_block + 1, len(top)):
@@ -239,8 +311,8 @@ def build_model(name: str, num_classes: int, *, weights: str = "imagenet", img_s
         feature_dim = _channels(top[spec.mid_block])
     blocks: list[nn.Module] = []
     for attr in spec.block_attrs:
-        mod = getattr(net, attr)
-        blocks.extend(mod.children() if isinstance(mod, nn.Sequential) else [mod])
+        mod = net.get_submodule(attr)
+        blocks.extend(mod.children() if type(mod) is nn.Sequential else [mod])
     blocks = [b for b in blocks if not isinstance(b, nn.Identity)]
     return FruitNet(name, net, feature_dim, num_classes, dropout, pre, blocks, spec.feature_map, feature_layer)
 
@@ -259,7 +331,8 @@ def _load_file(net: nn.Module, path: Path, spec: ModelSpec) -> None:
         raise WeightsError(f"{path}: cannot read a state dict ({exc})") from None
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     own = net.state_dict()
-    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and not k.startswith(spec.head_attr)}
+    head = spec.head_attr + "."
+    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and not k.startswith(head)}
     if not usable:
         raise WeightsError(f"{path}: none of its tensors fit {spec.name} (expected keys like {next(iter(own))})",
                            f"pass a torchvision {spec.name} state dict")

@@ -24,5 +24,6 @@ class ServingModel(nn.Module):
         features = fmap.mean(dim=(2, 3))
         logits = m.head(features)
         ood = getattr(m, "ood", None)
-        score = ood(features, torch.softmax(logits, dim=1)) if ood is not None else torch.zeros(len(x))
+        # zeros_like: a traced len(x) would fix the batch size of the exported model
+        score = ood(features, torch.softmax(logits, dim=1)) if ood is not None else torch.zeros_like(logits[:, 0])
         return logits, features, m.class_maps(fmap), score

@@ -11,7 +11,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Collection, Iterable
 from urllib.parse import urlparse
 
 import torch
@@ -92,15 +92,18 @@ def import_weights(path: str | Path, enums: Iterable[type[WeightsEnum]]) -> Path
                        "download the file named in 'fruitlens weights list' for your model")
 
 
-def pick(enum: type[WeightsEnum]) -> WeightsEnum:
+def pick(enum: type[WeightsEnum], skip: Collection[str] = ()) -> WeightsEnum:
     """The weights entry to use for 'imagenet': the default when cached, else any cached entry, else the default.
+    ``skip``: names of entries the model cannot load (ViT-B/16's 384 px SWAG weights for a 224 px model).
 
     (MobileNetV2's default is IMAGENET1K_V2, but the file available offline is IMAGENET1K_V1.)
     """
-    if is_cached(enum.DEFAULT):
-        return enum.DEFAULT
-    cached = [w for w in enum if is_cached(w)]
-    return cached[0] if cached else enum.DEFAULT
+    usable = [w for w in enum if w.name not in skip]
+    default = enum.DEFAULT if enum.DEFAULT in usable else usable[0]
+    if is_cached(default):
+        return default
+    cached = [w for w in usable if is_cached(w)]
+    return cached[0] if cached else default
 
 
 def load_state_dict(weights: WeightsEnum) -> dict:

@@ -75,7 +75,8 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     if is_ddp_child():  # a process that Lightning's DDP launcher started: rank zero prepared the run already
         return _fit_and_ship(run, TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest),
                              read_json(run.facts, DataFacts), [], t0, photos=_saved_photos(run))
-    check_options(cfg.model.name, cfg.model.weights)  # a typo in --model or --weights too, before the data is read
+    # a typo in --model or --weights, or a size the model cannot take, fails before the data is read
+    check_options(cfg.model.name, cfg.model.weights, cfg.model.img_size)
     _check_out_beside_data(run, cfg)
     STAGES.reset()
     with _new_run(run):

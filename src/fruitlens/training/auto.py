@@ -109,7 +109,11 @@ def resolve(cfg: TrainConfig, median_side: int, studio: bool = False) -> tuple[T
     studio shots on white (``DomainNote.studio_only``)."""
     notes = []
     model, augment, fit = cfg.model, cfg.augment, cfg.fit
-    if not model.img_size:
+    fixed = get_spec(model.name).fixed_size
+    if not model.img_size and fixed:
+        model = replace(model, img_size=fixed)
+        notes.append(f"input size {fixed} px: the only size {model.name} takes")
+    elif not model.img_size:
         model = replace(model, img_size=auto_image_size(median_side, studio, model.fast))
         why = (" for photos: studio shots on white, upscaled (--fast keeps their own size: quicker, far worse on "
                "photos)" if studio and median_side <= STUDIO_MAX_SIDE and not model.fast else "")

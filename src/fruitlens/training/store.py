@@ -16,12 +16,12 @@ log = logging.getLogger(__name__)
 def _weights_key(model: str, weights: str) -> str:
     """What the backbone's weights are, for the store's file name: "imagenet" names the torchvision entry it loads
     (importing IMAGENET1K_V2 beside V1 switches to it), a file its path, size and modification time."""
-    from fruitlens.models.registry import get_spec
-    from fruitlens.models.weights import pick
+    from fruitlens.models.registry import get_spec, imagenet_weights
 
-    enum = get_spec(model).weights_enum
+    spec = get_spec(model)
+    enum = spec.weights_enum
     if weights == "imagenet" and enum is not None:
-        chosen = pick(enum)  # V1 keeps the store's name from before the entry was in it
+        chosen = imagenet_weights(spec)  # V1 keeps the store's name from before the entry was in it
         return "imagenet" if chosen == getattr(enum, "IMAGENET1K_V1", None) else f"imagenet:{chosen.name}"
     path = Path(weights)
     if path.is_file():
