@@ -267,7 +267,7 @@ def test_a_new_backbone_exports_with_parity_and_explains(name, tmp_path):
     onnx_io.write_metadata(path, {"fruitlens_classes": ["apple", "kiwi", "lemon"],
                                   "fruitlens_preprocessing": pre.to_dict()})
     figures = onnx_io.parity(model, path, pre.inputs(pixels))
-    assert figures["top1_agreement"] == 1.0 and figures["max_abs_logit_diff"] < 1e-3
+    assert figures.top1_agreement == 1.0 and figures.max_abs_logit_diff < 1e-3
     predictor = Predictor.from_onnx(path)
     out = predictor.outputs_batch(pixels)
     with torch.no_grad():
