@@ -7,6 +7,7 @@ point into a scratch folder (the full runs' benchmarks/out/ and RESULTS.md are n
 tiny stand-ins for the data sets, ``scratch()`` the scratch folder's run folders, ``pick()`` the few seeds and
 recipes that run, and a command that fails stops the script.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -126,7 +127,7 @@ def check_command(cmd: list[str]) -> None:
     from fruitlens.cli.train_cmds import build_config
     from fruitlens.models.registry import check_options
 
-    argv = cmd[len(FRUITLENS):]
+    argv = cmd[len(FRUITLENS) :]
     args, extra = build_parser().parse_known_args(argv)  # argparse exits (status 2) naming a bad option
     if extra and not (hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra)):
         raise SystemExit(f"{' '.join(argv)}: unrecognized arguments {extra}")
@@ -141,8 +142,9 @@ def prerequisite(script: str, *args: str) -> None:
     """--smoke: runs another benchmark's smoke mode into the same scratch folder (what a full run expects to have
     been run before: bench_train.py before bench_infer.py, bench_trust.py before bench_soak.py)."""
     print(f"(--smoke: running {' '.join([script, *args])} --smoke first)", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--smoke"], check=True,
-                   cwd=ROOT / "benchmarks")
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--smoke"], check=True, cwd=ROOT / "benchmarks"
+    )
 
 
 def _tree_rss_kb(pid: int) -> int:
@@ -185,8 +187,13 @@ def run(cmd: list[str], log: Path | None = None, timeout: float = 3600) -> dict:
         log.write_text(out)
     if SMOKE and proc.returncode:  # a full run records the exit status in its figures; a smoke run fails on it
         raise SystemExit(f"{' '.join(cmd)}\nfailed with exit status {proc.returncode}:\n{out[-4000:]}")
-    return {"cmd": " ".join(c if " " not in c else repr(c) for c in cmd).replace(sys.executable, "python"),
-            "rc": proc.returncode, "seconds": round(wall, 1), "peak_mib": round(peak[0] / 1024), "output": out}
+    return {
+        "cmd": " ".join(c if " " not in c else repr(c) for c in cmd).replace(sys.executable, "python"),
+        "rc": proc.returncode,
+        "seconds": round(wall, 1),
+        "peak_mib": round(peak[0] / 1024),
+        "output": out,
+    }
 
 
 def machine() -> dict:
@@ -194,11 +201,17 @@ def machine() -> dict:
 
     cpu = "unknown"
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def save(name: str, data: dict) -> Path:
@@ -215,7 +228,7 @@ def write_section(name: str, markdown: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# fruitlens benchmark results\n"
     block = f"{start}\n{markdown.strip()}\n{end}"
     if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)

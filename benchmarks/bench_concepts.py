@@ -14,6 +14,7 @@ studio recipe, mean of 2 seeds, GroceryStore's 812 photos of the kinds Fruits-36
   scored by the mean over its positions (at 224 px, and at 448 px where each fruit of a pile covers more positions).
 
 Also: what ImageNet's classifier itself calls the photos of each kind (zero-shot, no head)."""
+
 from __future__ import annotations
 
 import collections
@@ -45,7 +46,7 @@ def imagenet_head() -> tuple[torch.nn.Linear, list[str]]:
 
 
 def clutter_view(d: dict, g: torch.Generator) -> torch.Tensor:
-    """Block 17 of one clutter view per image, in ``d``'s order (batches of mixed classes: clutter takes other fruit)."""
+    """Block 17 of one clutter view per image, in ``d``'s order (mixed-class batches: clutter takes other fruit)."""
     perm = torch.randperm(len(d["x"]), generator=g)
     f = block_features(d["x"][perm], lambda x, y, gg: photo_aug(x, y, gg, bg="mix", geo=0.6), d["y"][perm], g)[B17]
     return f[torch.argsort(perm)]
@@ -58,13 +59,14 @@ def block17_maps(x8: torch.Tensor, fn=None, y=None, g=None) -> tuple[torch.Tenso
     net = NET.backbone.features.eval()
     maps, fruit = [], []
     for i in range(0, len(x8), 64):
-        x = fn(x8[i:i + 64], y[i:i + 64], g) if fn else x8[i:i + 64]
+        x = fn(x8[i : i + 64], y[i : i + 64], g) if fn else x8[i : i + 64]
         h = PRE.normalise(x)
-        for m in net[:B17[0] + 1]:
+        for m in net[: B17[0] + 1]:
             h = m(h)
         maps.append(h.half())
-        fruit.append(F.adaptive_avg_pool2d(fg_mask(x.float() / 255 if x.dtype == torch.uint8 else x),
-                                           h.shape[-2:]).squeeze(1))
+        fruit.append(
+            F.adaptive_avg_pool2d(fg_mask(x.float() / 255 if x.dtype == torch.uint8 else x), h.shape[-2:]).squeeze(1)
+        )
     return torch.cat(maps), torch.cat(fruit)
 
 
@@ -82,16 +84,30 @@ def local_rows(d: dict) -> list[dict]:
         z = (block17_maps(photos)[0].float().permute(0, 2, 3, 1) - mu) / sd
         with torch.no_grad():
             scores = [h(z.reshape(-1, z.shape[-1])).view(*z.shape[:3], -1) for h in heads]
-        for how, agg in (("mean score", lambda s: s.mean((1, 2))), ("mean probability",
-                                                                     lambda s: F.softmax(s, -1).mean((1, 2)))):
-            out.append(result(f"block 17 at each fruit position ({len(X):,} rows), the photo at {px} px, the {how} "
-                              f"of its {z.shape[1]} x {z.shape[2]} positions", X.shape[1],
-                              [score_probs(d, agg(s)) for s in scores]))
+        for how, agg in (
+            ("mean score", lambda s: s.mean((1, 2))),
+            ("mean probability", lambda s: F.softmax(s, -1).mean((1, 2))),
+        ):
+            out.append(
+                result(
+                    f"block 17 at each fruit position ({len(X):,} rows), the photo at {px} px, the {how} "
+                    f"of its {z.shape[1]} x {z.shape[2]} positions",
+                    X.shape[1],
+                    [score_probs(d, agg(s)) for s in scores],
+                )
+            )
     return out
 
 
-def row(d: dict, name: str, train: list[torch.Tensor], ys: torch.Tensor, photos: torch.Tensor, std: bool = True,
-        proj: torch.Tensor | None = None) -> dict:
+def row(
+    d: dict,
+    name: str,
+    train: list[torch.Tensor],
+    ys: torch.Tensor,
+    photos: torch.Tensor,
+    std: bool = True,
+    proj: torch.Tensor | None = None,
+) -> dict:
     X = torch.cat(train)
     mu, sd = (X.mean(0), X.std(0) + 1e-3) if std else (torch.zeros(X.shape[1]), torch.ones(X.shape[1]))
     X, P = (X - mu) / sd, (photos - mu) / sd
@@ -121,59 +137,118 @@ def main() -> None:
     res = {"machine": machine(), "images": len(d["x"]), "photos": len(d["gx"]), "feature_seconds": feature_seconds}
     top = F.softmax(torch.cat([logits[k] for k in views]), 1).mean(0).argsort(descending=True)
     res["studio_top"] = [names[i] for i in top[:10].tolist()]
-    within = lambda k: (lambda b, z: F.softmax(z[:, top[:k]], 1))
+    within = lambda k: lambda b, z: F.softmax(z[:, top[:k]], 1)
     res["concepts"] = [
-        row(d, "block 17 (320), mean, standardised (fruitlens default)", rows(lambda b, z: b[B17]), ys,
-            f["photos"][B17]),
+        row(
+            d, "block 17 (320), mean, standardised (fruitlens default)", rows(lambda b, z: b[B17]), ys, f["photos"][B17]
+        ),
         row(d, "ImageNet's 1000 class scores, raw", rows(lambda b, z: z), ys, logits["photos"], std=False),
         row(d, "ImageNet's 1000 class scores, standardised", rows(lambda b, z: z), ys, logits["photos"]),
-        row(d, "ImageNet's 1000 class probabilities, standardised", rows(lambda b, z: F.softmax(z, 1)), ys,
-            F.softmax(logits["photos"], 1)),
-        *[row(d, f"the {k} ImageNet classes the studio shots score highest, probabilities among them, "
-                 "standardised", rows(within(k)), ys, within(k)(None, logits["photos"])) for k in (10, 20, 50)],
-        row(d, "block 17 + ImageNet's probabilities, standardised",
-            rows(lambda b, z: torch.cat([b[B17], F.softmax(z, 1)], 1)), ys,
-            torch.cat([f["photos"][B17], F.softmax(logits["photos"], 1)], 1))]
+        row(
+            d,
+            "ImageNet's 1000 class probabilities, standardised",
+            rows(lambda b, z: F.softmax(z, 1)),
+            ys,
+            F.softmax(logits["photos"], 1),
+        ),
+        *[
+            row(
+                d,
+                f"the {k} ImageNet classes the studio shots score highest, probabilities among them, standardised",
+                rows(within(k)),
+                ys,
+                within(k)(None, logits["photos"]),
+            )
+            for k in (10, 20, 50)
+        ],
+        row(
+            d,
+            "block 17 + ImageNet's probabilities, standardised",
+            rows(lambda b, z: torch.cat([b[B17], F.softmax(z, 1)], 1)),
+            ys,
+            torch.cat([f["photos"][B17], F.softmax(logits["photos"], 1)], 1),
+        ),
+    ]
     b17 = [f[k][B17] for k in views]
     X = torch.cat(b17)
     mu, sd = X.mean(0), X.std(0) + 1e-3
     moves = (clutter - mu) / sd - (f["clean"][B17] - mu) / sd  # where each studio shot goes on clutter
     _, _, v = torch.linalg.svd(moves, full_matrices=False)
-    res["nuisance"] = [row(d, "block 17, the clutter views as a fourth training view", b17 + [clutter],
-                           torch.cat([d["y"]] * 4), f["photos"][B17])]
-    res["nuisance"] += [row(d, f"block 17, the top {k} directions clutter moves the features along projected out",
-                            b17, ys, f["photos"][B17], proj=torch.eye(320) - v[:k].T @ v[:k]) for k in (4, 16, 48)]
+    res["nuisance"] = [
+        row(
+            d,
+            "block 17, the clutter views as a fourth training view",
+            b17 + [clutter],
+            torch.cat([d["y"]] * 4),
+            f["photos"][B17],
+        )
+    ]
+    res["nuisance"] += [
+        row(
+            d,
+            f"block 17, the top {k} directions clutter moves the features along projected out",
+            b17,
+            ys,
+            f["photos"][B17],
+            proj=torch.eye(320) - v[:k].T @ v[:k],
+        )
+        for k in (4, 16, 48)
+    ]
     res["local"] = local_rows(d)
     called = logits["photos"].argmax(1)
     kinds = sorted(json.loads(CLASS_MAP.read_text()))
-    res["zero_shot"] = [{"kind": kind, "photos": int((d["gy"] == gi).sum()),
-                         "called": [[names[c], n] for c, n in
-                                    collections.Counter(called[d["gy"] == gi].tolist()).most_common(3)]}
-                        for gi, kind in enumerate(kinds)]
+    res["zero_shot"] = [
+        {
+            "kind": kind,
+            "photos": int((d["gy"] == gi).sum()),
+            "called": [[names[c], n] for c, n in collections.Counter(called[d["gy"] == gi].tolist()).most_common(3)],
+        }
+        for gi, kind in enumerate(kinds)
+    ]
     save("concepts", res)
     write_section("concepts", markdown(res))
 
 
 def markdown(res: dict) -> str:
     pct = lambda v: f"{100 * v:.1f}%"
-    table = lambda rows: ["| features | dims | accuracy on photos | balanced |", "|---|---|---|---|"] + [
-        f"| {r['name']} | {r['dims']} | {pct(r['accuracy'])} | {pct(r['balanced'])} |" for r in rows]
-    lines = ["## ImageNet's own classes and nuisance directions (`python benchmarks/bench_concepts.py`)", "",
-             f"Measured {res['machine']['date']} as bench_layers measures ({res['images']:,} Fruits-360 frames, "
-             f"clean + 2 default views, a linear head, mean of 2 seeds, GroceryStore's {res['photos']} photos; "
-             f"{res['feature_seconds']:.0f} s of features). The studio shots' highest ImageNet classes: "
-             f"{', '.join(res['studio_top'])}.", ""]
+    table = lambda rows: (
+        ["| features | dims | accuracy on photos | balanced |", "|---|---|---|---|"]
+        + [f"| {r['name']} | {r['dims']} | {pct(r['accuracy'])} | {pct(r['balanced'])} |" for r in rows]
+    )
+    lines = [
+        "## ImageNet's own classes and nuisance directions (`python benchmarks/bench_concepts.py`)",
+        "",
+        f"Measured {res['machine']['date']} as bench_layers measures ({res['images']:,} Fruits-360 frames, "
+        f"clean + 2 default views, a linear head, mean of 2 seeds, GroceryStore's {res['photos']} photos; "
+        f"{res['feature_seconds']:.0f} s of features). The studio shots' highest ImageNet classes: "
+        f"{', '.join(res['studio_top'])}.",
+        "",
+    ]
     lines += table(res["concepts"])
-    lines += ["", "Directions along which block 17's features move when a studio shot's default view is pasted on "
-                  "clutter backgrounds (the singular vectors of clean-to-clutter moves, in standardised units):", ""]
+    lines += [
+        "",
+        "Directions along which block 17's features move when a studio shot's default view is pasted on "
+        "clutter backgrounds (the singular vectors of clean-to-clutter moves, in standardised units):",
+        "",
+    ]
     lines += table(res["nuisance"])
-    lines += ["", "Local descriptors: a head on block 17's features at each map position the white-background mask "
-                  "calls fruit (standardised, 5 epochs), each photo scored over all its positions:", ""]
+    lines += [
+        "",
+        "Local descriptors: a head on block 17's features at each map position the white-background mask "
+        "calls fruit (standardised, 5 epochs), each photo scored over all its positions:",
+        "",
+    ]
     lines += table(res["local"])
-    lines += ["", "What ImageNet's classifier itself calls each kind's photos (no head; its top 3):", "",
-              "| kind | photos | called most |", "|---|---|---|"]
-    lines += [f"| {k['kind']} | {k['photos']} | {', '.join(f'{c} ({n})' for c, n in k['called'])} |"
-              for k in res["zero_shot"]]
+    lines += [
+        "",
+        "What ImageNet's classifier itself calls each kind's photos (no head; its top 3):",
+        "",
+        "| kind | photos | called most |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {k['kind']} | {k['photos']} | {', '.join(f'{c} ({n})' for c, n in k['called'])} |" for k in res["zero_shot"]
+    ]
     return "\n".join(lines)
 
 

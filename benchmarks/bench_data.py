@@ -1,5 +1,6 @@
 """check/split: speed and memory on Fruits-360, leak share of its own split vs fruitlens's grouped split,
 and check's scaling from 10k to 100k synthetic images."""
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,9 @@ def synthetic_tree(root: Path, n: int, side: int = 48, classes: int = 20, qualit
         folder = root / f"class{i % classes:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         arr = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-        Image.fromarray(arr).resize((side, side), Image.Resampling.BILINEAR).save(folder / f"{i:07d}.jpg",
-                                                                                   quality=quality)
+        Image.fromarray(arr).resize((side, side), Image.Resampling.BILINEAR).save(
+            folder / f"{i:07d}.jpg", quality=quality
+        )
     done.write_text("ok")
     return root
 
@@ -36,7 +38,7 @@ def main() -> None:
     fruits = data_path("fruits360")
     res: dict = {"machine": machine()}
     r = run(FRUITLENS + ["check", str(fruits), "--json"], OUT / "check_fruits360.log")
-    summary = json.loads(r["output"][r["output"].index("{"):])["summary"]
+    summary = json.loads(r["output"][r["output"].index("{") :])["summary"]
     res["check_fruits360"] = {k: r[k] for k in ("cmd", "seconds", "peak_mib", "rc")} | {"images": summary["images"]}
     res["own_split_leak"] = summary["leaks"].get("test<-train", {})
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,18 +50,29 @@ def main() -> None:
                 for f in sorted((fruits / split).rglob("*.jpg")):
                     w.writerow([str(f), f.parent.name])
         out_csv = Path(tmp) / "manifest.csv"
-        r = run(FRUITLENS + ["split", str(pooled), "--val", "0.15", "--test", "0.15", "--seed", "0", "--out",
-                             str(out_csv), "--json"], OUT / "split_fruits360.log")
-        split = json.loads(r["output"][r["output"].index("{"):])
-        res["grouped_split"] = {"cmd": r["cmd"].replace(str(pooled), "pooled.csv").replace(str(out_csv), "manifest.csv"),
-                                "seconds": r["seconds"], "totals": split["totals"], "leaks": split["leaks"],
-                                "classes_without_test": sum(1 for v in split["per_class"].values() if not v["test"])}
+        r = run(
+            FRUITLENS
+            + ["split", str(pooled), "--val", "0.15", "--test", "0.15", "--seed", "0", "--out", str(out_csv), "--json"],
+            OUT / "split_fruits360.log",
+        )
+        split = json.loads(r["output"][r["output"].index("{") :])
+        res["grouped_split"] = {
+            "cmd": r["cmd"].replace(str(pooled), "pooled.csv").replace(str(out_csv), "manifest.csv"),
+            "seconds": r["seconds"],
+            "totals": split["totals"],
+            "leaks": split["leaks"],
+            "classes_without_test": sum(1 for v in split["per_class"].values() if not v["test"]),
+        }
     synth = scratch("fruitlens-bench-synthetic")
     for n in SYNTHETIC:
         root = synthetic_tree(synth / str(n), n)
         r = run(FRUITLENS + ["check", str(root), "--json"], OUT / f"check_synthetic_{n}.log")
-        res[f"check_synthetic_{n}"] = {"cmd": r["cmd"].replace(str(root), f"<{n} synthetic 48px JPEGs>"),
-                                       "seconds": r["seconds"], "peak_mib": r["peak_mib"], "rc": r["rc"]}
+        res[f"check_synthetic_{n}"] = {
+            "cmd": r["cmd"].replace(str(root), f"<{n} synthetic 48px JPEGs>"),
+            "seconds": r["seconds"],
+            "peak_mib": r["peak_mib"],
+            "rc": r["rc"],
+        }
     save("data", res)
     print(json.dumps(res, indent=2))
 

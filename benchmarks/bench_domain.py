@@ -8,6 +8,7 @@ adaptation saw train's photos, without their labels) and on train alone (what ad
 gains); with each run's own test accuracy and the time it took.
 
 ``--keep``: evaluate the runs trained by an earlier invocation again instead of training them."""
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,20 @@ import shutil
 import sys
 from pathlib import Path
 
-from _measure import (FRUITLENS, OUT, SHARED, SMOKE_SIZE, check_command, data_path, machine, pick, run, save, scratch,
-                      write_section)
+from _measure import (
+    FRUITLENS,
+    OUT,
+    SHARED,
+    SMOKE_SIZE,
+    check_command,
+    data_path,
+    machine,
+    pick,
+    run,
+    save,
+    scratch,
+    write_section,
+)
 
 RUNS = scratch("fruitlens-bench-domain")
 CLASS_MAP = data_path("grocery-from-fruits360.json")
@@ -28,11 +41,25 @@ RECIPES = {  # name -> (label, train options)
     "f360_default": ("fruitlens default", []),
     "f360_last": ("default on the last layer's features (--feature-layer last)", ["--feature-layer", "last"]),
     # the default's features (its feature store: a warm-cache time), the head trained with the original's recipe
-    "f360_original_head": ("default, the original's head recipe (weight decay 1e-4, 98% stop)",
-                           ["--target-acc", "0.98", "fit.weight_decay=0.0001"]),
+    "f360_original_head": (
+        "default, the original's head recipe (weight decay 1e-4, 98% stop)",
+        ["--target-acc", "0.98", "fit.weight_decay=0.0001"],
+    ),
     "f360_fast": ("fruitlens --fast", ["--fast"]),
-    "f360_plain": ("plain recipe (224 px, no cache)", ["--no-feature-cache", "--img-size", "224", "--target-acc",
-                                                      "0.98", "--target-monitor", "train", "--epochs", "2"]),
+    "f360_plain": (
+        "plain recipe (224 px, no cache)",
+        [
+            "--no-feature-cache",
+            "--img-size",
+            "224",
+            "--target-acc",
+            "0.98",
+            "--target-monitor",
+            "train",
+            "--epochs",
+            "2",
+        ],
+    ),
 }
 
 
@@ -69,29 +96,43 @@ def train(name: str, options: list[str], keep: bool) -> Path:
 
 
 def cross_domain(name: str, run_dir: Path, photos: Path) -> dict:
-    r = run(FRUITLENS + ["evaluate", str(run_dir), str(photos), "--class-map", str(CLASS_MAP)],
-            OUT / f"domain_{name}_{photos.stem}.log")
+    r = run(
+        FRUITLENS + ["evaluate", str(run_dir), str(photos), "--class-map", str(CLASS_MAP)],
+        OUT / f"domain_{name}_{photos.stem}.log",
+    )
     if r["rc"] != 0:
         raise SystemExit(f"{name}: evaluate failed\n{r['output'][-3000:]}")
     other = json.loads((run_dir / "eval" / photos.stem / "report.json").read_text())
     m, trust = other["metrics"], other.get("trust") or {}
-    return {"cmd": r["cmd"].replace(str(run_dir), f"runs/{name}").replace(str(photos), photos.name),
-            "photos": m["n"], "accuracy": m["accuracy"], "ci95": m["accuracy_ci95"],
-            "balanced_accuracy": m["balanced_accuracy"], "unfamiliar": trust.get("unfamiliar"),
-            "not_sure": trust.get("not_sure"), "seconds": r["seconds"]}
+    return {
+        "cmd": r["cmd"].replace(str(run_dir), f"runs/{name}").replace(str(photos), photos.name),
+        "photos": m["n"],
+        "accuracy": m["accuracy"],
+        "ci95": m["accuracy_ci95"],
+        "balanced_accuracy": m["balanced_accuracy"],
+        "unfamiliar": trust.get("unfamiliar"),
+        "not_sure": trust.get("not_sure"),
+        "seconds": r["seconds"],
+    }
 
 
 def row(name: str, label: str, run_dir: Path, photos: Path, val: Path, seen: Path) -> dict:
     own = json.loads((run_dir / "report.json").read_text())
     info = json.loads((run_dir / "train_info.json").read_text())
-    out = {"run": name, "label": label, "image_size": own["model"]["preprocessing"]["image_size"],
-           "test_accuracy": own["metrics"]["accuracy"], "studio_share": own["domain"]["white_background"],
-           "train_seconds": info.get("command_seconds") or info.get("train_seconds"),
-           "adaptation": info.get("adaptation"), "config": own["config"],
-           "val": cross_domain(name, run_dir, val),
-           # grocery/train alone: photos the adapted run saw without labels (a user adapting to the photos they want
-           # sorted), photos no other run saw
-           "seen": cross_domain(name, run_dir, seen)}
+    out = {
+        "run": name,
+        "label": label,
+        "image_size": own["model"]["preprocessing"]["image_size"],
+        "test_accuracy": own["metrics"]["accuracy"],
+        "studio_share": own["domain"]["white_background"],
+        "train_seconds": info.get("command_seconds") or info.get("train_seconds"),
+        "adaptation": info.get("adaptation"),
+        "config": own["config"],
+        "val": cross_domain(name, run_dir, val),
+        # grocery/train alone: photos the adapted run saw without labels (a user adapting to the photos they want
+        # sorted), photos no other run saw
+        "seen": cross_domain(name, run_dir, seen),
+    }
     if not info.get("adaptation"):  # the adapted run saw grocery/train's photos: only val is fair to it
         out["all"] = cross_domain(name, run_dir, photos)
     print(name, json.dumps({k: v for k, v in out.items() if k != "config"}), flush=True)
@@ -104,51 +145,77 @@ def markdown(res: dict) -> str:
     # the adapted run trains first (the longest to wait for is the plain recipe's)
     order = ["f360_plain", "f360_default", "f360_last", "f360_original_head", "f360_fast", "f360_adapt"]
     rows = sorted(res["rows"], key=lambda r: order.index(r["run"]))
-    lines = ["## Studio shots and photos (`python benchmarks/bench_domain.py`)", "",
-             f"Measured {res['machine']['date']}, one benchmark run, one seed. Models trained on Fruits-360 (studio "
-             f"shots on white: the check counts {100 * rows[0]['studio_share']:.0f}% of its images on a white "
-             "background, so every report of these runs carries the studio-only warning), evaluated on GroceryStore's "
-             "supermarket photos of the fruit kinds Fruits-360 has, through `--class-map "
-             "../shared/data/grocery-from-fruits360.json`; photos of other kinds (banana, melons, ...) are counted "
-             "apart.", "",
-             "| recipe | px | train s | Fruits-360 test accuracy | grocery train+val: photos | accuracy (95% CI) | "
-             "balanced | 'not sure' | 'unfamiliar' | grocery val: photos | accuracy (95% CI) | balanced | 'not sure' | "
-             "'unfamiliar' | grocery train: photos | accuracy (95% CI) | balanced |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Studio shots and photos (`python benchmarks/bench_domain.py`)",
+        "",
+        f"Measured {res['machine']['date']}, one benchmark run, one seed. Models trained on Fruits-360 (studio "
+        f"shots on white: the check counts {100 * rows[0]['studio_share']:.0f}% of its images on a white "
+        "background, so every report of these runs carries the studio-only warning), evaluated on GroceryStore's "
+        "supermarket photos of the fruit kinds Fruits-360 has, through `--class-map "
+        "../shared/data/grocery-from-fruits360.json`; photos of other kinds (banana, melons, ...) are counted "
+        "apart.",
+        "",
+        "| recipe | px | train s | Fruits-360 test accuracy | grocery train+val: photos | accuracy (95% CI) | "
+        "balanced | 'not sure' | 'unfamiliar' | grocery val: photos | accuracy (95% CI) | balanced | 'not sure' | "
+        "'unfamiliar' | grocery train: photos | accuracy (95% CI) | balanced |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         a, v, t = r.get("all") or {}, r["val"], r.get("seen") or {}
-        lines.append(f"| {r['label']} | {r['image_size']} | {r['train_seconds']} | {pct(r['test_accuracy'])} | "
-                     f"{a.get('photos', '-')} | {pct(a.get('accuracy'))} ({ci(a)}) | {pct(a.get('balanced_accuracy'))} | "
-                     f"{pct(a.get('not_sure'))} | {pct(a.get('unfamiliar'))} | {v['photos']} | {pct(v['accuracy'])} "
-                     f"({ci(v)}) | {pct(v['balanced_accuracy'])} | {pct(v.get('not_sure'))} | {pct(v.get('unfamiliar'))} | "
-                     f"{t.get('photos', '-')} | {pct(t.get('accuracy'))} ({ci(t)}) | {pct(t.get('balanced_accuracy'))} |")
-    lines += ["", "The original head recipe's run reuses the default run's feature store: the same features, another "
-                  "head (its time is a warm-cache time). The default's head trains to convergence (no 98% stop, "
-                  "weight decay 1e-3) on studio shots upscaled for photos (`training/auto.py: auto_head_recipe`), and reads "
-                  "the features of MobileNetV2's block 17 (320 channels), standardised on the training features "
-                  "(`auto_feature_layer`); `--feature-layer last` is the same recipe on the last layer's 1280."]
+        lines.append(
+            f"| {r['label']} | {r['image_size']} | {r['train_seconds']} | {pct(r['test_accuracy'])} | "
+            f"{a.get('photos', '-')} | {pct(a.get('accuracy'))} ({ci(a)}) | {pct(a.get('balanced_accuracy'))} | "
+            f"{pct(a.get('not_sure'))} | {pct(a.get('unfamiliar'))} | {v['photos']} | {pct(v['accuracy'])} "
+            f"({ci(v)}) | {pct(v['balanced_accuracy'])} | {pct(v.get('not_sure'))} | {pct(v.get('unfamiliar'))} | "
+            f"{t.get('photos', '-')} | {pct(t.get('accuracy'))} ({ci(t)}) | {pct(t.get('balanced_accuracy'))} |"
+        )
+    lines += [
+        "",
+        "The original head recipe's run reuses the default run's feature store: the same features, another "
+        "head (its time is a warm-cache time). The default's head trains to convergence (no 98% stop, "
+        "weight decay 1e-3) on studio shots upscaled for photos (`training/auto.py: auto_head_recipe`), and reads "
+        "the features of MobileNetV2's block 17 (320 channels), standardised on the training features "
+        "(`auto_feature_layer`); `--feature-layer last` is the same recipe on the last layer's 1280.",
+    ]
     adapted = [r for r in rows if r.get("adaptation")]
     for r in adapted:
         a = r["adaptation"]
-        lines += ["", f"Adaptation ({r['label']}): {a['method']} on {a['images']:,} unlabeled grocery/train photos "
-                      f"(all 28 kinds, labels never read): the surest {100 * a['share'] / len(a['rounds']):.0f}% then "
-                      f"{100 * a['share']:.0f}% of each class's photos, {' then '.join(map(str, a['rounds']))} photos; "
-                      "it is scored on grocery/val (photos it never saw) and, as a user adapting to the photos they "
-                      "want sorted would, on grocery/train's photos (seen without labels); not on train + val."]
-    lines += ["", "Commands: " + "; ".join(
-        f"`fruitlens train ../shared/data/fruits360 {' '.join(RECIPES[r['run']][1]).replace(str(SHARED), '../shared/data')}`"
-        for r in rows) + "; then `fruitlens evaluate RUN grocery-photos.csv --class-map "
-        "../shared/data/grocery-from-fruits360.json` (and `grocery-val.csv`, `grocery-train.csv`)."]
+        lines += [
+            "",
+            f"Adaptation ({r['label']}): {a['method']} on {a['images']:,} unlabeled grocery/train photos "
+            f"(all 28 kinds, labels never read): the surest {100 * a['share'] / len(a['rounds']):.0f}% then "
+            f"{100 * a['share']:.0f}% of each class's photos, {' then '.join(map(str, a['rounds']))} photos; "
+            "it is scored on grocery/val (photos it never saw) and, as a user adapting to the photos they "
+            "want sorted would, on grocery/train's photos (seen without labels); not on train + val.",
+        ]
+    lines += [
+        "",
+        "Commands: "
+        + "; ".join(
+            "`fruitlens train ../shared/data/fruits360 "
+            + " ".join(RECIPES[r["run"]][1]).replace(str(SHARED), "../shared/data")
+            + "`"
+            for r in rows
+        )
+        + "; then `fruitlens evaluate RUN grocery-photos.csv --class-map "
+        "../shared/data/grocery-from-fruits360.json` (and `grocery-val.csv`, `grocery-train.csv`).",
+    ]
     return "\n".join(lines)
 
 
 def main() -> None:
     keep = "--keep" in sys.argv
     RUNS.mkdir(parents=True, exist_ok=True)
-    photos, val, seen = (manifest(f"grocery-{n}", splits) for n, splits in
-                         (("photos", ("train", "val")), ("val", ("val",)), ("train", ("train",))))
-    rows = [row(name, label, train(name, options, keep), photos, val, seen) for name, (label, options) in
-            pick(RECIPES.items(), check=lambda item: check_command(command(item[0], item[1][1])))]
+    photos, val, seen = (
+        manifest(f"grocery-{n}", splits)
+        for n, splits in (("photos", ("train", "val")), ("val", ("val",)), ("train", ("train",)))
+    )
+    rows = [
+        row(name, label, train(name, options, keep), photos, val, seen)
+        for name, (label, options) in pick(
+            RECIPES.items(), check=lambda item: check_command(command(item[0], item[1][1]))
+        )
+    ]
     res = {"machine": machine(), "rows": rows}
     save("domain", res)
     write_section("domain", markdown(res))

@@ -1,4 +1,5 @@
 """Evaluate, export (parity, speed), the predict path on decoded images, and the web service under load."""
+
 from __future__ import annotations
 
 import http.client
@@ -57,10 +58,12 @@ def predict_path(run_dir: Path, rounds: int = 5) -> dict:
     def eager(x):
         return {"logits": model(torch.from_numpy(x)).numpy()}
 
-    engines = {"pytorch eager (NCHW)": Predictor(eager, ckpt.classes, model.preprocessing, "pytorch"),
-               "pytorch channels_last (fruitlens torch engine)": Predictor.from_run(run_dir, engine="torch"),
-               "onnxruntime fp32": Predictor.from_onnx(run_dir / "export" / "model.onnx"),
-               "onnxruntime int8": Predictor.from_onnx(run_dir / "export" / "model.int8.onnx")}
+    engines = {
+        "pytorch eager (NCHW)": Predictor(eager, ckpt.classes, model.preprocessing, "pytorch"),
+        "pytorch channels_last (fruitlens torch engine)": Predictor.from_run(run_dir, engine="torch"),
+        "onnxruntime fp32": Predictor.from_onnx(run_dir / "export" / "model.onnx"),
+        "onnxruntime int8": Predictor.from_onnx(run_dir / "export" / "model.int8.onnx"),
+    }
     speeds: dict[str, list[float]] = {k: [] for k in engines}
     labels = {}
     for pred in engines.values():
@@ -71,13 +74,19 @@ def predict_path(run_dir: Path, rounds: int = 5) -> dict:
             labels[name] = [p.label for p in pred.predict(images, batch_size=32)]
             speeds[name].append(len(images) / (time.perf_counter() - t))
     ref = labels["pytorch eager (NCHW)"]
-    out = {name: {"img_per_s": round(statistics.median(v), 1), "all_rounds": [round(x) for x in v],
-                  "top1_agreement_with_pytorch": sum(a == b for a, b in zip(ref, labels[name])) / len(ref)}
-           for name, v in speeds.items()}
+    out = {
+        name: {
+            "img_per_s": round(statistics.median(v), 1),
+            "all_rounds": [round(x) for x in v],
+            "top1_agreement_with_pytorch": sum(a == b for a, b in zip(ref, labels[name])) / len(ref),
+        }
+        for name, v in speeds.items()
+    }
     fp32 = out["onnxruntime fp32"]["img_per_s"]
     out["speedup_fp32_vs_pytorch_eager"] = round(fp32 / out["pytorch eager (NCHW)"]["img_per_s"], 2)
     out["speedup_fp32_vs_pytorch_channels_last"] = round(
-        fp32 / out["pytorch channels_last (fruitlens torch engine)"]["img_per_s"], 2)
+        fp32 / out["pytorch channels_last (fruitlens torch engine)"]["img_per_s"], 2
+    )
     return out
 
 
@@ -89,8 +98,14 @@ def _free_port() -> int:
 
 def _multipart(data: bytes) -> tuple[bytes, str]:
     b = uuid.uuid4().hex
-    body = (f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f.jpg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{b}--\r\n".encode()
+    body = (
+        (
+            f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="f.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{b}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={b}"
 
 
@@ -102,12 +117,15 @@ def start_server(run_dir: Path, *args: str) -> tuple[subprocess.Popen, int]:
     if SMOKE:  # what the server says, where a smoke run fails on it
         OUT.mkdir(parents=True, exist_ok=True)
         log = (OUT / f"serve_{port}.log").open("w")
-    server = subprocess.Popen(FRUITLENS + ["serve", str(run_dir), "--port", str(port), *args], env=env,
-                              stdout=log, stderr=log)
+    server = subprocess.Popen(
+        FRUITLENS + ["serve", str(run_dir), "--port", str(port), *args], env=env, stdout=log, stderr=log
+    )
     for _ in range(300):
         if server.poll() is not None:
-            sys.exit(f"fruitlens serve {run_dir} {' '.join(args)} exited with status {server.returncode}"
-                     + (f":\n{(OUT / f'serve_{port}.log').read_text()[-3000:]}" if SMOKE else ""))
+            sys.exit(
+                f"fruitlens serve {run_dir} {' '.join(args)} exited with status {server.returncode}"
+                + (f":\n{(OUT / f'serve_{port}.log').read_text()[-3000:]}" if SMOKE else "")
+            )
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             c.request("GET", "/health")
@@ -163,10 +181,19 @@ def serve_load(run_dir: Path, seconds: float = 30, clients: int = 8, workers: in
         wall = time.perf_counter() - t0
         rss_after = _tree_rss_mib(server.pid)
         q = statistics.quantiles(lat, n=100)
-        return {"workers": workers, "clients": clients, "seconds": round(wall, 1), "requests": len(lat), "errors": errors[0],
-                "req_per_s": round(len(lat) / wall, 1), "p50_ms": round(1000 * q[49], 1),
-                "p95_ms": round(1000 * q[94], 1), "p99_ms": round(1000 * q[98], 1),
-                "rss_before_mib": round(rss_before), "rss_after_mib": round(rss_after)}
+        return {
+            "workers": workers,
+            "clients": clients,
+            "seconds": round(wall, 1),
+            "requests": len(lat),
+            "errors": errors[0],
+            "req_per_s": round(len(lat) / wall, 1),
+            "p50_ms": round(1000 * q[49], 1),
+            "p95_ms": round(1000 * q[94], 1),
+            "p99_ms": round(1000 * q[98], 1),
+            "rss_before_mib": round(rss_before),
+            "rss_after_mib": round(rss_after),
+        }
     finally:
         server.terminate()
         server.wait(timeout=20)
@@ -179,13 +206,23 @@ def main() -> None:
         sys.exit(f"{RUN} is missing: run benchmarks/bench_train.py fruits360 first")
     res: dict = {"machine": machine(), "run": "runs/f360_default (fruitlens default recipe on Fruits-360, 96 px)"}
     r = run(FRUITLENS + ["evaluate", str(RUN)], OUT / "evaluate.log")
-    res["evaluate"] = {"cmd": r["cmd"].replace(str(RUN), "runs/f360_default"), "seconds": r["seconds"],
-                       "peak_mib": r["peak_mib"], "rc": r["rc"]}
+    res["evaluate"] = {
+        "cmd": r["cmd"].replace(str(RUN), "runs/f360_default"),
+        "seconds": r["seconds"],
+        "peak_mib": r["peak_mib"],
+        "rc": r["rc"],
+    }
     # --smoke: no speed figures, 10 s of the smoke run's few minutes (fruitlens demo in bench_speed.py measures them)
-    r = run(FRUITLENS + ["export", str(RUN), "--format", "onnx", "--int8"] + (["--no-bench"] if SMOKE else []),
-            OUT / "export.log")
-    res["export"] = {"cmd": r["cmd"].replace(str(RUN), "runs/f360_default"), "seconds": r["seconds"], "rc": r["rc"],
-                     **json.loads((RUN / "export" / "export.json").read_text())}
+    r = run(
+        FRUITLENS + ["export", str(RUN), "--format", "onnx", "--int8"] + (["--no-bench"] if SMOKE else []),
+        OUT / "export.log",
+    )
+    res["export"] = {
+        "cmd": r["cmd"].replace(str(RUN), "runs/f360_default"),
+        "seconds": r["seconds"],
+        "rc": r["rc"],
+        **json.loads((RUN / "export" / "export.json").read_text()),
+    }
     res["predict_path"] = predict_path(RUN, rounds=1 if SMOKE else 5)
     seconds = 2 if SMOKE else 30
     res["serve"] = serve_load(RUN, seconds)

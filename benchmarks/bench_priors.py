@@ -13,6 +13,7 @@ linear head with the default's studio recipe, mean of 2 seeds, GroceryStore's 81
 - a head on colour alone: a hue x saturation histogram of the studio fruit's pixels (the white-background mask) and of
   the whole photo.
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,8 +29,13 @@ from bench_layers import head, result, studio_views
 
 B17, LAST = (17, "mean"), (18, "mean")
 PRODUCE = range(936, 958)  # ImageNet's head cabbage ... pomegranate
-NAMED = {"Apple Granny Smith": "Granny Smith", "Lemon": "lemon", "Orange": "orange", "Pomegranate": "pomegranate",
-         "Strawberry": "strawberry"}  # Fruits-360 class -> the ImageNet class of the same name
+NAMED = {
+    "Apple Granny Smith": "Granny Smith",
+    "Lemon": "lemon",
+    "Orange": "orange",
+    "Pomegranate": "pomegranate",
+    "Strawberry": "strawberry",
+}  # Fruits-360 class -> the ImageNet class of the same name
 
 
 @torch.inference_mode()
@@ -38,7 +44,7 @@ def photo_maps(x8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     net = NET.backbone.features.eval()
     b17, last = [], []
     for i in range(0, len(x8), 64):
-        h = PRE.normalise(x8[i:i + 64])
+        h = PRE.normalise(x8[i : i + 64])
         for j, m in enumerate(net):
             h = m(h)
             if j == B17[0]:
@@ -68,7 +74,7 @@ def hue_histogram(x8: torch.Tensor, mask=None, hues: int = 16, sats: int = 4, gr
     bins for pixels of little colour; square-rooted (Hellinger)."""
     out = []
     for i in range(0, len(x8), 128):
-        x = x8[i:i + 128].float() / 255
+        x = x8[i : i + 128].float() / 255
         mx, arg = x.max(1)
         c = mx - x.min(1).values
         r, g, b = x.unbind(1)
@@ -76,9 +82,11 @@ def hue_histogram(x8: torch.Tensor, mask=None, hues: int = 16, sats: int = 4, gr
         h = h.gather(1, arg.unsqueeze(1)).squeeze(1) / 6
         s = c / (mx + 1e-9)
         colour = s > 0.15
-        idx = torch.where(colour, (h * hues).long().clamp(0, hues - 1) * sats
-                          + ((s - 0.15) / 0.85 * sats).long().clamp(0, sats - 1),
-                          hues * sats + (mx * greys).long().clamp(0, greys - 1))
+        idx = torch.where(
+            colour,
+            (h * hues).long().clamp(0, hues - 1) * sats + ((s - 0.15) / 0.85 * sats).long().clamp(0, sats - 1),
+            hues * sats + (mx * greys).long().clamp(0, greys - 1),
+        )
         w = torch.ones_like(mx) if mask is None else mask(x).squeeze(1)
         hist = torch.zeros(len(x), hues * sats + greys).scatter_add_(1, idx.flatten(1), w.flatten(1))
         out.append((hist / hist.sum(1, keepdim=True).clamp(min=1e-6)).sqrt())
@@ -105,26 +113,42 @@ def main() -> None:
     wts = produce_weights(mlast, lin)
     Y = torch.cat([d["y"]] * 3)
     views = ("clean", "aug1", "aug2")
-    res = {"machine": machine(), "images": len(d["x"]), "photos": len(d["gx"]), "feature_seconds": feature_seconds,
-           "named": NAMED, "rows": []}
-    for layer, key, maps, std in (("block 17 (320), standardised", B17, m17, True),
-                                  ("the last layer (1280), raw", LAST, mlast, False)):
+    res = {
+        "machine": machine(),
+        "images": len(d["x"]),
+        "photos": len(d["gx"]),
+        "feature_seconds": feature_seconds,
+        "named": NAMED,
+        "rows": [],
+    }
+    for layer, key, maps, std in (
+        ("block 17 (320), standardised", B17, m17, True),
+        ("the last layer (1280), raw", LAST, mlast, False),
+    ):
         X = torch.cat([f[k][key] for k in views])
         heads, mu, sd = heads_on(X, Y, std)
         with torch.no_grad():
-            probs = {pool: [F.softmax(h((P - mu) / sd), 1) for h in heads]
-                     for pool, P in (("mean", maps.mean(1)), ("produce", (maps * wts).sum(1)))}
+            probs = {
+                pool: [F.softmax(h((P - mu) / sd), 1) for h in heads]
+                for pool, P in (("mean", maps.mean(1)), ("produce", (maps * wts).sum(1)))
+            }
         for pool, what in (("mean", "mean (as fruitlens pools)"), ("produce", "produce-weighted mean")):
             for lam in (0.0, 0.25, 0.5, 0.75, 1.0):
                 name = f"{layer}, {what}" + (f", ImageNet's named classes mixed in at {lam:g}" if lam else "")
-                res["rows"].append(result(name, X.shape[1], [score_probs(d, named_mix(p, q, idx, lam))
-                                                             for p in probs[pool]]))
+                res["rows"].append(
+                    result(name, X.shape[1], [score_probs(d, named_mix(p, q, idx, lam)) for p in probs[pool]])
+                )
     hs, hp = hue_histogram(d["x"], fg_mask), hue_histogram(d["gx"])
     heads, mu, sd = heads_on(hs, d["y"])
     with torch.no_grad():
-        res["rows"].append(result("colour alone: hue x saturation histogram (fruit pixels of the studio shots, the "
-                                  "whole photo), clean views", hs.shape[1],
-                                  [score_probs(d, h((hp - mu) / sd)) for h in heads]))
+        res["rows"].append(
+            result(
+                "colour alone: hue x saturation histogram (fruit pixels of the studio shots, the "
+                "whole photo), clean views",
+                hs.shape[1],
+                [score_probs(d, h((hp - mu) / sd)) for h in heads],
+            )
+        )
     save("priors", res)
     write_section("priors", markdown(res))
 
@@ -132,14 +156,19 @@ def main() -> None:
 def markdown(res: dict) -> str:
     pct = lambda v: f"{100 * v:.1f}%"
     named = ", ".join(f"{c} = {n}" for c, n in res["named"].items())
-    lines = ["## ImageNet's judgement and the photo's colours (`python benchmarks/bench_priors.py`)", "",
-             f"Measured {res['machine']['date']} as bench_layers measures ({res['images']:,} Fruits-360 frames, "
-             f"clean + 2 default views, a linear head, mean of 2 seeds, GroceryStore's {res['photos']} photos; "
-             f"{res['feature_seconds']:.0f} s of features). Produce-weighted: each map position of the photo weighted "
-             "by ImageNet's probability of its 22 produce classes there. Named classes mixed in: for the classes "
-             f"ImageNet has by name ({named}), `lam * q + (1 - lam * sum(q)) * p` with ImageNet's probabilities q "
-             "and the head's p. Differences of 2-3 points are noise.", "",
-             "| features | dims | accuracy on photos | balanced |", "|---|---|---|---|"]
+    lines = [
+        "## ImageNet's judgement and the photo's colours (`python benchmarks/bench_priors.py`)",
+        "",
+        f"Measured {res['machine']['date']} as bench_layers measures ({res['images']:,} Fruits-360 frames, "
+        f"clean + 2 default views, a linear head, mean of 2 seeds, GroceryStore's {res['photos']} photos; "
+        f"{res['feature_seconds']:.0f} s of features). Produce-weighted: each map position of the photo weighted "
+        "by ImageNet's probability of its 22 produce classes there. Named classes mixed in: for the classes "
+        f"ImageNet has by name ({named}), `lam * q + (1 - lam * sum(q)) * p` with ImageNet's probabilities q "
+        "and the head's p. Differences of 2-3 points are noise.",
+        "",
+        "| features | dims | accuracy on photos | balanced |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['name']} | {r['dims']} | {pct(r['accuracy'])} | {pct(r['balanced'])} |" for r in res["rows"]]
     return "\n".join(lines)
 

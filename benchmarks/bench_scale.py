@@ -1,6 +1,7 @@
 """Scaling (issue 21): the feature pass over two DDP processes against one process on Fruits-360 (the time, the
 images each process computed, and whether the merged cache equals the single-process one), and the default command
 as the data grows (synthetic 96 px images: the whole command's time, the feature pass's throughput, peak memory)."""
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,17 @@ def train(name: str, data: Path, args: list[str]) -> dict:
         raise SystemExit(f"{name} failed:\n{r['output'][-3000:]}")
     info = json.loads((out / "train_info.json").read_text())
     rep = json.loads((out / "report.json").read_text())
-    row = {"cmd": r["cmd"].replace(str(out), f"runs/{name}").replace(str(data), "DATA"), "seconds": r["seconds"],
-           "peak_mib": r["peak_mib"], "stages": info.get("stages", {}), "feature_pass": info.get("feature_pass"),
-           "accuracy": rep["metrics"]["accuracy"], "images": sum(rep["dataset"]["totals"].values()),
-           "views": rep["config"]["fit"]["feature_views"], "run": str(out)}
+    row = {
+        "cmd": r["cmd"].replace(str(out), f"runs/{name}").replace(str(data), "DATA"),
+        "seconds": r["seconds"],
+        "peak_mib": r["peak_mib"],
+        "stages": info.get("stages", {}),
+        "feature_pass": info.get("feature_pass"),
+        "accuracy": rep["metrics"]["accuracy"],
+        "images": sum(rep["dataset"]["totals"].values()),
+        "views": rep["config"]["fit"]["feature_views"],
+        "run": str(out),
+    }
     print(name, json.dumps({k: v for k, v in row.items() if k != "run"}), flush=True)
     return row
 
@@ -42,35 +50,53 @@ def caches_equal(a: Path, b: Path) -> bool:
     y = torch.load(b / "cache" / "features.pt", weights_only=True)
     keys = [k for k in x if not k.startswith("_")]
     return keys == [k for k in y if not k.startswith("_")] and all(
-        torch.equal(p, q) for k in keys for p, q in zip(x[k], y[k]))
+        torch.equal(p, q) for k in keys for p, q in zip(x[k], y[k])
+    )
 
 
 def markdown(res: dict) -> str:
     s, d = res["ddp"]["single"], res["ddp"]["ddp"]
     fs, fd = s["feature_pass"], d["feature_pass"]
-    lines = ["## Scaling (`python benchmarks/bench_scale.py`)", "",
-             f"Measured {res['machine']['date']} on this 2-core machine.", "",
-             "### The feature pass over DDP processes (Fruits-360, the default recipe)", "",
-             "| run | command | wall s | feature pass s per process | images per process | peak MiB |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "## Scaling (`python benchmarks/bench_scale.py`)",
+        "",
+        f"Measured {res['machine']['date']} on this 2-core machine.",
+        "",
+        "### The feature pass over DDP processes (Fruits-360, the default recipe)",
+        "",
+        "| run | command | wall s | feature pass s per process | images per process | peak MiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r, f in (("one process (2 threads)", s, fs), ("2 DDP processes (1 thread each)", d, fd)):
-        lines.append(f"| {name} | `{r['cmd']}` | {r['seconds']} | {' + '.join(str(x) for x in f['seconds_per_rank'])} | "
-                     f"{' + '.join(f'{x:,}' for x in f['images_per_rank'])} | {r['peak_mib']} |")
-    lines += ["", f"Merged DDP cache equal to the single-process cache, tensor for tensor (views included): "
-              f"**{'yes' if res['ddp']['caches_equal'] else 'NO'}**; cache {fd['cache_bytes'] / 2**20:.0f} MiB. On 2 cores "
-              "the two processes share the same cores, so the point is the split (each process decodes and forwards "
-              "every other batch), not a speed-up; on more devices the pass divides by their number.", "",
-              "### The default command as the data grows (synthetic 96 px JPEGs, 20 classes)", "",
-              "| images | wall s | s per 1,000 images | feature pass s | feature pass images/s (x views) | cache MiB | "
-              "peak MiB |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | `{r['cmd']}` | {r['seconds']} | {' + '.join(str(x) for x in f['seconds_per_rank'])} | "
+            f"{' + '.join(f'{x:,}' for x in f['images_per_rank'])} | {r['peak_mib']} |"
+        )
+    lines += [
+        "",
+        f"Merged DDP cache equal to the single-process cache, tensor for tensor (views included): "
+        f"**{'yes' if res['ddp']['caches_equal'] else 'NO'}**; cache {fd['cache_bytes'] / 2**20:.0f} MiB. On 2 cores "
+        "the two processes share the same cores, so the point is the split (each process decodes and forwards "
+        "every other batch), not a speed-up; on more devices the pass divides by their number.",
+        "",
+        "### The default command as the data grows (synthetic 96 px JPEGs, 20 classes)",
+        "",
+        "| images | wall s | s per 1,000 images | feature pass s | feature pass images/s (x views) | cache MiB | "
+        "peak MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in res["sizes"]:
         f = r["feature_pass"]
         rate = sum(f["images_per_rank"]) * (1 + r["views"]) / max(sum(f["seconds_per_rank"]), 1e-9)
-        lines.append(f"| {r['images']:,} | {r['seconds']} | {1000 * r['seconds'] / r['images']:.2f} | "
-                     f"{sum(f['seconds_per_rank']):.1f} | {rate:.0f} | {f['cache_bytes'] / 2**20:.0f} | "
-                     f"{r['peak_mib']} |")
-    lines += ["", "Stages of the largest run: " + ", ".join(f"{k} {v}s" for k, v in res["sizes"][-1]["stages"].items())
-              + "."]
+        lines.append(
+            f"| {r['images']:,} | {r['seconds']} | {1000 * r['seconds'] / r['images']:.2f} | "
+            f"{sum(f['seconds_per_rank']):.1f} | {rate:.0f} | {f['cache_bytes'] / 2**20:.0f} | "
+            f"{r['peak_mib']} |"
+        )
+    lines += [
+        "",
+        "Stages of the largest run: " + ", ".join(f"{k} {v}s" for k, v in res["sizes"][-1]["stages"].items()) + ".",
+    ]
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 (truncated JPEG, a text file, a 1x20000 strip, a decompression bomb, an upload over the size limit, broken JSON);
 every answer must be the expected status (200, or the 4xx that names the problem) and the server's memory must level
 off. For a 96 px model (Fruits-360) and a 448 px one (GroceryStore); the trust benchmark's runs are reused."""
+
 from __future__ import annotations
 
 import http.client
@@ -33,11 +34,13 @@ def hostile() -> list[tuple[str, bytes, str, tuple[int, ...]]]:
     """(name, body, content type, statuses that are right) of each hostile request."""
     jpeg = next((data_path("fruits360") / "Test").rglob("*.jpg")).read_bytes()
     bomb = Image.new("1", (30000, 30000))  # 900 megapixels, a few hundred KB as PNG
-    cases = [("truncated JPEG", _multipart(jpeg[: len(jpeg) // 3]), (422,)),
-             ("text file", _multipart(b"not an image at all\n" * 50), (415, 422)),
-             ("1x20000 strip", _multipart(_png(Image.new("RGB", (1, 20000), (255, 0, 0)))), (422,)),
-             ("decompression bomb", _multipart(_png(bomb)), (413, 422)),
-             ("11 MB upload", _multipart(os.urandom(11 * 2**20)), (413,))]
+    cases = [
+        ("truncated JPEG", _multipart(jpeg[: len(jpeg) // 3]), (422,)),
+        ("text file", _multipart(b"not an image at all\n" * 50), (415, 422)),
+        ("1x20000 strip", _multipart(_png(Image.new("RGB", (1, 20000), (255, 0, 0)))), (422,)),
+        ("decompression bomb", _multipart(_png(bomb)), (413, 422)),
+        ("11 MB upload", _multipart(os.urandom(11 * 2**20)), (413,)),
+    ]
     out = [(name, body, ctype, ok) for name, (body, ctype), ok in cases]
     out.append(("broken JSON", b'{"image": "!!!not base64', "application/json", (422,)))
     return out
@@ -97,34 +100,49 @@ def soak(run_dir: Path, seconds: float = 300, clients: int = 8, hostile_share: f
         wall = time.perf_counter() - t0
         q = statistics.quantiles(stats["lat"], n=100)
         half = [m for s, m in memory if s >= seconds / 2]
-        return {"seconds": round(wall), "clients": clients, "requests": stats["ok"] + stats["hostile_right"] + stats["wrong"],
-                "photos_answered": stats["ok"], "hostile_refused_right": stats["hostile_right"],
-                "wrong_answers": stats["wrong"], "wrong_examples": stats["wrong_examples"],
-                "req_per_s": round((stats["ok"] + stats["hostile_right"] + stats["wrong"]) / wall, 1),
-                "p50_ms": round(1000 * q[49], 1), "p95_ms": round(1000 * q[94], 1), "p99_ms": round(1000 * q[98], 1),
-                "memory_mib": [(s, round(m)) for s, m in memory], "memory_start_mib": round(memory[0][1]),
-                "memory_peak_mib": round(max(m for _, m in memory)),
-                "memory_second_half_growth_mib": round(half[-1] - half[0]) if len(half) > 1 else None,
-                "server_alive": server.poll() is None}
+        return {
+            "seconds": round(wall),
+            "clients": clients,
+            "requests": stats["ok"] + stats["hostile_right"] + stats["wrong"],
+            "photos_answered": stats["ok"],
+            "hostile_refused_right": stats["hostile_right"],
+            "wrong_answers": stats["wrong"],
+            "wrong_examples": stats["wrong_examples"],
+            "req_per_s": round((stats["ok"] + stats["hostile_right"] + stats["wrong"]) / wall, 1),
+            "p50_ms": round(1000 * q[49], 1),
+            "p95_ms": round(1000 * q[94], 1),
+            "p99_ms": round(1000 * q[98], 1),
+            "memory_mib": [(s, round(m)) for s, m in memory],
+            "memory_start_mib": round(memory[0][1]),
+            "memory_peak_mib": round(max(m for _, m in memory)),
+            "memory_second_half_growth_mib": round(half[-1] - half[0]) if len(half) > 1 else None,
+            "server_alive": server.poll() is None,
+        }
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
 def markdown(res: dict) -> str:
-    lines = ["## Soak: 5 minutes of 8 clients, 5% hostile requests (`python benchmarks/bench_soak.py`)", "",
-             f"Measured {res['machine']['date']}. `fruitlens serve RUN` (one worker) on loopback; the photos are "
-             "GroceryStore and Fruits-360 JPEGs; the hostile requests are a truncated JPEG, a text file, a 1x20000 "
-             "strip, a 900-megapixel decompression bomb, an 11 MB upload and broken JSON, each of which must get its "
-             "4xx. Memory is the server's PSS, sampled every 10 s.", "",
-             "| model | requests | req/s | photos answered | hostile refused with the right 4xx | wrong answers | "
-             "p50 / p95 / p99 ms | memory start -> peak MiB | growth over the second half MiB | server alive |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Soak: 5 minutes of 8 clients, 5% hostile requests (`python benchmarks/bench_soak.py`)",
+        "",
+        f"Measured {res['machine']['date']}. `fruitlens serve RUN` (one worker) on loopback; the photos are "
+        "GroceryStore and Fruits-360 JPEGs; the hostile requests are a truncated JPEG, a text file, a 1x20000 "
+        "strip, a 900-megapixel decompression bomb, an 11 MB upload and broken JSON, each of which must get its "
+        "4xx. Memory is the server's PSS, sampled every 10 s.",
+        "",
+        "| model | requests | req/s | photos answered | hostile refused with the right 4xx | wrong answers | "
+        "p50 / p95 / p99 ms | memory start -> peak MiB | growth over the second half MiB | server alive |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in res["runs"].items():
-        lines.append(f"| {name} | {r['requests']} | {r['req_per_s']} | {r['photos_answered']} | "
-                     f"{r['hostile_refused_right']} | {r['wrong_answers']} | {r['p50_ms']} / {r['p95_ms']} / "
-                     f"{r['p99_ms']} | {r['memory_start_mib']} -> {r['memory_peak_mib']} | "
-                     f"{r['memory_second_half_growth_mib']} | {'yes' if r['server_alive'] else 'NO'} |")
+        lines.append(
+            f"| {name} | {r['requests']} | {r['req_per_s']} | {r['photos_answered']} | "
+            f"{r['hostile_refused_right']} | {r['wrong_answers']} | {r['p50_ms']} / {r['p95_ms']} / "
+            f"{r['p99_ms']} | {r['memory_start_mib']} -> {r['memory_peak_mib']} | "
+            f"{r['memory_second_half_growth_mib']} | {'yes' if r['server_alive'] else 'NO'} |"
+        )
     wrong = [e for r in res["runs"].values() for e in r["wrong_examples"]]
     if wrong:
         lines += ["", "Wrong answers: " + "; ".join(wrong)]
@@ -143,8 +161,10 @@ def main(seconds: float = 300) -> None:
         res["runs"][name] = soak(run_dir, seconds)
         print(name, json.dumps({k: v for k, v in res["runs"][name].items() if k != "memory_mib"}), flush=True)
         if SMOKE and (res["runs"][name]["wrong_answers"] or not res["runs"][name]["server_alive"]):
-            sys.exit(f"{name}: wrong answers {res['runs'][name]['wrong_examples']}, "
-                     f"server alive: {res['runs'][name]['server_alive']}")
+            sys.exit(
+                f"{name}: wrong answers {res['runs'][name]['wrong_examples']}, "
+                f"server alive: {res['runs'][name]['server_alive']}"
+            )
     save("soak", res)
     write_section("soak", markdown(res))
 

@@ -1,6 +1,7 @@
 """Speed (issue 19): the default command on Fruits-360 against the plain recipe in one benchmark run, the time split
 by stage (train_info.json), the share of the machine's backbone throughput the whole command reaches, and the demo
 (``fruitlens demo`` on the local Fruits-360 copy, as ``make demo`` runs it after setup)."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import shutil
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from _measure import FRUITLENS, OUT, SMOKE, SMOKE_SIZE, data_path, machine, run, save, scratch, write_section
 
@@ -19,18 +19,27 @@ THROUGHPUT = (1, 1) if SMOKE else (10, 3)  # seconds of each backbone measuremen
 def train(name: str, args: list[str]) -> dict:
     out = RUNS / name
     shutil.rmtree(out, ignore_errors=True)
-    r = run(FRUITLENS + ["train", str(data_path("fruits360")), "--out", str(out)] + args + SMOKE_SIZE,
-            OUT / f"speed_{name}.log")
+    r = run(
+        FRUITLENS + ["train", str(data_path("fruits360")), "--out", str(out)] + args + SMOKE_SIZE,
+        OUT / f"speed_{name}.log",
+    )
     if r["rc"] != 0:
         raise SystemExit(f"{name} failed:\n{r['output'][-3000:]}")
     rep = json.loads((out / "report.json").read_text())
     info = json.loads((out / "train_info.json").read_text())
     cfg = rep["config"]
-    row = {"cmd": r["cmd"].replace(str(out), f"runs/{name}"), "seconds": r["seconds"], "peak_mib": r["peak_mib"],
-           "accuracy": rep["metrics"]["accuracy"], "ci95": rep["metrics"]["accuracy_ci95"],
-           "image_size": rep["model"]["preprocessing"]["image_size"], "epochs": len(rep["history"]),
-           "stages": info.get("stages", {}), "views": cfg["fit"]["feature_views"] if cfg["fit"]["feature_cache"] else None,
-           "splits": rep["dataset"]["totals"]}
+    row = {
+        "cmd": r["cmd"].replace(str(out), f"runs/{name}"),
+        "seconds": r["seconds"],
+        "peak_mib": r["peak_mib"],
+        "accuracy": rep["metrics"]["accuracy"],
+        "ci95": rep["metrics"]["accuracy_ci95"],
+        "image_size": rep["model"]["preprocessing"]["image_size"],
+        "epochs": len(rep["history"]),
+        "stages": info.get("stages", {}),
+        "views": cfg["fit"]["feature_views"] if cfg["fit"]["feature_cache"] else None,
+        "splits": rep["dataset"]["totals"],
+    }
     print(name, json.dumps(row), flush=True)
     return row
 
@@ -58,19 +67,29 @@ def demo() -> dict:
     out = RUNS / "demo"
     shutil.rmtree(out, ignore_errors=True)
     smoke = ["--no-int8", "model.img_size=64"] if SMOKE else []  # (bench_infer.py's smoke run exports int8)
-    r = run(FRUITLENS + ["demo", "--data", str(data_path("fruits360")), "--out", str(out)] + smoke,
-            OUT / "speed_demo.log")
+    r = run(
+        FRUITLENS + ["demo", "--data", str(data_path("fruits360")), "--out", str(out)] + smoke, OUT / "speed_demo.log"
+    )
     if r["rc"] != 0:
         raise SystemExit(f"demo failed:\n{r['output'][-3000:]}")
     rep = json.loads((out / "report.json").read_text())
     m = rep["metrics"]
     empty = [c for c, v in m["per_class"].items() if not v["support"]]
     info = json.loads((out / "train_info.json").read_text())
-    row = {"cmd": r["cmd"].replace(str(out), "runs/demo"), "seconds": r["seconds"], "peak_mib": r["peak_mib"],
-           "accuracy": m["accuracy"], "ci95": m["accuracy_ci95"], "test_images": m["n"], "classes": len(rep["classes"]),
-           "classes_without_test_images": empty, "leak_free": rep["leak"]["leak_free"],
-           "min_test_images_per_class": min(int(v["support"]) for v in m["per_class"].values()),
-           "phases": sorted({h["phase"] for h in rep["history"]}), "stages": info.get("stages", {})}
+    row = {
+        "cmd": r["cmd"].replace(str(out), "runs/demo"),
+        "seconds": r["seconds"],
+        "peak_mib": r["peak_mib"],
+        "accuracy": m["accuracy"],
+        "ci95": m["accuracy_ci95"],
+        "test_images": m["n"],
+        "classes": len(rep["classes"]),
+        "classes_without_test_images": empty,
+        "leak_free": rep["leak"]["leak_free"],
+        "min_test_images_per_class": min(int(v["support"]) for v in m["per_class"].values()),
+        "phases": sorted({h["phase"] for h in rep["history"]}),
+        "stages": info.get("stages", {}),
+    }
     print("demo", json.dumps(row), flush=True)
     return row
 
@@ -84,36 +103,64 @@ def markdown(res: dict) -> str:
     tr = d["splits"]
     useful = tr.get("train", 0) * (1 + (d["views"] or 0)) + tr.get("val", 0) + tr.get("test", 0)
     ideal = useful / res["backbone_img_per_s"]
-    lines = ["## Speed: the default command against the plain recipe, by stage (`python benchmarks/bench_speed.py`)", "",
-             f"Measured {res['machine']['date']}, both runs in this benchmark run, one after the other, on the same "
-             "2 cores; wall time is the whole command (check, split, features, head, calibration, label audit, "
-             "export with its parity check, evaluation).", "",
-             "| recipe | command | wall s | peak MiB | px | epochs | test accuracy (95% CI) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Speed: the default command against the plain recipe, by stage (`python benchmarks/bench_speed.py`)",
+        "",
+        f"Measured {res['machine']['date']}, both runs in this benchmark run, one after the other, on the same "
+        "2 cores; wall time is the whole command (check, split, features, head, calibration, label audit, "
+        "export with its parity check, evaluation).",
+        "",
+        "| recipe | command | wall s | peak MiB | px | epochs | test accuracy (95% CI) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in (("fruitlens default", d), ("plain recipe (224 px, frozen, augmentation, no cache)", p)):
         ci = r["ci95"] or [float("nan")] * 2
-        lines.append(f"| {name} | `{r['cmd']}` | {r['seconds']} | {r['peak_mib']} | {r['image_size']} | {r['epochs']} | "
-                     f"{_pct(r['accuracy'])} ({100 * ci[0]:.1f}-{100 * ci[1]:.1f}%) |")
-    when = ("both runs in this benchmark run" if "note" not in d else
-            f"the default run measured {res['machine']['date']}, the plain recipe {res.get('plain_measured', '?')} on "
-            "the same machine")
-    lines += ["", f"**Speed-up: {p['seconds'] / d['seconds']:.1f}x** (plain wall time / default wall time; {when}).", "",
-              "Time by stage of the default command (train_info.json `stages`; the rest of the wall time is starting "
-              "Python and importing torch):", "",
-              "| stage | seconds |", "|---|---|"]
+        lines.append(
+            f"| {name} | `{r['cmd']}` | {r['seconds']} | {r['peak_mib']} | {r['image_size']} | {r['epochs']} | "
+            f"{_pct(r['accuracy'])} ({100 * ci[0]:.1f}-{100 * ci[1]:.1f}%) |"
+        )
+    when = (
+        "both runs in this benchmark run"
+        if "note" not in d
+        else f"the default run measured {res['machine']['date']}, the plain recipe {res.get('plain_measured', '?')} on "
+        "the same machine"
+    )
+    lines += [
+        "",
+        f"**Speed-up: {p['seconds'] / d['seconds']:.1f}x** (plain wall time / default wall time; {when}).",
+        "",
+        "Time by stage of the default command (train_info.json `stages`; the rest of the wall time is starting "
+        "Python and importing torch):",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in d["stages"].items()]
-    lines += ["", f"The backbone alone runs at {res['backbone_img_per_s']:.0f} images/s here (MobileNetV2, 96 px, ONNX "
-              f"Runtime, batch 32). The command pushes {useful:,} images through it (train x {1 + (d['views'] or 0)} "
-              f"views, val, test): {ideal:.1f} s of pure backbone work, **{100 * ideal / d['seconds']:.0f}%** of its "
-              f"{d['seconds']} s wall time.", "",
-              "### make demo", "",
-              f"`{dm['cmd']}` (what `make demo` runs after setup): **{dm['seconds']} s** "
-              f"({dm['seconds'] / 60:.1f} min), peak {dm['peak_mib']} MiB; {dm['classes']} classes, "
-              f"{'leak-free' if dm['leak_free'] else 'NOT leak-free'} split, {dm['test_images']} test images, "
-              f"at least {dm['min_test_images_per_class']} per class"
-              f"{'' if not dm['classes_without_test_images'] else ', classes without test images: ' + ', '.join(dm['classes_without_test_images'])}; "
-              f"test accuracy {_pct(dm['accuracy'])} (95% CI {100 * dm['ci95'][0]:.1f}-{100 * dm['ci95'][1]:.1f}%); "
-              f"phases run: {', '.join(dm['phases'])}.", "",
-              "| demo stage | seconds |", "|---|---|"] + [f"| {k} | {v} |" for k, v in dm["stages"].items()]
+    lines += [
+        "",
+        f"The backbone alone runs at {res['backbone_img_per_s']:.0f} images/s here (MobileNetV2, 96 px, ONNX "
+        f"Runtime, batch 32). The command pushes {useful:,} images through it (train x {1 + (d['views'] or 0)} "
+        f"views, val, test): {ideal:.1f} s of pure backbone work, **{100 * ideal / d['seconds']:.0f}%** of its "
+        f"{d['seconds']} s wall time.",
+        "",
+        "### make demo",
+        "",
+        f"`{dm['cmd']}` (what `make demo` runs after setup): **{dm['seconds']} s** "
+        f"({dm['seconds'] / 60:.1f} min), peak {dm['peak_mib']} MiB; {dm['classes']} classes, "
+        f"{'leak-free' if dm['leak_free'] else 'NOT leak-free'} split, {dm['test_images']} test images, "
+        f"at least {dm['min_test_images_per_class']} per class"
+        + (
+            ", classes without test images: " + ", ".join(missing)
+            if (missing := dm["classes_without_test_images"])
+            else ""
+        )
+        + "; "
+        f"test accuracy {_pct(dm['accuracy'])} (95% CI {100 * dm['ci95'][0]:.1f}-{100 * dm['ci95'][1]:.1f}%); "
+        f"phases run: {', '.join(dm['phases'])}.",
+        "",
+        "| demo stage | seconds |",
+        "|---|---|",
+    ] + [f"| {k} | {v} |" for k, v in dm["stages"].items()]
     return "\n".join(lines)
 
 
@@ -128,10 +175,23 @@ def main(which: str = "all") -> None:
     if which in ("all", "train"):
         res["plain_measured"] = machine()["date"]
         res["default"] = train("f360_default", [])
-        res["plain"] = train("f360_plain", ["--no-feature-cache", "--img-size", "224", "--target-acc", "0.98",
-                                            "--target-monitor", "train", "--epochs", "2"])
-        res["backbone_img_per_s"] = statistics.median([backbone_throughput(seconds=THROUGHPUT[0])
-                                                       for _ in range(THROUGHPUT[1])])
+        res["plain"] = train(
+            "f360_plain",
+            [
+                "--no-feature-cache",
+                "--img-size",
+                "224",
+                "--target-acc",
+                "0.98",
+                "--target-monitor",
+                "train",
+                "--epochs",
+                "2",
+            ],
+        )
+        res["backbone_img_per_s"] = statistics.median(
+            [backbone_throughput(seconds=THROUGHPUT[0]) for _ in range(THROUGHPUT[1])]
+        )
     if which in ("all", "demo", "default"):
         res["demo"] = demo()
     save("speed", res)

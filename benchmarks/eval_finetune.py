@@ -7,6 +7,7 @@ Accuracy only: the copy keeps the run's temperature and thresholds, fitted for t
 Usage: python benchmarks/eval_finetune.py RUN_DIR
 ``--smoke`` (RUN_DIR optional): the fine-tuned run of ``bench_train.py --smoke`` where it is in the scratch folder,
 else a tiny run with one fine-tuning epoch trained on ../shared/data/smoke first."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,10 @@ def with_weights(src: Path, ckpt: Path) -> tuple[Path, int | None]:
     weights = {k.removeprefix("net."): v for k, v in tuned["state_dict"].items() if k.startswith("net.")}
     unknown = sorted(set(weights) - set(kept["state_dict"]))
     if not weights or unknown:
-        raise SystemExit(f"{ckpt}: its weights do not fit the run's model ({len(weights)} under 'net.', "
-                         f"unknown to the model: {unknown[:5]})")
+        raise SystemExit(
+            f"{ckpt}: its weights do not fit the run's model ({len(weights)} under 'net.', "
+            f"unknown to the model: {unknown[:5]})"
+        )
     kept["state_dict"] = {**kept["state_dict"], **weights}  # the OOD bank and anything else the run added stay
     torch.save(kept, dst / "checkpoints" / "best.ckpt")
     return dst, tuned.get("epoch")
@@ -43,8 +46,22 @@ def main() -> None:
         if not (src / "checkpoints" / "fine-tune" / "best.ckpt").exists():
             src = scratch("fruitlens-bench-finetune") / "smoke_ft"
             shutil.rmtree(src, ignore_errors=True)
-            run(FRUITLENS + ["train", str(data_path("fruits360")), "--out", str(src), "--target-acc", "0",
-                             "--fine-tune-blocks", "1", "--fine-tune-epochs", "1"] + SMOKE_SIZE)
+            run(
+                FRUITLENS
+                + [
+                    "train",
+                    str(data_path("fruits360")),
+                    "--out",
+                    str(src),
+                    "--target-acc",
+                    "0",
+                    "--fine-tune-blocks",
+                    "1",
+                    "--fine-tune-epochs",
+                    "1",
+                ]
+                + SMOKE_SIZE
+            )
     else:
         src = Path(sys.argv[1])
     out = {}

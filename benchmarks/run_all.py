@@ -11,6 +11,7 @@ _measure.py), so that a benchmark the library's changes broke fails here instead
 at a time (``--jobs N``; each is mostly one busy process), each one's output going to a log in one scratch folder;
 it writes nothing into benchmarks/out/ or RESULTS.md, prints each script's wall time and exits non-zero naming the
 scripts that failed, with their logs (the scratch folder is then kept)."""
+
 import os
 import shutil
 import signal
@@ -22,16 +23,35 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CORE = (("bench_train.py", ["fruits360"]), ("bench_infer.py", []), ("bench_data.py", []),
-        ("bench_train.py", ["grocery"]), ("bench_train.py", ["seeds"]), ("write_results.py", []))
+CORE = (
+    ("bench_train.py", ["fruits360"]),
+    ("bench_infer.py", []),
+    ("bench_data.py", []),
+    ("bench_train.py", ["grocery"]),
+    ("bench_train.py", ["seeds"]),
+    ("write_results.py", []),
+)
 SMOKE = (  # (script, arguments, the smoke runs it reads the runs or figures of); the longest first
-    ("bench_train.py", ["all"], ()), ("bench_trust.py", [], ()), ("bench_scale.py", [], ()),
-    ("bench_speed.py", [], ()), ("bench_infer.py", [], ("bench_train.py all",)), ("bench_domain.py", [], ()),
-    ("bench_train.py", ["layers"], ()), ("bench_labels.py", ["cli"], ()), ("bench_data.py", [], ()),
-    ("eval_finetune.py", [], ("bench_train.py all",)), ("bench_audit.py", [], ()), ("bench_augment.py", [], ()),
-    ("bench_soak.py", [], ("bench_trust.py",)), ("bench_labels.py", [], ()), ("bench_layers.py", [], ()),
-    ("bench_concepts.py", [], ()), ("bench_priors.py", [], ()), ("bench_lpft.py", [], ()),
-    ("write_results.py", [], ("bench_train.py all", "bench_infer.py", "bench_data.py")))
+    ("bench_train.py", ["all"], ()),
+    ("bench_trust.py", [], ()),
+    ("bench_scale.py", [], ()),
+    ("bench_speed.py", [], ()),
+    ("bench_infer.py", [], ("bench_train.py all",)),
+    ("bench_domain.py", [], ()),
+    ("bench_train.py", ["layers"], ()),
+    ("bench_labels.py", ["cli"], ()),
+    ("bench_data.py", [], ()),
+    ("eval_finetune.py", [], ("bench_train.py all",)),
+    ("bench_audit.py", [], ()),
+    ("bench_augment.py", [], ()),
+    ("bench_soak.py", [], ("bench_trust.py",)),
+    ("bench_labels.py", [], ()),
+    ("bench_layers.py", [], ()),
+    ("bench_concepts.py", [], ()),
+    ("bench_priors.py", [], ()),
+    ("bench_lpft.py", [], ()),
+    ("write_results.py", [], ("bench_train.py all", "bench_infer.py", "bench_data.py")),
+)
 SMOKE_TIMEOUT = 600  # seconds for one script's smoke run: a hang fails it instead of holding CI
 
 
@@ -39,8 +59,14 @@ def _smoke_script(script: str, args: list[str], env: dict, log: Path) -> str | N
     """Runs one script's smoke mode with its output in ``log``; None when it passed, else why not."""
     with log.open("w") as fh:
         # a session of its own: on a timeout the script goes with what it started (servers, DDP processes)
-        proc = subprocess.Popen([sys.executable, str(HERE / script), *args, "--smoke"], cwd=HERE, env=env,
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / script), *args, "--smoke"],
+            cwd=HERE,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(timeout=SMOKE_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -60,8 +86,11 @@ def smoke(jobs: int) -> int:
 
     def worker(i: int) -> None:
         # one scratch folder for all; a feature store for each worker (two processes never write one file)
-        env = {**os.environ, "FRUITLENS_BENCH_SMOKE_DIR": str(scratch),
-               "FRUITLENS_CACHE": str(scratch / f"fruitlens-cache-{i}")}
+        env = {
+            **os.environ,
+            "FRUITLENS_BENCH_SMOKE_DIR": str(scratch),
+            "FRUITLENS_CACHE": str(scratch / f"fruitlens-cache-{i}"),
+        }
         while True:
             with ready:
                 while True:

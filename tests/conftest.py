@@ -1,4 +1,5 @@
 """Shared fixtures: synthetic images made here, real data from ../shared/data when present, one small trained run."""
+
 from __future__ import annotations
 
 import io
@@ -37,7 +38,8 @@ def shared_data(name: str) -> Path:
 
 
 def fruit_image(label: str, seed: int, size: int = 64) -> Image.Image:
-    """A fruit-ish blob of the class colour at a random place and size on white, with noise: learnable, not identical."""
+    """A fruit-ish blob of the class colour at a random place and size on white, with noise: learnable, not
+    identical."""
     rng = random.Random(f"{label}-{seed}")
     img = Image.new("RGB", (size, size), (255, 255, 255))
     d = ImageDraw.Draw(img)
@@ -51,8 +53,9 @@ def fruit_image(label: str, seed: int, size: int = 64) -> Image.Image:
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
-def make_tree(root: Path, per_class: int = 12, classes=("apple", "kiwi", "lemon"), size: int = 64,
-              splits: tuple[str, ...] = ()) -> Path:
+def make_tree(
+    root: Path, per_class: int = 12, classes=("apple", "kiwi", "lemon"), size: int = 64, splits: tuple[str, ...] = ()
+) -> Path:
     """DATA/<class>/<n>.jpg, or DATA/<split>/<class>/<n>.jpg for each of ``splits``."""
     for s_i, split in enumerate(splits or ("",)):
         for label in classes:
@@ -88,9 +91,19 @@ def trained_run(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("trained")
     data = make_tree(base / "data", per_class=16, classes=("apple", "kiwi", "lemon", "plum"), size=48)
-    cfg = apply_overrides(TrainConfig(), {"data.path": str(data), "model.name": "small_cnn", "model.img_size": 32,
-                                          "fit.epochs": 3, "fit.batch_size": 16, "data.num_workers": 0,
-                                          "fit.target_acc": 0, "data.group": "none"})
+    cfg = apply_overrides(
+        TrainConfig(),
+        {
+            "data.path": str(data),
+            "model.name": "small_cnn",
+            "model.img_size": 32,
+            "fit.epochs": 3,
+            "fit.batch_size": 16,
+            "data.num_workers": 0,
+            "fit.target_acc": 0,
+            "data.group": "none",
+        },
+    )
     return train(cfg.validated(), base / "run").run.path
 
 
@@ -106,8 +119,11 @@ def file_hashes(root: Path) -> dict[str, str]:
     """SHA-256 of every file under ``root``: equal before and after means no file was changed, added or removed."""
     import hashlib
 
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def mobilenet_cached() -> bool:
@@ -124,8 +140,18 @@ def train_small(tmp_path: Path, name: str, epochs: int = 3, **options):
     data = tmp_path / "data"
     if not data.exists():
         make_tree(data, per_class=12, size=48)
-    return fruitlens.train(data, tmp_path / name, model="small_cnn", img_size=32, epochs=epochs, batch_size=16,
-                           workers=0, target_acc=0, group="none", **options)
+    return fruitlens.train(
+        data,
+        tmp_path / name,
+        model="small_cnn",
+        img_size=32,
+        epochs=epochs,
+        batch_size=16,
+        workers=0,
+        target_acc=0,
+        group="none",
+        **options,
+    )
 
 
 def chromium(tmp_path: Path, downloads: Path | None = None, size: str = "900,800"):
@@ -134,20 +160,32 @@ def chromium(tmp_path: Path, downloads: Path | None = None, size: str = "900,800
     import shutil
 
     binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    need(bool(binary and driver), "Debian chromium and chromium-driver are not installed (apt-get install chromium "
-                                  "chromium-driver)")
+    need(
+        bool(binary and driver),
+        "Debian chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
+    )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = binary
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={size}"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--window-size={size}",
+    ):
         opts.add_argument(arg)
     if downloads is not None:
-        opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                               "download.prompt_for_download": False})
+        opts.add_experimental_option(
+            "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+        )
     browser = webdriver.Chrome(service=Service(driver), options=opts)
     if downloads is not None:
         browser.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})

@@ -1,4 +1,5 @@
 """The label audit: confident learning, grouped folds, the gallery and CSV, relabel to a copy or a manifest."""
+
 import csv
 import json
 import shutil
@@ -7,8 +8,14 @@ import numpy as np
 import pytest
 
 from fruitlens.cli.main import main
-from fruitlens.evaluation.audit import (audit_labels, expected_precision, flag_images, neighbours_from_groups,
-                                        neighbours_from_pairs, thresholds)
+from fruitlens.evaluation.audit import (
+    audit_labels,
+    expected_precision,
+    flag_images,
+    neighbours_from_groups,
+    neighbours_from_pairs,
+    thresholds,
+)
 from conftest import file_hashes, make_tree, mobilenet_cached, need
 
 
@@ -46,15 +53,22 @@ def test_flips_are_listed_and_look_alike_classes_are_not():
     assert hit.suggested != hit.label and hit.p_suggested > 0.9 and "never saw it" in hit.evidence
     assert expected_precision(issues) > 0.95
     # on the same data with no flips, nothing is listed
-    assert audit_labels(probs, np.where(np.isin(np.arange(len(given)), list(flips)), probs.argmax(1), given),
-                        np.ones(len(given), bool), none)[0] == []
+    assert (
+        audit_labels(
+            probs,
+            np.where(np.isin(np.arange(len(given)), list(flips)), probs.argmax(1), given),
+            np.ones(len(given), bool),
+            none,
+        )[0]
+        == []
+    )
 
 
 def test_copies_speak_for_an_image_in_both_directions():
     # images 0-4: frames of one fruit labelled a (0) and read as a; frame 2 is filed under b (1)
     # images 5-9: frames of one fruit labelled a and all read as b (a fruit that looks like the other class)
     # images 10-11: a photo and its copy under two labels; the heads that never saw them read a
-    probs = np.array([[.9, .1]] * 5 + [[.05, .95]] * 5 + [[.9, .1]] * 2)
+    probs = np.array([[0.9, 0.1]] * 5 + [[0.05, 0.95]] * 5 + [[0.9, 0.1]] * 2)
     labels = np.array([0, 0, 1, 0, 0] + [0] * 5 + [0, 1])
     groups = ["f1"] * 5 + ["f2"] * 5 + ["p"] * 2
     issues, alike = audit_labels(probs, labels, np.ones(12, bool), neighbours_from_groups(groups))
@@ -62,18 +76,18 @@ def test_copies_speak_for_an_image_in_both_directions():
     assert "4 of its 4 near copies" in issues[0].evidence
     assert alike and (alike[0].a, alike[0].b, alike[0].a_as_b) == (0, 1, 5)  # the second fruit: look-alike
     # one copy under another label is not enough when the heads side with the image's own label; four are
-    probs[[2, 11]] = [.05, .95]
+    probs[[2, 11]] = [0.05, 0.95]
     assert [i.index for i in audit_labels(probs, labels, np.ones(12, bool), neighbours_from_groups(groups))[0]] == [2]
     pairs = neighbours_from_pairs(4, np.array([[0, 1], [1, 2]]))
     assert [p.tolist() for p in pairs] == [[1], [0, 2], [1], []]
 
 
 def test_thresholds_and_the_rule_for_test_images():
-    probs = np.array([[.9, .1], [.8, .2], [.3, .7], [.7, .3], [.2, .8], [.1, .9]])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.7, 0.3], [0.2, 0.8], [0.1, 0.9]])
     given = np.array([0, 0, 0, 1, 1, 1])
     t = thresholds(probs, given)
     assert t == pytest.approx([(0.9 + 0.8 + 0.3) / 3, (0.3 + 0.8 + 0.9) / 3])
-    flagged, suggested = flag_images(np.array([[.02, .98], [.2, .8], [.9, .1]]), np.array([0, 0, 0]))
+    flagged, suggested = flag_images(np.array([[0.02, 0.98], [0.2, 0.8], [0.9, 0.1]]), np.array([0, 0, 0]))
     assert flagged.tolist() == [True, False, False] and suggested[0] == 1  # 20% for its label is not proof
 
 
@@ -168,13 +182,32 @@ def test_train_audits_its_own_labels(tmp_path, capsys):
     for i in range(3):
         shutil.move(str(data / "lemon" / f"lemon_{i:03d}.jpg"), str(data / "kiwi" / f"planted_{i}.jpg"))
     run = tmp_path / "run"
-    assert main(["train", str(data), "--out", str(run), "--img-size", "64", "--workers", "0", "--target-acc", "0",
-                 "--group", "none", "--epochs", "80"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--out",
+                str(run),
+                "--img-size",
+                "64",
+                "--workers",
+                "0",
+                "--target-acc",
+                "0",
+                "--group",
+                "none",
+                "--epochs",
+                "80",
+            ]
+        )
+        == 0
+    )
     assert "look mislabelled" in capsys.readouterr().out
     rows = list(csv.DictReader((run / "label_issues.csv").open()))
     flagged = [r["path"].rsplit("/", 1)[-1] for r in rows]
     planted = {f"planted_{i}.jpg" for i in range(3)}
-    assert set(flagged[:len(planted & set(flagged))]) <= planted and planted & set(flagged)  # most suspect first
+    assert set(flagged[: len(planted & set(flagged))]) <= planted and planted & set(flagged)  # most suspect first
     assert all(r["split"] in ("train", "val") and r["new_label"] == "" for r in rows)
     note = json.loads((run / "report.json").read_text())["label_audit"]
     assert note["train"] + note["val"] == len(rows) and note["html"] == "label_issues.html"

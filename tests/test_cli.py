@@ -10,8 +10,19 @@ from conftest import ROOT
 def test_help_for_every_command_has_examples(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert {"check", "split", "train", "evaluate", "predict", "export", "serve", "compare", "weights", "demo",
-            "models"} <= set(commands)
+    assert {
+        "check",
+        "split",
+        "train",
+        "evaluate",
+        "predict",
+        "export",
+        "serve",
+        "compare",
+        "weights",
+        "demo",
+        "models",
+    } <= set(commands)
     for name in commands:
         with pytest.raises(SystemExit) as exc:
             main([name, "--help"])
@@ -33,8 +44,12 @@ def test_errors_are_error_hint_lines_and_traceback_on_request(tmp_path, capsys):
 
 
 def test_python_dash_m_and_version():
-    out = subprocess.run([sys.executable, "-m", "fruitlens", "--version"], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT / "src")})
+    out = subprocess.run(
+        [sys.executable, "-m", "fruitlens", "--version"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT / "src")},
+    )
     assert out.returncode == 0 and out.stdout.startswith("fruitlens ")
 
 
@@ -65,12 +80,15 @@ def test_models_lists_every_backbone_with_torchvision_figures(capsys):
     assert "efficientnet_b0_rwightman-7f5810bc.pth" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, says", [
-    (["predict", "run", "a.jpg", "--batch-size", "0"], "--batch-size: expected a whole number from 1 up"),
-    (["predict", "run", "a.jpg", "--top-k", "-1"], "--top-k: expected a whole number from 1 up"),
-    (["evaluate", "run", "--batch-size", "x"], "expected a whole number but received 'x'"),
-    (["serve", "run", "--port", "99999"], "--port: expected a whole number from 1 to 65535"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["predict", "run", "a.jpg", "--batch-size", "0"], "--batch-size: expected a whole number from 1 up"),
+        (["predict", "run", "a.jpg", "--top-k", "-1"], "--top-k: expected a whole number from 1 up"),
+        (["evaluate", "run", "--batch-size", "x"], "expected a whole number but received 'x'"),
+        (["serve", "run", "--port", "99999"], "--port: expected a whole number from 1 to 65535"),
+    ],
+)
 def test_numbers_out_of_range_are_bad_options(args, says, capsys):
     # --batch-size 0 used to loop forever in predict; --port 99999 crashed in bind() as "a bug"
     with pytest.raises(SystemExit) as exc:
@@ -105,11 +123,14 @@ def test_output_into_a_closed_pipe_ends_quietly(monkeypatch, capsys):
     assert "unexpected" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, says", [
-    (["tran", "data/"], "unknown command 'tran'. Did you mean 'train'?"),
-    (["predict", "run", "a.jpg", "--top_k", "3"], "--top_k (did you mean --top-k?)"),
-    (["train", "data/", "--modle", "x"], "--modle (did you mean --model?)"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["tran", "data/"], "unknown command 'tran'. Did you mean 'train'?"),
+        (["predict", "run", "a.jpg", "--top_k", "3"], "--top_k (did you mean --top-k?)"),
+        (["train", "data/", "--modle", "x"], "--modle (did you mean --model?)"),
+    ],
+)
 def test_typos_get_the_commands_usage_and_a_suggestion(args, says, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)

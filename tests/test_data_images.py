@@ -23,7 +23,7 @@ def test_alpha_is_composited_on_white():
 
 def test_16_bit_is_scaled_by_its_depth_not_stretched(tmp_path):
     # a 16-bit copy of a photo (each value x 257) must read as the photo: the same pixels, so the same answer
-    grey = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 2 + 40)  # 40 .. 166: not the full range
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 2 + 40  # 40 .. 166: not the full range
     Image.fromarray(grey).save(tmp_path / "eight.png")
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
     assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
@@ -70,7 +70,12 @@ def test_exif_rotation_turns_the_image_the_right_way(tmp_path, orientation, corn
 
 
 def test_shapes_no_photo_has_are_refused_before_decoding(tmp_path):
-    for size, what in (((1, 20000), "too small"), ((12, 2000), "aspect ratio"), ((4, 4), "too small"), ((300, 20), "aspect ratio")):
+    for size, what in (
+        ((1, 20000), "too small"),
+        ((12, 2000), "aspect ratio"),
+        ((4, 4), "too small"),
+        ((300, 20), "aspect ratio"),
+    ):
         Image.new("RGB", size, "red").save(tmp_path / "x.png")
         with pytest.raises(ImageError, match=what) as err:
             decode(tmp_path / "x.png")
@@ -107,7 +112,9 @@ def test_batch_input_follows_preprocessing_and_switches():
     x = pre.normalise(u8)[0]
     assert x.shape == (3, 32, 32) and torch.allclose(x, torch.full_like(x, 2.0))
     off = BatchInput(pre, AugmentConfig(enabled=False))
-    assert torch.allclose(off(u8, train=True)[0], x) and torch.allclose(BatchInput(pre, AugmentConfig())(u8, False)[0], x)
+    assert torch.allclose(off(u8, train=True)[0], x) and torch.allclose(
+        BatchInput(pre, AugmentConfig())(u8, False)[0], x
+    )
     aug = BatchInput(pre, AugmentConfig(color_jitter=0.4))(u8.repeat(4, 1, 1, 1), train=True)
     assert aug.shape == (4, 3, 32, 32) and not torch.allclose(aug[0], aug[1])
 
@@ -131,7 +138,9 @@ def test_colour_jitter_keeps_the_hue(path):
 
 def test_batched_augmentation_differs_per_image_and_fills_white():
     x = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
-    out = augment_batch(x, AugmentConfig(rotation=30, zoom=0.2, shift=0.2, color_jitter=0), torch.Generator().manual_seed(0))
+    out = augment_batch(
+        x, AugmentConfig(rotation=30, zoom=0.2, shift=0.2, color_jitter=0), torch.Generator().manual_seed(0)
+    )
     assert out.shape == (8, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
     assert out.max() > 0.9  # white came in at the borders
     assert not torch.equal(out[0], out[1])
@@ -164,9 +173,15 @@ def test_resize_crop_matches_torchvision_resize_and_centre_crop():
     from torchvision.transforms import v2
 
     rng = np.random.default_rng(0)
-    for (w, h), (resize, crop) in [((100, 100), (96, 96)), ((57, 41), (96, 96)), ((641, 480), (256, 224)),
-                                   ((333, 500), (256, 224)), ((96, 96), (96, 96)), ((97, 301), (110, 96)),
-                                   ((1000, 999), (448, 448))]:
+    for (w, h), (resize, crop) in [
+        ((100, 100), (96, 96)),
+        ((57, 41), (96, 96)),
+        ((641, 480), (256, 224)),
+        ((333, 500), (256, 224)),
+        ((96, 96), (96, 96)),
+        ((97, 301), (110, 96)),
+        ((1000, 999), (448, 448)),
+    ]:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         want = np.asarray(v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])(img)).astype(int)
         got = resize_crop(img, resize, crop)

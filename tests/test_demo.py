@@ -53,8 +53,9 @@ class RangeServer:
 @pytest.fixture
 def smoke_zip(tmp_path) -> tuple[bytes, DatasetSource]:
     """A Fruits-360-like archive made here: Training/ and Test/ folders of 3 synthetic classes in a top folder."""
-    tree = make_tree(tmp_path / "tree", per_class=8, classes=("apple", "kiwi", "lemon"), size=64,
-                     splits=("Training", "Test"))
+    tree = make_tree(
+        tmp_path / "tree", per_class=8, classes=("apple", "kiwi", "lemon"), size=64, splits=("Training", "Test")
+    )
     archive = tmp_path / "smoke.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for f in sorted(tree.rglob("*.jpg")):
@@ -87,8 +88,9 @@ def test_another_address_never_reuses_the_first_ones_cache(tmp_path, smoke_zip):
     first, second = RangeServer(data), RangeServer(other_zip.read_bytes())
     try:
         a = fetch_dataset(replace(source, url=first.url), cache=tmp_path / "cache")
-        b = fetch_dataset(replace(source, url=second.url, sha256="", expected_counts={}, expected_classes=0),
-                          cache=tmp_path / "cache")  # the same data set name, another --data-url
+        b = fetch_dataset(
+            replace(source, url=second.url, sha256="", expected_counts={}, expected_classes=0), cache=tmp_path / "cache"
+        )  # the same data set name, another --data-url
         assert a != b and sorted(p.name for p in (b / "Training").iterdir()) == ["kiwi", "plum"]
         assert second.requests  # it was downloaded, not taken from the first one's archive
     finally:
@@ -130,8 +132,9 @@ def test_counts_that_do_not_match_are_reported(tmp_path, smoke_zip):
     server = RangeServer(data)
     try:
         with pytest.raises(DownloadError, match="does not match smoke"):
-            fetch_dataset(replace(source, url=server.url, expected_counts={"Training": 25, "Test": 24}),
-                          cache=tmp_path / "cache")
+            fetch_dataset(
+                replace(source, url=server.url, expected_counts={"Training": 25, "Test": 24}), cache=tmp_path / "cache"
+            )
     finally:
         server.close()
 
@@ -209,8 +212,23 @@ def test_demo_end_to_end_from_a_mirror_archive(tmp_path, smoke_zip, monkeypatch,
     server = RangeServer(data)
     try:
         out = tmp_path / "demo"
-        rc = main(["demo", "--data-url", server.url, "--sha256", source.sha256, "--out", str(out), "--classes", "3",
-                   "--no-int8", "fit.fine_tune_epochs=1", "fit.epochs=5", "data.num_workers=0"])
+        rc = main(
+            [
+                "demo",
+                "--data-url",
+                server.url,
+                "--sha256",
+                source.sha256,
+                "--out",
+                str(out),
+                "--classes",
+                "3",
+                "--no-int8",
+                "fit.fine_tune_epochs=1",
+                "fit.epochs=5",
+                "data.num_workers=0",
+            ]
+        )
     finally:
         server.close()
     assert rc == 0
@@ -225,7 +243,23 @@ def test_demo_on_real_fruits360_subset(tmp_path, capsys):
     need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
     data = shared_data("fruits360")
     out = tmp_path / "demo"
-    assert main(["demo", "--data", str(data), "--classes", "Kiwi,Lemon,Orange,Strawberry", "--out", str(out),
-                 "--no-int8", "fit.fine_tune_epochs=1", "fit.limit_batches=20", "fit.feature_views=1"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--data",
+                str(data),
+                "--classes",
+                "Kiwi,Lemon,Orange,Strawberry",
+                "--out",
+                str(out),
+                "--no-int8",
+                "fit.fine_tune_epochs=1",
+                "fit.limit_batches=20",
+                "fit.feature_views=1",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "accuracy" in text and (out / "report.html").exists()

@@ -1,5 +1,6 @@
 """Studio shots and photos: the white-background share, --eval-data next to the test split, the studio warning,
 the time by stage, the demo's class choice, label conflicts by majority, and an export that is not made twice."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,13 @@ from fruitlens.data.scan import scan
 from fruitlens.errors import DataError
 
 
-def _photos(root: Path, classes=("apple", "kiwi", "lemon"), per_class: int = 6, size: int = 48,
-            names: dict[str, str] | None = None) -> Path:
+def _photos(
+    root: Path,
+    classes=("apple", "kiwi", "lemon"),
+    per_class: int = 6,
+    size: int = 48,
+    names: dict[str, str] | None = None,
+) -> Path:
     """The synthetic fruit on a busy, dark, noisy background: photo-like, not a studio shot. ``names``: the folder
     name of a class, where it differs."""
     rng = np.random.default_rng(0)
@@ -236,8 +242,28 @@ def test_adapt_to_unlabeled_photos_pseudo_labels_them_and_the_report_says_so(tmp
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff broken")
     before = {p: p.stat().st_mtime_ns for p in photos.rglob("*")}
     run = tmp_path / "run"
-    assert main(["train", str(data), "--out", str(run), "--img-size", "64", "--workers", "0", "--target-acc", "0",
-                 "--group", "none", "--adapt-to", str(photos), "fit.epochs=30"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--out",
+                str(run),
+                "--img-size",
+                "64",
+                "--workers",
+                "0",
+                "--target-acc",
+                "0",
+                "--group",
+                "none",
+                "--adapt-to",
+                str(photos),
+                "fit.epochs=30",
+            ]
+        )
+        == 0
+    )
     assert {p: p.stat().st_mtime_ns for p in photos.rglob("*")} == before  # the photos are read, never touched
     info = json.loads((run / "train_info.json").read_text())
     a = info["adaptation"]
@@ -263,8 +289,9 @@ def test_adapt_to_fails_before_training_where_it_cannot_run(tmp_path):
     (tmp_path / "photos").mkdir()
     fruit_image("apple", 1).save(tmp_path / "photos" / "a.jpg")
     with pytest.raises(ConfigError, match="--adapt-to adapts the head"):
-        fruitlens.train(data, tmp_path / "r2", adapt_to=str(tmp_path / "photos"), model="small_cnn", workers=0,
-                        group="none")
+        fruitlens.train(
+            data, tmp_path / "r2", adapt_to=str(tmp_path / "photos"), model="small_cnn", workers=0, group="none"
+        )
     assert not (tmp_path / "r1" / "checkpoints").exists() and not (tmp_path / "r2" / "checkpoints").exists()
 
 
@@ -289,8 +316,12 @@ def test_a_class_map_counts_the_answer_predict_gives_not_the_summed_probabilitie
     model = ["Lemon", "Apple A", "Apple B"] + [f"Other {i}" for i in range(5)]
     mapping = ClassMapping({"lemon": ["Lemon"], "apple": ["Apple A", "Apple B"]}, model, "map.json")
     assert mapping.columns == ["apple", "lemon", "(other)"]
-    probs = np.array([[0.30] + [0.0, 0.0] + [0.14] * 5,  # a lemon: predict says Lemon, the others sum to 0.70
-                      [0.0, 0.30, 0.0] + [0.14] * 5])  # an apple: predict says Apple A
+    probs = np.array(
+        [
+            [0.30] + [0.0, 0.0] + [0.14] * 5,  # a lemon: predict says Lemon, the others sum to 0.70
+            [0.0, 0.30, 0.0] + [0.14] * 5,
+        ]
+    )  # an apple: predict says Apple A
     y = np.array([1, 0])
     assert mapping.collapse(probs, y).argmax(1).tolist() == [2, 2]  # summed, both would be "(other)"
     assert mapping.predicted(probs, y).tolist() == [1, 0]  # what predict answers: both right
@@ -305,9 +336,11 @@ def test_the_head_s_training_data_holds_the_pseudo_labelled_photos():
     from fruitlens.training.fit import FeatureData
 
     data = FeatureData(lambda *a: None, TrainConfig(), 3)
-    data.feats = {"train": (torch.zeros(10, 4), torch.zeros(10, dtype=torch.long)),
-                  "train_aug": (torch.zeros(20, 4), torch.zeros(20, dtype=torch.long), torch.zeros(20, dtype=torch.long)),
-                  "val": (torch.zeros(5, 4), torch.zeros(5, dtype=torch.long))}
+    data.feats = {
+        "train": (torch.zeros(10, 4), torch.zeros(10, dtype=torch.long)),
+        "train_aug": (torch.zeros(20, 4), torch.zeros(20, dtype=torch.long), torch.zeros(20, dtype=torch.long)),
+        "val": (torch.zeros(5, 4), torch.zeros(5, dtype=torch.long)),
+    }
     assert len(data.train_dataloader().dataset) == 30
     data.extra = (torch.ones(7, 4), torch.full((7,), 2))
     rows = data.train_dataloader().dataset
@@ -323,8 +356,12 @@ def test_a_head_on_studio_shots_at_photo_size_reads_mid_level_features_unless_to
     assert studio.model.feature_layer == "mid" and any("--feature-layer last" in n for n in notes)
     assert resolve(cfg, 348, studio=False)[0].model.feature_layer == "last"  # photos: the last layer
     assert resolve(config_from("x", options={"fast": True}), 100, studio=True)[0].model.feature_layer == "last"
-    for kw in ({"fit.feature_cache": False}, {"fit.fine_tune_blocks": 2}, {"model.name": "resnet18"},
-               {"model.feature_layer": "last"}):
+    for kw in (
+        {"fit.feature_cache": False},
+        {"fit.fine_tune_blocks": 2},
+        {"model.name": "resnet18"},
+        {"model.feature_layer": "last"},
+    ):
         assert resolve(apply_overrides(cfg, kw), 100, studio=True)[0].model.feature_layer == "last", kw
     assert resolve(config_from("x", options={"feature_layer": "mid"}), 348)[0].model.feature_layer == "mid"
     with pytest.raises(Exception, match="model.feature_layer"):

@@ -14,7 +14,7 @@ from fruitlens.pipelines.evaluate import evaluate
 from conftest import file_hashes, make_tree
 
 Y = np.array([0, 0, 1, 1, 2])
-P = np.array([[.78, .11, .11], [.28, .62, .10], [.11, .78, .11], [.2, .7, .1], [.52, .3, .18]])
+P = np.array([[0.78, 0.11, 0.11], [0.28, 0.62, 0.10], [0.11, 0.78, 0.11], [0.2, 0.7, 0.1], [0.52, 0.3, 0.18]])
 
 
 def test_metrics_on_a_case_computed_by_hand():
@@ -30,7 +30,7 @@ def test_metrics_on_a_case_computed_by_hand():
     assert [m.per_class[c]["precision"] for c in "abc"] == pytest.approx([0.5, 2 / 3, 0.0])
     assert m.balanced_accuracy == pytest.approx(0.5)
     assert m.ece == pytest.approx((0.52 + 0.62 + 0.30 + 2 * 0.22) / 5)
-    assert m.log_loss == pytest.approx(-np.mean(np.log([.78, .28, .78, .7, .18])))
+    assert m.log_loss == pytest.approx(-np.mean(np.log([0.78, 0.28, 0.78, 0.7, 0.18])))
     assert m.top_k_accuracy == {}  # 3 classes: top-3 would be trivially 1
     assert m.most_confused[0]["count"] == 1
     from scipy.stats import binomtest
@@ -61,7 +61,10 @@ def test_interval_counts_near_duplicate_groups_as_one_try_each():
     # all right: nothing to estimate the spread from, so each group counts once (10 of 10 right)
     assert grouped_interval(np.ones(100), groups)["ci95"] == pytest.approx(list(wilson_interval(10, 10)))
     m = compute_metrics(np.zeros(100, int), np.eye(2)[1 - correct], ["a", "b"], groups)
-    assert m.accuracy_groups == 10 and ci_text(m) == f"95% CI {100 * got['ci95'][0]:.1f}-{100 * got['ci95'][1]:.1f}% over 10 near-duplicate groups"
+    assert (
+        m.accuracy_groups == 10
+        and ci_text(m) == f"95% CI {100 * got['ci95'][0]:.1f}-{100 * got['ci95'][1]:.1f}% over 10 near-duplicate groups"
+    )
 
 
 def test_gallery_shows_one_image_per_near_duplicate_group(tmp_path):
@@ -73,7 +76,7 @@ def test_gallery_shows_one_image_per_near_duplicate_group(tmp_path):
         paths.append(str(tmp_path / f"{i}.jpg"))
         fruit_image("apple", i).save(paths[-1])
     y = np.zeros(6, int)  # all "a"; images 0-3 are read as "b": frames 0-2 of one fruit, image 3 alone
-    probs = np.array([[.1, .9], [.2, .8], [.3, .7], [.4, .6], [.9, .1], [.6, .4]])
+    probs = np.array([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6], [0.9, 0.1], [0.6, 0.4]])
     got = _gallery(paths, y, probs, ["a", "b"], 3, ["g0", "g0", "g0", "", "g1", "g1"])
     assert [(g["path"][-5:], g["like_it"]) for g in got["worst_mistakes"]] == [("0.jpg", 2), ("3.jpg", 0)]
     assert [(g["path"][-5:], g["like_it"]) for g in got["least_confident_correct"]] == [("5.jpg", 0)]
@@ -91,8 +94,11 @@ def test_gallery_shows_one_image_per_near_duplicate_group(tmp_path):
 
 
 def test_validation_gap_when_validation_photos_resemble_training():
-    hist = [{"phase": "head", "val_loss": 0.3, "val_acc": 0.90}, {"phase": "head", "val_loss": 0.07, "val_acc": 0.99},
-            {"phase": "fine-tune", "val_loss": 0.2, "val_acc": 0.95}]  # the kept model: best validation loss
+    hist = [
+        {"phase": "head", "val_loss": 0.3, "val_acc": 0.90},
+        {"phase": "head", "val_loss": 0.07, "val_acc": 0.99},
+        {"phase": "fine-tune", "val_loss": 0.2, "val_acc": 0.95},
+    ]  # the kept model: best validation loss
     m = compute_metrics(np.array([0] * 83 + [1] * 28), np.eye(2)[[0] * 83 + [0] * 28], ["a", "b"])  # 74.8% of 111
     gap = validation_gap(hist, m, n_val=171)
     assert gap == ValidationGap(0.99, 171, pytest.approx(83 / 111), True)
@@ -108,12 +114,16 @@ def test_one_class_folder_is_evaluated_without_library_warnings():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. scikit-learn's "A single label was found in 'y_true' and 'y_pred'"
-        m = compute_metrics(np.array([1, 1, 1]), np.array([[.1, .8, .1], [.2, .7, .1], [.3, .6, .1]]), ["a", "b", "c"])
+        m = compute_metrics(
+            np.array([1, 1, 1]), np.array([[0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]]), ["a", "b", "c"]
+        )
     assert m.accuracy == 1.0 and m.balanced_accuracy == 1.0
 
 
 def test_class_absent_from_test_split():
-    m = compute_metrics(np.array([0, 1, 0]), np.array([[.9, .05, .05], [.1, .8, .1], [.6, .3, .1]]), ["a", "b", "c"])
+    m = compute_metrics(
+        np.array([0, 1, 0]), np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]]), ["a", "b", "c"]
+    )
     assert m.classes_absent_from_data == ["c"] and m.per_class["c"]["support"] == 0
     assert m.macro_recall == pytest.approx(1.0)  # over the classes present
     macro_row = next(line for line in m.classification_report.splitlines() if "macro avg" in line)
@@ -122,7 +132,9 @@ def test_class_absent_from_test_split():
 
 
 def test_prediction_of_an_absent_class_counts_as_an_error_without_a_warning(recwarn):
-    m = compute_metrics(np.array([0, 1, 0]), np.array([[.9, .05, .05], [.1, .8, .1], [.1, .2, .7]]), ["a", "b", "c"])
+    m = compute_metrics(
+        np.array([0, 1, 0]), np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7]]), ["a", "b", "c"]
+    )
     assert m.accuracy == pytest.approx(2 / 3) and m.macro_recall == pytest.approx(0.75)
     assert not [w for w in recwarn if "y_pred" in str(w.message)]
 
@@ -140,9 +152,17 @@ def test_heatmap_and_html_for_2_and_100_classes(tmp_path, n):
     assert png.stat().st_size > 1000
     from fruitlens.evaluation.report import LeakNote, ModelNote
 
-    report = Report(run="r", evaluated_on="test", data="d", classes=classes, metrics=m, leak=LeakNote(leak_free=True),
-                    model=ModelNote("x", "pytorch", {"image_size": 32, "resize_size": 32, "mean": [0, 0, 0],
-                                                     "std": [1, 1, 1]}, 1, 1))
+    report = Report(
+        run="r",
+        evaluated_on="test",
+        data="d",
+        classes=classes,
+        metrics=m,
+        leak=LeakNote(leak_free=True),
+        model=ModelNote(
+            "x", "pytorch", {"image_size": 32, "resize_size": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}, 1, 1
+        ),
+    )
     page = render_html(report, {"confusion_normalised": "data:image/png;base64,AAAA"})
     assert "class &lt;1&gt;" in page and "<1>" not in page  # labels are escaped
     assert "validation-gap" not in page
@@ -173,8 +193,13 @@ def test_evaluate_run_numbers_agree_and_report_is_self_contained(run_copy):
 
 def test_report_json_round_trips_through_the_dataclass(trained_run):
     saved = json.loads((trained_run / "report.json").read_text())
-    again = json.loads(json.dumps(__import__("fruitlens.jsonio", fromlist=["json_safe"]).json_safe(
-        Report.from_json(trained_run / "report.json"))))
+    again = json.loads(
+        json.dumps(
+            __import__("fruitlens.jsonio", fromlist=["json_safe"]).json_safe(
+                Report.from_json(trained_run / "report.json")
+            )
+        )
+    )
     assert again == saved
 
 
@@ -348,8 +373,15 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
     evaluate(run)
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,900",
+    ):
         opts.add_argument(arg)
     browser = webdriver.Chrome(service=Service(driver), options=opts)
     try:

@@ -64,8 +64,11 @@ def test_predict_paths_pil_and_arrays_agree(trained_run, tmp_path):
 def test_predict_many_keeps_order_across_prefetched_batches(trained_run, tmp_path):
     p = Predictor.load(trained_run)
     (tmp_path / "bad.jpg").write_bytes(b"junk")
-    images = [fruit_image("kiwi", i, 48) for i in range(5)] + [tmp_path / "bad.jpg"] + \
-             [fruit_image("plum", i, 48) for i in range(6)]
+    images = (
+        [fruit_image("kiwi", i, 48) for i in range(5)]
+        + [tmp_path / "bad.jpg"]
+        + [fruit_image("plum", i, 48) for i in range(6)]
+    )
     got = list(p.predict_many(images, top_k=1, batch_size=4))  # 3 batches, decoded one batch ahead
     assert [im for im, _ in got] == images
     assert isinstance(got[5][1], ImageError) and "bad.jpg" in got[5][1].message
@@ -184,8 +187,9 @@ def test_onnx_predictor_matches_pytorch(exported):
 
 def test_failed_parity_writes_no_model_and_nothing_uses_one(run_copy, monkeypatch, capsys):
     (run_copy / "export" / "model.onnx").unlink()
-    monkeypatch.setattr(ex.onnx_io, "parity", lambda model, path, batch: {"images": 1, "top1_agreement": 0.5,
-                                                                           "max_abs_logit_diff": 9.0})
+    monkeypatch.setattr(
+        ex.onnx_io, "parity", lambda model, path, batch: {"images": 1, "top1_agreement": 0.5, "max_abs_logit_diff": 9.0}
+    )
     with pytest.raises(ExportError, match="agreement 50.00%"):
         ex.export(run_copy, bench=False)
     assert not list((run_copy / "export").glob("*.onnx"))  # no model.onnx, no partial file left

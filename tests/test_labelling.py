@@ -1,4 +1,5 @@
 """A few labelled photos of the user's setting: suggest -> label -> train --add, and the service's feedback."""
+
 import csv
 import json
 import time
@@ -6,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from conftest import HANG, chromium, file_hashes, fruit_image, jpeg_bytes, make_tree, mobilenet_cached, need
+
 
 def _photo(label: str, seed: int):
     """A 'photo' of the user's setting: the fruit off centre on a coloured, noisy background (not a studio shot)."""
@@ -97,15 +98,18 @@ def test_labels_csv_rows_that_cannot_be_used_are_listed_with_the_reason(tmp_path
     (photos / "notes.jpg").write_text("not an image")
     sub = tmp_path / "csvs"
     sub.mkdir()
-    labels = _labels_csv(sub / "labels.csv", [
-        ("../photos/k0.png", "kiwi"),  # relative to the CSV's folder
-        (str(photos / "k1.png"), " Kiwi gold "),  # absolute; a new class name, stripped
-        ("../photos/k2.png", "-"),  # skipped on purpose
-        ("../photos/k3.png", ""),  # not labelled yet
-        ("../photos/gone.png", "kiwi"),
-        ("../photos/notes.jpg", "kiwi"),
-        ("../photos/k0.png", "kiwi"),  # the same file again, the same label
-    ])
+    labels = _labels_csv(
+        sub / "labels.csv",
+        [
+            ("../photos/k0.png", "kiwi"),  # relative to the CSV's folder
+            (str(photos / "k1.png"), " Kiwi gold "),  # absolute; a new class name, stripped
+            ("../photos/k2.png", "-"),  # skipped on purpose
+            ("../photos/k3.png", ""),  # not labelled yet
+            ("../photos/gone.png", "kiwi"),
+            ("../photos/notes.jpg", "kiwi"),
+            ("../photos/k0.png", "kiwi"),  # the same file again, the same label
+        ],
+    )
     before = file_hashes(tmp_path)
     got = read_labels([labels], workers=1)
     assert [(Path(p.path).name, p.label) for p in got.photos] == [("k0.png", "kiwi"), ("k1.png", "Kiwi gold")]
@@ -135,10 +139,13 @@ def test_a_photo_that_copies_an_image_of_the_data_is_refused_with_the_reason(tmp
     from dataclasses import replace
 
     manifest = report.manifest.with_records(replace(r, split="test") for r in report.manifest.records)
-    got = refuse_copies(read_labels([_labels_csv(tmp_path / "l.csv", [("mine.png", "plum"), ("copy.jpg", "kiwi")])]),
-                        manifest, report.files)
+    got = refuse_copies(
+        read_labels([_labels_csv(tmp_path / "l.csv", [("mine.png", "plum"), ("copy.jpg", "kiwi")])]),
+        manifest,
+        report.files,
+    )
     assert [Path(p.path).name for p in got.photos] == ["mine.png"]
-    (where, why), = [s for s in got.skipped if "copy.jpg" in s[0]]
+    ((where, why),) = [s for s in got.skipped if "copy.jpg" in s[0]]
     assert "copy of a test image" in why and "kiwi_001.jpg" in why and "leak" in why
 
 
@@ -290,8 +297,21 @@ def test_train_add_bad_input_fails_before_training(tmp_path):
     data = make_tree(tmp_path / "data", per_class=6)
     assert main(["train", str(data), "--add", str(tmp_path / "none.csv"), "--out", str(tmp_path / "r")]) == 3
     assert not (tmp_path / "r").exists()  # nothing left behind
-    assert main(["train", str(data), "--add", str(tmp_path / "none.csv"), "--model", "small_cnn",
-                 "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--add",
+                str(tmp_path / "none.csv"),
+                "--model",
+                "small_cnn",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
 
 
 # --- the service collects labels ---
@@ -307,26 +327,46 @@ def test_serve_feedback_keeps_each_photo_once_by_content_hash_and_refuses_bad_in
     jpeg = jpeg_bytes(fruit_image("kiwi", 3, 48))
     with TestClient(app) as c:
         assert c.get("/health").json()["feedback"] is True
-        r = c.post("/feedback", files={"file": ("../../etc/passwd", jpeg, "image/jpeg")},
-                   data={"label": "Kiwi", "predicted": "apple", "score": "0.4"})
+        r = c.post(
+            "/feedback",
+            files={"file": ("../../etc/passwd", jpeg, "image/jpeg")},
+            data={"label": "Kiwi", "predicted": "apple", "score": "0.4"},
+        )
         assert r.status_code == 200 and r.json()["new"] and r.json()["labelled"] == 1
         name = r.json()["path"]
         assert name.startswith("photos/") and name.endswith(".jpg") and "passwd" not in name
-        assert c.post("/feedback", files={"file": ("x.jpg", jpeg, "image/jpeg")}, data={"label": "Kiwi"}).json()["new"] is False
-        assert c.post("/feedback", files={"file": ("x.txt", b"hello", "text/plain")}, data={"label": "Kiwi"}).status_code == 415
+        assert (
+            c.post("/feedback", files={"file": ("x.jpg", jpeg, "image/jpeg")}, data={"label": "Kiwi"}).json()["new"]
+            is False
+        )
+        assert (
+            c.post("/feedback", files={"file": ("x.txt", b"hello", "text/plain")}, data={"label": "Kiwi"}).status_code
+            == 415
+        )
         for label in ("", "-", "a/b", "x" * 101):
-            assert c.post("/feedback", files={"file": ("x.jpg", jpeg, "image/jpeg")}, data={"label": label}).status_code == 422
+            assert (
+                c.post("/feedback", files={"file": ("x.jpg", jpeg, "image/jpeg")}, data={"label": label}).status_code
+                == 422
+            )
         other = jpeg_bytes(fruit_image("plum", 4, 48))
-        assert c.post("/feedback", files={"file": ("p.jpg", other, "image/jpeg")}, data={"label": "plum"}).status_code == 200
-        full = c.post("/feedback", files={"file": ("q.jpg", jpeg_bytes(fruit_image("lemon", 5, 48)), "image/jpeg")},
-                      data={"label": "lemon"})
+        assert (
+            c.post("/feedback", files={"file": ("p.jpg", other, "image/jpeg")}, data={"label": "plum"}).status_code
+            == 200
+        )
+        full = c.post(
+            "/feedback",
+            files={"file": ("q.jpg", jpeg_bytes(fruit_image("lemon", 5, 48)), "image/jpeg")},
+            data={"label": "lemon"},
+        )
         assert full.status_code == 507 and "full" in full.json()["detail"]
     assert len(list((store / "photos").iterdir())) == 2
     got = read_labels([store / "labels.csv"])  # what train --add reads
     assert sorted(p.label for p in got.photos) == ["Kiwi", "plum"]  # the later row of the same photo wins
     off = create_app(ServeSettings(str(trained_run)))
     with TestClient(off) as c:
-        assert c.post("/feedback", files={"file": ("x.jpg", jpeg, "image/jpeg")}, data={"label": "k"}).status_code == 404
+        assert (
+            c.post("/feedback", files={"file": ("x.jpg", jpeg, "image/jpeg")}, data={"label": "k"}).status_code == 404
+        )
 
 
 def test_serve_label_serves_a_folder_by_number_and_saves_each_answer(trained_run, tmp_path):
@@ -373,7 +413,9 @@ def test_upload_page_feedback_in_headless_chromium(trained_run, tmp_path):
         WebDriverWait(browser, HANG).until(EC.visibility_of_element_located((By.ID, "feedback")))
         browser.find_element(By.ID, "fb-new").send_keys("Damson")
         browser.find_element(By.ID, "fb-save").click()
-        WebDriverWait(browser, HANG).until(EC.text_to_be_present_in_element((By.ID, "feedback-status"), "Saved as Damson"))
+        WebDriverWait(browser, HANG).until(
+            EC.text_to_be_present_in_element((By.ID, "feedback-status"), "Saved as Damson")
+        )
     finally:
         browser.quit()
         _stop_server(proc)

@@ -1,5 +1,6 @@
 """The package layering of DESIGN.md (docs/design.md): imports point down the list, nothing imports the CLI, no
 circles between modules, not even through imports for type annotations."""
+
 import ast
 from pathlib import Path
 
@@ -25,8 +26,13 @@ def _imports(path: Path) -> set[str]:
     the package's ``__init__`` imports its public functions lazily, for annotations only)."""
     out = set()
     for node in _nodes(path, type_only=False):
-        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
-            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names = (
+            [node.module]
+            if isinstance(node, ast.ImportFrom) and node.module
+            else [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else []
+        )
         for name in names:
             parts = name.split(".")
             if parts[0] == "fruitlens" and len(parts) > 1:
@@ -66,7 +72,7 @@ def test_no_import_cycles_between_modules():
 
     def visit(n):
         if n in stack:
-            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n) :] + [n]))
         if n in seen:
             return
         stack.append(n)

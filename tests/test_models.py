@@ -124,8 +124,12 @@ def test_a_checkpoint_of_the_earlier_format_still_loads(tmp_path):
     model = build_model("small_cnn", 3, weights="none", img_size=32).eval()
     save_model(tmp_path / "new.ckpt", model, ["a", "b", "c"])
     old = torch.load(tmp_path / "new.ckpt", weights_only=True)  # format 2: Dropout + Linear (head.1), no layer
-    old.update(fruitlens_format=2, state_dict={k.replace("head.2.", "head.1."): v for k, v in old["state_dict"].items()
-                                               if not k.startswith("head.0.")})
+    old.update(
+        fruitlens_format=2,
+        state_dict={
+            k.replace("head.2.", "head.1."): v for k, v in old["state_dict"].items() if not k.startswith("head.0.")
+        },
+    )
     old.pop("feature_layer")
     torch.save(old, tmp_path / "old.ckpt")
     back = load_model(tmp_path / "old.ckpt").model
@@ -240,9 +244,20 @@ def test_mobilenet_real_weights_are_cached_for_tests():
     need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not in torchvision's cache (run 'make weights')")
 
 
-NEW_BACKBONES = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_v2_s",
-                 "convnext_tiny", "resnet50", "regnet_y_800mf", "regnet_y_1_6gf", "mobilenet_v3_large", "vit_b_16",
-                 "swin_t")
+NEW_BACKBONES = (
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "efficientnet_v2_s",
+    "convnext_tiny",
+    "resnet50",
+    "regnet_y_800mf",
+    "regnet_y_1_6gf",
+    "mobilenet_v3_large",
+    "vit_b_16",
+    "swin_t",
+)
 
 
 def test_every_backbone_with_weights_is_importable():
@@ -264,8 +279,9 @@ def test_a_new_backbone_exports_with_parity_and_explains(name, tmp_path):
     pixels = np.stack([pre.pixels(p) for p in photos])  # 3 images: another batch size than the export's
     model = _lively(model, torch.from_numpy(pre.inputs(pixels)))
     path = onnx_io.export_module(ServingModel(model), tmp_path / "model.onnx", size, output_names=OUTPUTS)
-    onnx_io.write_metadata(path, {"fruitlens_classes": ["apple", "kiwi", "lemon"],
-                                  "fruitlens_preprocessing": pre.to_dict()})
+    onnx_io.write_metadata(
+        path, {"fruitlens_classes": ["apple", "kiwi", "lemon"], "fruitlens_preprocessing": pre.to_dict()}
+    )
     figures = onnx_io.parity(model, path, pre.inputs(pixels))
     assert figures.top1_agreement == 1.0 and figures.max_abs_logit_diff < 1e-3
     predictor = Predictor.from_onnx(path)

@@ -1,4 +1,5 @@
 """On the real images under ../shared/data (skipped with a reason where absent; required under CI=true)."""
+
 from collections import Counter
 
 from fruitlens.data.check import check

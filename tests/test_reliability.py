@@ -3,6 +3,7 @@ cannot run code, bad data goes through every command with the bad files listed a
 
 Timeouts here are safety nets against a hang (generous: minutes), never a speed target.
 """
+
 import csv
 import json
 import logging
@@ -33,9 +34,14 @@ def _history(run: Path) -> list[tuple[str, int]]:
 def _start(args: list[str]) -> subprocess.Popen:
     # Ctrl-C's default action in the child: a suite started in the background ('make test &' from a script) ignores
     # SIGINT, and an ignored signal stays ignored across exec, so the run would never see it
-    return subprocess.Popen([sys.executable, "-m", "fruitlens", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "fruitlens", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _wait_for(proc: subprocess.Popen, text: str) -> list[str]:
@@ -52,8 +58,25 @@ def _wait_for(proc: subprocess.Popen, text: str) -> list[str]:
 
 
 def _train_args(data: Path, out: Path, epochs: int = 400) -> list[str]:
-    return ["train", str(data), "--out", str(out), "--model", "small_cnn", "--img-size", "32", "--epochs", str(epochs),
-            "--workers", "0", "--target-acc", "0", "--group", "none", "fit.early_stopping_patience=1000"]
+    return [
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--model",
+        "small_cnn",
+        "--img-size",
+        "32",
+        "--epochs",
+        str(epochs),
+        "--workers",
+        "0",
+        "--target-acc",
+        "0",
+        "--group",
+        "none",
+        "fit.early_stopping_patience=1000",
+    ]
 
 
 @pytest.mark.parametrize("how", ["sigint", "kill -9"])
@@ -74,7 +97,7 @@ def test_interrupted_run_resumes_after_its_last_finished_epoch(tmp_path, how):
     assert main(["train", "--resume", str(out)]) == 0
     after = _history(out)
     epochs = [e for _, e in after]
-    assert after[:len(before)] == before and epochs == list(range(1, 7))  # continued; no epoch twice, none lost
+    assert after[: len(before)] == before and epochs == list(range(1, 7))  # continued; no epoch twice, none lost
     assert json.loads((out / "report.json").read_text())["metrics"]["n"] > 0
     with pytest.raises(Exception, match="already holds a trained run"):
         from fruitlens.config import TrainConfig, apply_overrides
@@ -87,9 +110,27 @@ def test_sigint_mid_fine_tune_then_resume(tmp_path):
     need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
     data = make_tree(tmp_path / "d", per_class=12, size=64)
     out = tmp_path / "run"
-    args = ["train", str(data), "--out", str(out), "--img-size", "64", "--epochs", "3", "--workers", "0",
-            "--target-acc", "0", "--group", "none", "--fine-tune-blocks", "1", "--fine-tune-epochs", "4",
-            "fit.early_stopping_patience=1000"]
+    args = [
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--img-size",
+        "64",
+        "--epochs",
+        "3",
+        "--workers",
+        "0",
+        "--target-acc",
+        "0",
+        "--group",
+        "none",
+        "--fine-tune-blocks",
+        "1",
+        "--fine-tune-epochs",
+        "4",
+        "fit.early_stopping_patience=1000",
+    ]
     proc = _start(args)
     _wait_for(proc, "[fine-tune] epoch 1:")
     proc.send_signal(signal.SIGINT)
@@ -99,7 +140,7 @@ def test_sigint_mid_fine_tune_then_resume(tmp_path):
     assert [p for p, _ in before].count("head") == 3 and ("fine-tune", 1) in before
     assert main(["train", "--resume", str(out)]) == 0
     after = _history(out)
-    assert after[:len(before)] == before  # the head is not trained again
+    assert after[: len(before)] == before  # the head is not trained again
     assert [e for p, e in after if p == "fine-tune"] == [1, 2, 3, 4] and [p for p, _ in after].count("head") == 3
     uninterrupted = ["head"] * 3 + ["fine-tune"] * 4
     assert [p for p, _ in after] == uninterrupted
@@ -111,9 +152,28 @@ def test_a_rejected_fine_tune_stays_rejected_on_resume(tmp_path, caplog):
     data = make_tree(tmp_path / "d", per_class=12, size=64)
     out = tmp_path / "run"
     # a learning rate that wrecks the backbone: the fine-tune worsens the validation loss and is not kept
-    args = ["train", str(data), "--out", str(out), "--img-size", "64", "--epochs", "3", "--workers", "0",
-            "--target-acc", "0", "--group", "none", "--fine-tune-blocks", "2", "--fine-tune-epochs", "1",
-            "fit.fine_tune_lr=50", "fit.early_stopping_patience=1000"]
+    args = [
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--img-size",
+        "64",
+        "--epochs",
+        "3",
+        "--workers",
+        "0",
+        "--target-acc",
+        "0",
+        "--group",
+        "none",
+        "--fine-tune-blocks",
+        "2",
+        "--fine-tune-epochs",
+        "1",
+        "fit.fine_tune_lr=50",
+        "fit.early_stopping_patience=1000",
+    ]
     assert main(args) == 0
     assert "[fine-tune] did not improve the validation loss" in caplog.text
     source = json.loads((out / "report.json").read_text())["trust"]["source"]
@@ -212,8 +272,27 @@ def test_bad_data_goes_through_every_command(tmp_path, capsys):
     assert set(errors) == BAD and "truncated" in errors["truncated.jpg"] and "0 bytes" in errors["zero.jpg"]
     assert {i["code"] for i in found["issues"]} >= {"mode-converted", "exif-rotated", "empty-class", "tiny-class"}
     run = tmp_path / "run"
-    assert main(["train", str(data), "--out", str(run), "--model", "small_cnn", "--img-size", "32", "--epochs", "2",
-                 "--workers", "0", "--target-acc", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--out",
+                str(run),
+                "--model",
+                "small_cnn",
+                "--img-size",
+                "32",
+                "--epochs",
+                "2",
+                "--workers",
+                "0",
+                "--target-acc",
+                "0",
+            ]
+        )
+        == 0
+    )
     report = json.loads((run / "report.json").read_text())
     assert {Path(e["path"]).name for e in report["dataset"]["excluded"]} == BAD  # every bad file, with its reason
     assert all(e["reason"] for e in report["dataset"]["excluded"])
@@ -250,7 +329,7 @@ def test_hostile_requests_against_the_real_server(trained_run, tmp_path):
             conn.putheader("Transfer-Encoding", "chunked")
             conn.endheaders()
             for i in range(0, len(body), 1 << 16):
-                piece = body[i:i + (1 << 16)]
+                piece = body[i : i + (1 << 16)]
                 try:
                     conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
                 except (BrokenPipeError, ConnectionResetError):
@@ -266,8 +345,13 @@ def test_hostile_requests_against_the_real_server(trained_run, tmp_path):
 
     def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
         b = "hostile-boundary"
-        body = b"".join(f"--{b}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{n}\"\r\n"
-                        f"Content-Type: application/octet-stream\r\n\r\n".encode() + d + b"\r\n" for n, d in files)
+        body = b"".join(
+            f'--{b}\r\nContent-Disposition: form-data; name="files"; filename="{n}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + d
+            + b"\r\n"
+            for n, d in files
+        )
         return body + f"--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}"
 
     def png(size) -> bytes:

@@ -1,7 +1,6 @@
 import base64
 import io
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -59,8 +58,10 @@ def test_predict_several_files_and_base64_json(client):
     assert [p["filename"] for p in r.json()["predictions"]] == ["a.jpg", "b.jpg"]
     r = client.post("/predict", json={"image": base64.b64encode(a).decode()})
     assert r.status_code == 200 and "label" in r.json()
-    r = client.post("/predict", json={"images": [base64.b64encode(a).decode(), "data:image/jpeg;base64," +
-                                                 base64.b64encode(b).decode()]})
+    r = client.post(
+        "/predict",
+        json={"images": [base64.b64encode(a).decode(), "data:image/jpeg;base64," + base64.b64encode(b).decode()]},
+    )
     assert len(r.json()["predictions"]) == 2
 
 
@@ -174,8 +175,12 @@ def test_dependency_override_reaches_predict(trained_run):
     app = create_app(ServeSettings(str(trained_run)))
     with TestClient(app) as c:
         real = app.state.predictor
-        fake = Predictor(lambda x: {"logits": np.tile(np.array([[0.0, 5.0]], np.float32), (len(x), 1))},
-                         ["x<script>", "y"], real.preprocessing, "fake")
+        fake = Predictor(
+            lambda x: {"logits": np.tile(np.array([[0.0, 5.0]], np.float32), (len(x), 1))},
+            ["x<script>", "y"],
+            real.preprocessing,
+            "fake",
+        )
         app.dependency_overrides[get_predictor] = lambda: fake
         assert c.get("/labels").json() == {"labels": ["x<script>", "y"]}
         r = c.post("/predict", files={"file": ("a.jpg", jpeg_bytes(fruit_image("apple", 1, 48)), "image/jpeg")})
@@ -197,9 +202,12 @@ def _start_server(model, *extra):
 
     port = _free_port()
     log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the server's access log
-    proc = subprocess.Popen([sys.executable, "-m", "fruitlens", "serve", str(model), "--port", str(port), *extra],
-                            stdout=log, stderr=subprocess.STDOUT, env={"PYTHONPATH": str(ROOT / "src"),
-                                                                       "PATH": "/usr/bin:/bin"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fruitlens", "serve", str(model), "--port", str(port), *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+    )
     proc.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + HANG  # a safety net against a hang, not a speed target
@@ -245,9 +253,14 @@ def test_serve_with_two_worker_processes(trained_run):
     try:
         jpeg = jpeg_bytes(fruit_image("kiwi", 3, 48))
         boundary = "fruitlens-test-boundary"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"k.jpg\"\r\n"
-                f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg + \
-            f"\r\n--{boundary}--\r\n".encode()
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="k.jpg"\r\n'
+                f"Content-Type: image/jpeg\r\n\r\n"
+            ).encode()
+            + jpeg
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
         ctype = f"multipart/form-data; boundary={boundary}"
         want = Predictor.load(trained_run).predict([Image.open(io.BytesIO(jpeg))])[0].label
 
@@ -277,9 +290,13 @@ def _cmdline(pid: int) -> str:
 
 
 def test_serve_with_a_missing_model_says_so(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fruitlens", "serve", str(tmp_path / "nope"), "--workers", "2"],
-                       capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
-                       timeout=HANG)
+    r = subprocess.run(
+        [sys.executable, "-m", "fruitlens", "serve", str(tmp_path / "nope"), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+        timeout=HANG,
+    )
     assert r.returncode != 0 and "error:" in r.stderr and "nope" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -1,5 +1,6 @@
 """Trackers (TensorBoard, MLflow on SQLite) read back through their own readers, compare over an MLflow experiment,
 the Python API exactly as docs/training.md shows it, and the model card against report.json."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,8 +20,10 @@ from fruitlens.errors import ConfigError
 
 def _need_trackers() -> None:
     for module in ("tensorboard", "mlflow", "sqlalchemy", "alembic"):
-        need(importlib.util.find_spec(module) is not None,
-             f"{module} is not installed (pip install 'fruitlens[tracking]')")
+        need(
+            importlib.util.find_spec(module) is not None,
+            f"{module} is not installed (pip install 'fruitlens[tracking]')",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +32,10 @@ def tracked(tmp_path_factory):
     _need_trackers()
     tmp = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    runs = [train_small(tmp, name, logger="csv,tensorboard,mlflow", mlflow_uri=uri, experiment="fruit-test")
-            for name in ("a", "b")]
+    runs = [
+        train_small(tmp, name, logger="csv,tensorboard,mlflow", mlflow_uri=uri, experiment="fruit-test")
+        for name in ("a", "b")
+    ]
     return runs, uri
 
 
@@ -72,10 +77,12 @@ def test_mlflow_run_read_back_through_its_client(tracked):
         assert r.data.params["model/img_size"] == "32"
         assert r.data.metrics["test_accuracy"] == pytest.approx(report["metrics"]["accuracy"])
         assert [r.data.metrics["test_accuracy_ci95_low"], r.data.metrics["test_accuracy_ci95_high"]] == pytest.approx(
-            report["metrics"]["accuracy_ci95"])
+            report["metrics"]["accuracy_ci95"]
+        )
         history = client.get_metric_history(r.info.run_id, "val_loss")
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
-            [h["val_loss"] for h in report["history"]])
+            [h["val_loss"] for h in report["history"]]
+        )
         files = {a.path for a in client.list_artifacts(r.info.run_id)}
         files |= {a.path for d in ("plots", "model") for a in client.list_artifacts(r.info.run_id, d)}
         assert {"report.html", "MODEL_CARD.md", "plots/confusion_matrix.png", "model/model.onnx"} <= files
@@ -86,9 +93,24 @@ def test_mlflow_run_read_back_through_its_client(tracked):
 def test_compare_reads_an_mlflow_experiment(tracked, tmp_path):
     runs, uri = tracked
     chart = tmp_path / "chart.png"
-    out = subprocess.run([sys.executable, "-m", "fruitlens", "compare", "--mlflow-experiment", "fruit-test",
-                          "--mlflow-uri", uri, "--json", "--chart", str(chart)], capture_output=True, text=True,
-                         timeout=HANG)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fruitlens",
+            "compare",
+            "--mlflow-experiment",
+            "fruit-test",
+            "--mlflow-uri",
+            uri,
+            "--json",
+            "--chart",
+            str(chart),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HANG,
+    )
     assert out.returncode == 0, out.stderr
     rows = {r["run"]: r for r in json.loads(out.stdout)}
     for result in runs:
@@ -98,8 +120,12 @@ def test_compare_reads_an_mlflow_experiment(tracked, tmp_path):
         assert row["accuracy_ci95"] == pytest.approx(report["metrics"]["accuracy_ci95"])
         assert row["model"] == "small_cnn" and row["image_size"] == 32 and row["latency_ms"] > 0
     assert chart.stat().st_size > 1000
-    out = subprocess.run([sys.executable, "-m", "fruitlens", "compare", "--mlflow-experiment", "nope",
-                          "--mlflow-uri", uri], capture_output=True, text=True, timeout=HANG)
+    out = subprocess.run(
+        [sys.executable, "-m", "fruitlens", "compare", "--mlflow-experiment", "nope", "--mlflow-uri", uri],
+        capture_output=True,
+        text=True,
+        timeout=HANG,
+    )
     assert out.returncode == 2 and "fruit-test" in out.stderr  # names the experiments that are there
 
 
@@ -149,8 +175,16 @@ def test_model_card_figures_are_report_json_figures(trained_run):
     assert f"| macro F1 | {m['macro_f1']:.4f} |" in card and f"| ECE | {m['ece']:.4f} |" in card
     for cls, v in m["per_class"].items():
         assert f"| {cls} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {int(v['support'])} |" in card
-    for section in ("## Model details", "## Intended use", "## Training data", "## Evaluation data", "## Metrics",
-                    "## Quantitative analyses", "## Caveats and recommendations", "## How to load"):
+    for section in (
+        "## Model details",
+        "## Intended use",
+        "## Training data",
+        "## Evaluation data",
+        "## Metrics",
+        "## Quantitative analyses",
+        "## Caveats and recommendations",
+        "## How to load",
+    ):
         assert section in card
     weak = [c for c, v in m["per_class"].items() if v["support"] and v["recall"] < 0.8]
     if weak:

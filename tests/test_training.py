@@ -23,8 +23,16 @@ def _cfg(data, **kw):
 
 def test_run_folder_is_complete(trained_run):
     run = RunDir(trained_run)
-    for name in ("config.yaml", "manifest.csv", "labels.json", "checkpoints/best.ckpt", "history.csv", "report.json",
-                 "report.html", "plots/confusion_matrix.png"):
+    for name in (
+        "config.yaml",
+        "manifest.csv",
+        "labels.json",
+        "checkpoints/best.ckpt",
+        "history.csv",
+        "report.json",
+        "report.html",
+        "plots/confusion_matrix.png",
+    ):
         assert (run.path / name).exists(), name
     assert json.loads(run.labels.read_text()) == ["apple", "kiwi", "lemon", "plum"]
     rows = list(csv.DictReader(run.history.open()))
@@ -61,8 +69,16 @@ def test_pretrainable_model_without_weights_warns(tmp_path, caplog, monkeypatch)
     # a newly registered model (one registry entry, nothing else) gets the warning too
     monkeypatch.setitem(registry.MODELS, "resnet18_new", replace(registry.MODELS["resnet18"], name="resnet18_new"))
     data = make_tree(tmp_path / "d", per_class=6, size=40)
-    cfg = _cfg(data, **{"model.name": "resnet18_new", "model.weights": "none", "model.img_size": 32,
-                        "fit.epochs": 1, "fit.target_acc": 0})
+    cfg = _cfg(
+        data,
+        **{
+            "model.name": "resnet18_new",
+            "model.weights": "none",
+            "model.img_size": 32,
+            "fit.epochs": 1,
+            "fit.target_acc": 0,
+        },
+    )
     with caplog.at_level("WARNING"):
         train(cfg, tmp_path / "run")
     assert "resnet18_new trains from scratch (--weights none)" in caplog.text
@@ -71,8 +87,17 @@ def test_pretrainable_model_without_weights_warns(tmp_path, caplog, monkeypatch)
 def test_mobilenet_feature_cache_then_fine_tune(tmp_path):
     need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
     data = make_tree(tmp_path / "d", per_class=12, size=64)
-    cfg = _cfg(data, **{"model.img_size": 64, "fit.epochs": 4, "fit.feature_views": 1, "fit.target_acc": 0,
-                        "fit.fine_tune_blocks": 1, "fit.fine_tune_epochs": 1})
+    cfg = _cfg(
+        data,
+        **{
+            "model.img_size": 64,
+            "fit.epochs": 4,
+            "fit.feature_views": 1,
+            "fit.target_acc": 0,
+            "fit.fine_tune_blocks": 1,
+            "fit.fine_tune_epochs": 1,
+        },
+    )
     run = train(cfg, tmp_path / "run").run
     rows = list(csv.DictReader(run.history.open()))
     assert {r["phase"] for r in rows} == {"head", "fine-tune"}
@@ -89,8 +114,16 @@ def test_mid_layer_features_train_a_standardised_head_end_to_end(tmp_path):
     from fruitlens.training.store import FeatureStore
 
     data = make_tree(tmp_path / "d", per_class=12, size=64)
-    cfg = _cfg(data, **{"model.img_size": 64, "model.feature_layer": "mid", "fit.epochs": 40, "fit.feature_views": 1,
-                        "fit.target_acc": 0})
+    cfg = _cfg(
+        data,
+        **{
+            "model.img_size": 64,
+            "model.feature_layer": "mid",
+            "fit.epochs": 40,
+            "fit.feature_views": 1,
+            "fit.target_acc": 0,
+        },
+    )
     result = train(cfg, tmp_path / "run")
     run = result.run
     feats = torch.load(run.path / "cache" / "features.pt")
@@ -102,8 +135,10 @@ def test_mid_layer_features_train_a_standardised_head_end_to_end(tmp_path):
     torch.testing.assert_close(model.standardise.mean, rows.mean(0), atol=1e-4, rtol=1e-4)
     assert _recipe(cfg, model).stats is not None
     assert "features of a mid-level block" in (run.path / "MODEL_CARD.md").read_text()
-    assert FeatureStore("mobilenet_v2", "imagenet", model.preprocessing, layer="mid").path != \
-        FeatureStore("mobilenet_v2", "imagenet", model.preprocessing).path  # 320 and 1280 channels never mix
+    assert (
+        FeatureStore("mobilenet_v2", "imagenet", model.preprocessing, layer="mid").path
+        != FeatureStore("mobilenet_v2", "imagenet", model.preprocessing).path
+    )  # 320 and 1280 channels never mix
     assert Report.from_json(run.report_json).metrics.accuracy >= 0.8
 
 
@@ -154,8 +189,10 @@ def test_last_checkpoint_is_the_last_epoch_not_the_best(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ClassifierModule, "log", rising_val_loss)
     data = make_tree(tmp_path / "d", per_class=6, size=40)
-    run = train(_cfg(data, **{"model.name": "small_cnn", "model.img_size": 32, "fit.epochs": 3,
-                              "fit.target_acc": 0}), tmp_path / "run").run
+    run = train(
+        _cfg(data, **{"model.name": "small_cnn", "model.img_size": 32, "fit.epochs": 3, "fit.target_acc": 0}),
+        tmp_path / "run",
+    ).run
     epoch = lambda name: torch.load(run.checkpoints / "full" / name, weights_only=True)["epoch"]
     assert epoch("best.ckpt") == 0
     assert epoch("last.ckpt") == 2  # --resume continues after the last epoch, not from the best one
@@ -163,8 +200,10 @@ def test_last_checkpoint_is_the_last_epoch_not_the_best(tmp_path, monkeypatch):
 
 def test_target_accuracy_stops_training(tmp_path, capfd):
     data = make_tree(tmp_path / "d", per_class=10, size=40)
-    run = train(_cfg(data, **{"model.name": "small_cnn", "model.img_size": 32, "fit.epochs": 20,
-                              "fit.target_acc": 0.01}), tmp_path / "run").run
+    run = train(
+        _cfg(data, **{"model.name": "small_cnn", "model.img_size": 32, "fit.epochs": 20, "fit.target_acc": 0.01}),
+        tmp_path / "run",
+    ).run
     assert len(list(csv.DictReader(run.history.open()))) == 1
     out = capfd.readouterr()
     assert "it/s" not in out.out + out.err  # not a terminal: no progress bar redraws, the epoch summary is enough
@@ -218,9 +257,33 @@ def test_a_new_run_refuses_an_unfinished_runs_folder(tmp_path, capsys):
 def test_ddp_on_two_cpu_processes(tmp_path):
     data = make_tree(tmp_path / "d", per_class=8, size=40)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fruitlens", "train", str(data), "--out", str(out), "--model", "small_cnn",
-           "--img-size", "32", "--epochs", "2", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
-           "--workers", "0", "--target-acc", "0", "--group", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fruitlens",
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--model",
+        "small_cnn",
+        "--img-size",
+        "32",
+        "--epochs",
+        "2",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--accelerator",
+        "cpu",
+        "--workers",
+        "0",
+        "--target-acc",
+        "0",
+        "--group",
+        "none",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -237,13 +300,35 @@ def _features_of(run: Path) -> dict:
 def test_ddp_shards_the_feature_pass_and_merges_to_the_single_process_cache(tmp_path):
     need(mobilenet_cached(), "MobileNetV2 ImageNet weights are not cached (run 'make weights')")
     data = make_tree(tmp_path / "d", per_class=20, size=48)  # 42 training images: two batches of 32, one each
-    common = ["train", str(data), "--img-size", "32", "--epochs", "2", "--workers", "0", "--target-acc", "0",
-              "--group", "none", "--feature-views", "1", "--accelerator", "cpu"]
+    common = [
+        "train",
+        str(data),
+        "--img-size",
+        "32",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--target-acc",
+        "0",
+        "--group",
+        "none",
+        "--feature-views",
+        "1",
+        "--accelerator",
+        "cpu",
+    ]
     for name, extra in (("single", []), ("ddp", ["--devices", "2", "--strategy", "ddp"])):
         # a feature store of its own: each run computes every feature itself
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "FRUITLENS_CACHE": str(tmp_path / f"cache-{name}")}
-        proc = subprocess.run([sys.executable, "-m", "fruitlens", *common, "--out", str(tmp_path / name), *extra],
-                              capture_output=True, text=True, timeout=HANG, env=env, cwd=tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-m", "fruitlens", *common, "--out", str(tmp_path / name), *extra],
+            capture_output=True,
+            text=True,
+            timeout=HANG,
+            env=env,
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     single, ddp = _features_of(tmp_path / "single"), _features_of(tmp_path / "ddp")
     for key in ("train", "val", "train_aug"):  # the merged shards are the single-process pass, views included

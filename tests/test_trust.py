@@ -1,4 +1,5 @@
 """The trust layer: calibrated scores, "not sure", "unfamiliar", and where the model looked."""
+
 import base64
 import csv
 import io
@@ -88,7 +89,7 @@ def test_fold_heads_standardise_their_features_as_a_mid_layer_head_does_and_star
     # the solver's minimum is the head with the lowest penalised loss: a perturbed head scores worse
     import torch.nn.functional as F
 
-    loss = lambda h: float(F.cross_entropy(h(x), y) + 0.5 * 1e-4 * (h.weight ** 2).sum())
+    loss = lambda h: float(F.cross_entropy(h(x), y) + 0.5 * 1e-4 * (h.weight**2).sum())
     from fruitlens.training.solver import LinearFit
 
     moved = LinearFit(std.weight + 0.05 * torch.randn_like(std.weight), std.bias, std.mean, std.std)

@@ -11,6 +11,7 @@ The Python API is the command line's own pipeline functions, with typed results:
 
 Imports are lazy: ``import fruitlens`` loads neither torch nor Lightning.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,8 +30,14 @@ if TYPE_CHECKING:
 __all__ = ["train", "resume", "check", "evaluate", "export", "suggest", "Predictor", "TrainConfig", "__version__"]
 
 
-def train(data: str | Path, out: str | Path | None = None, *, config: str | Path | None = None,
-          overrides: dict[str, Any] | None = None, **options: Any) -> "TrainResult":
+def train(
+    data: str | Path,
+    out: str | Path | None = None,
+    *,
+    config: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    **options: Any,
+) -> "TrainResult":
     """``fruitlens train DATA --out OUT``: ``options`` are the command's option names (``epochs=5``,
     ``model="small_cnn"``, ``img_size=160``, ``logger="csv,mlflow"``), ``overrides`` its ``key=value`` config keys
     (``{"fit.label_smoothing": 0.1}``), ``config`` a YAML file to start from; ``add=[CSV, ...]``: labelled photos of
@@ -43,8 +50,15 @@ def train(data: str | Path, out: str | Path | None = None, *, config: str | Path
     return _train(cfg, out or f"runs/{cfg.model.name}")
 
 
-def suggest(run: str | Path, photos: str | Path, *, budget: int = 90, out: str | Path = "to-label",
-            labelled: list[str | Path] | None = None, seed: int = 0) -> "SuggestResult":
+def suggest(
+    run: str | Path,
+    photos: str | Path,
+    *,
+    budget: int = 90,
+    out: str | Path = "to-label",
+    labelled: list[str | Path] | None = None,
+    seed: int = 0,
+) -> "SuggestResult":
     """``fruitlens suggest RUN PHOTOS --budget N --out DIR``: the photos worth labelling, written to
     ``DIR/to-label.csv`` and ``DIR/label.html``. Returns the SuggestResult (``.picks``, ``.csv``, ``.page``,
     ``.skipped``)."""

@@ -3,6 +3,7 @@
 A ``TrainConfig`` is built once (defaults <- YAML file <- CLI options <- ``key=value`` overrides), validated once,
 and written to the run's ``config.yaml``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,8 +102,12 @@ class FitConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     limit_batches: float = 1.0  # for smoke tests: a fraction or a count of batches per epoch
-    adapt_share: float = 0.4  # --adapt-to: share of each class's photos (surest first) pseudo-labelled in the last round
-    adapt_rounds: int = 2  # --adapt-to: score the photos, retrain the head; this many times (shares rise to adapt_share)
+    adapt_share: float = (
+        0.4  # --adapt-to: share of each class's photos (surest first) pseudo-labelled in the last round
+    )
+    adapt_rounds: int = (
+        2  # --adapt-to: score the photos, retrain the head; this many times (shares rise to adapt_share)
+    )
     photo_share: float = 0.3  # --add: the share of the head's training weight that the labelled photos carry
     photo_views: int = 8  # --add: augmented views of each labelled photo in the feature cache
 
@@ -125,7 +130,9 @@ class TrackConfig:
     """Where the run is logged: Lightning's own loggers (csv, tensorboard, mlflow), combinable."""
 
     loggers: str = "csv"  # comma-separated: csv, tensorboard, mlflow
-    mlflow_uri: str = ""  # e.g. sqlite:///runs/mlflow.db; empty: $MLFLOW_TRACKING_URI, else sqlite:///<run>/../mlflow.db
+    mlflow_uri: str = (
+        ""  # e.g. sqlite:///runs/mlflow.db; empty: $MLFLOW_TRACKING_URI, else sqlite:///<run>/../mlflow.db
+    )
     experiment: str = "fruitlens"
 
     @property
@@ -135,18 +142,43 @@ class TrackConfig:
 
 # the names of the train command's options (and of fruitlens.train's keyword arguments) -> config keys
 OPTIONS = {
-    "model": "model.name", "weights": "model.weights", "img_size": "model.img_size", "fast": "model.fast",
+    "model": "model.name",
+    "weights": "model.weights",
+    "img_size": "model.img_size",
+    "fast": "model.fast",
     "feature_layer": "model.feature_layer",
-    "epochs": "fit.epochs", "batch_size": "fit.batch_size", "lr": "fit.lr", "balance": "fit.balance",
-    "label_smoothing": "fit.label_smoothing", "target_acc": "fit.target_acc", "target_monitor": "fit.target_monitor",
-    "feature_views": "fit.feature_views", "fine_tune_blocks": "fit.fine_tune_blocks",
-    "fine_tune_epochs": "fit.fine_tune_epochs", "deterministic": "fit.deterministic", "devices": "fit.devices",
-    "num_nodes": "fit.num_nodes", "strategy": "fit.strategy", "accelerator": "fit.accelerator",
-    "precision": "fit.precision", "val": "data.val", "test": "data.test", "seed": "data.seed",
-    "workers": "data.num_workers", "cache_images": "data.cache_images", "group": "data.group",
-    "eval_data": "data.eval_data", "class_map": "data.eval_class_map", "adapt_to": "data.adapt_to", "add": "data.add", "keep_share": "data.keep_share",
-    "feature_cache": "fit.feature_cache", "augment": "augment.enabled", "logger": "track.loggers",
-    "mlflow_uri": "track.mlflow_uri", "experiment": "track.experiment",
+    "epochs": "fit.epochs",
+    "batch_size": "fit.batch_size",
+    "lr": "fit.lr",
+    "balance": "fit.balance",
+    "label_smoothing": "fit.label_smoothing",
+    "target_acc": "fit.target_acc",
+    "target_monitor": "fit.target_monitor",
+    "feature_views": "fit.feature_views",
+    "fine_tune_blocks": "fit.fine_tune_blocks",
+    "fine_tune_epochs": "fit.fine_tune_epochs",
+    "deterministic": "fit.deterministic",
+    "devices": "fit.devices",
+    "num_nodes": "fit.num_nodes",
+    "strategy": "fit.strategy",
+    "accelerator": "fit.accelerator",
+    "precision": "fit.precision",
+    "val": "data.val",
+    "test": "data.test",
+    "seed": "data.seed",
+    "workers": "data.num_workers",
+    "cache_images": "data.cache_images",
+    "group": "data.group",
+    "eval_data": "data.eval_data",
+    "class_map": "data.eval_class_map",
+    "adapt_to": "data.adapt_to",
+    "add": "data.add",
+    "keep_share": "data.keep_share",
+    "feature_cache": "fit.feature_cache",
+    "augment": "augment.enabled",
+    "logger": "track.loggers",
+    "mlflow_uri": "track.mlflow_uri",
+    "experiment": "track.experiment",
 }
 
 
@@ -170,8 +202,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
         cfg = cls()
-        flat = {f"{section}.{key}": value for section, values in (data or {}).items()
-                for key, value in _section_items(section, values, source)}
+        flat = {
+            f"{section}.{key}": value
+            for section, values in (data or {}).items()
+            for key, value in _section_items(section, values, source)
+        }
         return apply_overrides(cfg, flat, source)
 
     @classmethod
@@ -193,7 +228,11 @@ class TrainConfig:
             (0 <= d.test < 1, "data.test", "a fraction in [0, 1)"),
             (d.val + d.test < 1, "data.val + data.test", "below 1 so that training keeps images"),
             (d.group in ("near-duplicates", "none", "pattern"), "data.group", "near-duplicates, none or pattern"),
-            (d.group != "pattern" or bool(d.group_pattern), "data.group_pattern", "a regular expression when data.group=pattern"),
+            (
+                d.group != "pattern" or bool(d.group_pattern),
+                "data.group_pattern",
+                "a regular expression when data.group=pattern",
+            ),
             (d.keep_share == -1 or 0 < d.keep_share <= 1, "data.keep_share", "-1 (auto) or a fraction in (0, 1]"),
             (f.epochs >= 0, "fit.epochs", "0 (auto) or more"),
             (f.batch_size >= 1, "fit.batch_size", ">= 1"),
@@ -219,13 +258,18 @@ class TrainConfig:
             (t.folds >= 2, "trust.folds", ">= 2"),
             (t.groups in ("visual", "near-duplicates"), "trust.groups", "visual or near-duplicates"),
             (t.images_per_group >= 1, "trust.images_per_group", ">= 1"),
-            (bool(k.names) and all(n in LOGGERS for n in k.names), "track.loggers",
-             f"a comma-separated list of {', '.join(LOGGERS)} (got '{k.loggers}')"),
+            (
+                bool(k.names) and all(n in LOGGERS for n in k.names),
+                "track.loggers",
+                f"a comma-separated list of {', '.join(LOGGERS)} (got '{k.loggers}')",
+            ),
         ]
         for ok, key, expected in checks:
             if not ok:
-                raise ConfigError(f"config value {key} is out of range: expected {expected}",
-                                  "fix the option or the key=value override")
+                raise ConfigError(
+                    f"config value {key} is out of range: expected {expected}",
+                    "fix the option or the key=value override",
+                )
         return self
 
 
@@ -256,7 +300,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if typ in (float, "float"):
             return float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected a number ({getattr(typ, '__name__', typ)}) but received '{value}'") from None
+        raise ConfigError(
+            f"{key}: expected a number ({getattr(typ, '__name__', typ)}) but received '{value}'"
+        ) from None
     return "" if value is None else str(value)
 
 
@@ -278,16 +324,22 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "
     return replace(cfg, **sections)
 
 
-def config_from(data: str | None = None, config_file: str | Path | None = None, options: dict[str, Any] | None = None,
-                overrides: dict[str, Any] | None = None) -> TrainConfig:
+def config_from(
+    data: str | None = None,
+    config_file: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
     """The train command's config (and ``fruitlens.train``'s): defaults <- ``config_file`` (YAML) <- ``options``
     (the command's option names, see OPTIONS) <- ``overrides`` (``section.key`` or a unique bare key); validated."""
     cfg = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
     values = {}
     for opt, value in (options or {}).items():
         if opt not in OPTIONS:
-            raise ConfigError(did_you_mean(opt, list(OPTIONS), "option"),
-                              "or pass a config key as an override, e.g. overrides={'fit.epochs': 5}")
+            raise ConfigError(
+                did_you_mean(opt, list(OPTIONS), "option"),
+                "or pass a config key as an override, e.g. overrides={'fit.epochs': 5}",
+            )
         values[OPTIONS[opt]] = value
     if data:
         values["data.path"] = str(data)

@@ -3,6 +3,7 @@ codes.
 
 Library code raises these; only ``fruitlens.cli`` turns them into ``error:``/``hint:`` lines and exit codes.
 """
+
 from __future__ import annotations
 
 import difflib

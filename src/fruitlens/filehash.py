@@ -1,4 +1,5 @@
 """The SHA-256 of a file, read in 1 MiB blocks (weights files and downloaded archives are verified with it)."""
+
 from __future__ import annotations
 
 import hashlib

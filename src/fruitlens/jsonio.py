@@ -3,6 +3,7 @@
 The run folder's JSON files (report.json, facts.json, train_info.json, export.json) are written from dataclasses and
 read back into them, so that commands read attributes, never nested string keys.
 """
+
 from __future__ import annotations
 
 import dataclasses

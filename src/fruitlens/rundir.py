@@ -4,6 +4,7 @@ config.yaml, manifest.csv, labels.json, facts.json, checkpoints/best.ckpt, histo
 report.html, plots/, export/model.onnx, eval/<data>/ (reports on other data), cache/ (the feature cache), photos.csv
 (the labelled photos of the user's setting, ``train --add``).
 """
+
 from __future__ import annotations
 
 import errno
@@ -80,8 +81,10 @@ class RunDir:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-                raise RunDirError(f"{self.path}: another fruitlens command (pid {holder}) is writing this run folder",
-                                  "wait for it to finish, or pass another --out") from None
+                raise RunDirError(
+                    f"{self.path}: another fruitlens command (pid {holder}) is writing this run folder",
+                    "wait for it to finish, or pass another --out",
+                ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield

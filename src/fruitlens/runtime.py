@@ -1,4 +1,5 @@
 """Process-wide settings that keep a long CPU job lean."""
+
 from __future__ import annotations
 
 import ctypes
@@ -65,8 +66,11 @@ class Stages:
 
     def text(self) -> str:
         """``features 25.1s (backbone 20.3s), head 4.0s``: a stage ``a: b`` is a part of stage ``a``."""
-        parts = {k: [f"{p.split(': ', 1)[1]} {s:.1f}s" for p, s in self.seconds.items() if p.startswith(k + ": ")]
-                 for k in self.seconds if ": " not in k}
+        parts = {
+            k: [f"{p.split(': ', 1)[1]} {s:.1f}s" for p, s in self.seconds.items() if p.startswith(k + ": ")]
+            for k in self.seconds
+            if ": " not in k
+        }
         return ", ".join(f"{k} {self.seconds[k]:.1f}s" + (f" ({', '.join(p)})" if p else "") for k, p in parts.items())
 
 

@@ -1,5 +1,6 @@
 """The HTML pages fruitlens writes come from Jinja2 templates in ``fruitlens/templates`` (package data), with
 autoescaping on: a class named ``Kiwi<img src=x onerror=alert(1)>`` is text on every page."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -10,8 +11,13 @@ from typing import Any
 def _environment():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    env = Environment(loader=PackageLoader("fruitlens", "templates"), autoescape=select_autoescape(default=True),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("fruitlens", "templates"),
+        autoescape=select_autoescape(default=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["pct"] = lambda v, digits=1: "-" if v is None or v != v else f"{100 * v:.{digits}f}%"
     env.filters["cell"] = lambda v: str(v).replace("|", "\\|")  # a Markdown table cell
     return env

@@ -1,4 +1,5 @@
 """``fruitlens evaluate`` and ``fruitlens compare``."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ from fruitlens.errors import ExitCode
 EVAL_EXAMPLES = """examples:
   fruitlens evaluate runs/mnv2                        # the run's own test split
   fruitlens evaluate runs/mnv2 --split val
-  fruitlens evaluate runs/mnv2 other_photos/          # any folder with the model's class names -> runs/mnv2/eval/other_photos/
+  fruitlens evaluate runs/mnv2 other_photos/          # a folder of the model's classes -> runs/mnv2/eval/other_photos/
   fruitlens evaluate runs/mnv2 supermarket/ --class-map map.json   # {"Apple": ["Apple Braeburn", "Apple Red 1"]}
 """
 COMPARE_EXAMPLES = """examples:
@@ -24,8 +25,12 @@ COMPARE_EXAMPLES = """examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("evaluate", help="report on the test split or on another folder",
-                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "evaluate",
+        help="report on the test split or on another folder",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run")
     p.add_argument("data", nargs="?", help="another folder (or manifest CSV) to evaluate on")
     p.add_argument("--split", default="test", help="split of the run (or of DATA's split folders); default test")
@@ -33,15 +38,23 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int_in(1), default=64)
     p.set_defaults(func=run_evaluate)
 
-    p = sub.add_parser("compare", help="one table across runs", epilog=COMPARE_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "compare",
+        help="one table across runs",
+        epilog=COMPARE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("runs", nargs="*", help="run folders, or report folders RUN/eval/<data>")
     p.add_argument("--mlflow-experiment", metavar="NAME", help="compare the runs of this MLflow experiment instead")
     p.add_argument("--mlflow-uri", help="its tracking URI (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--chart", metavar="PNG", default="", help="also draw the accuracies (with their intervals) as a "
-                                                              "bar chart into this PNG file (default: no chart)")
+    p.add_argument(
+        "--chart",
+        metavar="PNG",
+        default="",
+        help="also draw the accuracies (with their intervals) as a bar chart into this PNG file (default: no chart)",
+    )
     p.set_defaults(func=run_compare)
 
 
@@ -53,8 +66,10 @@ def run_evaluate(args) -> int:
     rep = evaluate(args.run, args.data, split=args.split, class_map=args.class_map, batch_size=args.batch_size)
     m = rep.metrics
     print(f"evaluated on {rep.evaluated_on}: {m.n} images")
-    print(f"accuracy {m.accuracy:.4f} ({ci_text(m)})  balanced {m.balanced_accuracy:.4f}  macro F1 {m.macro_f1:.4f}  "
-          f"log loss {m.log_loss:.4f}  ECE {m.ece:.4f}")
+    print(
+        f"accuracy {m.accuracy:.4f} ({ci_text(m)})  balanced {m.balanced_accuracy:.4f}  macro F1 {m.macro_f1:.4f}  "
+        f"log loss {m.log_loss:.4f}  ECE {m.ece:.4f}"
+    )
     if gap := gap_text(rep.validation_gap, rep.evaluated_on):
         print(f"warning: {gap}")
     for f in rep.domain.figures[1:]:
@@ -64,7 +79,10 @@ def run_evaluate(args) -> int:
     print()
     print(m.classification_report)
     if m.most_confused:
-        print("most confused: " + "; ".join(f"{c['true']} -> {c['predicted']} ({c['count']})" for c in m.most_confused[:5]))
+        print(
+            "most confused: "
+            + "; ".join(f"{c['true']} -> {c['predicted']} ({c['count']})" for c in m.most_confused[:5])
+        )
     if rep.unmapped_images:
         print(f"counted apart (classes the model does not know): {rep.unmapped_images}")
     if rep.bad_images:
@@ -93,11 +111,39 @@ def run_compare(args) -> int:
     elif args.markdown:
         print(markdown(rows))
     else:
-        table(["run", "model", "evaluated on", "params", "MB", "px", "accuracy", "95% CI", "macro F1", "ECE",
-               "train s", "CPU ms/img"],
-              [[r.run, r.model, r.evaluated_on, f"{r.parameters:,}", r.size_mb, r.image_size, f"{r.accuracy:.4f}",
-                r.ci, f"{r.macro_f1:.4f}", f"{r.ece:.4f}", r.train_seconds if r.train_seconds is not None else "-",
-                r.latency_ms] for r in rows])
+        table(
+            [
+                "run",
+                "model",
+                "evaluated on",
+                "params",
+                "MB",
+                "px",
+                "accuracy",
+                "95% CI",
+                "macro F1",
+                "ECE",
+                "train s",
+                "CPU ms/img",
+            ],
+            [
+                [
+                    r.run,
+                    r.model,
+                    r.evaluated_on,
+                    f"{r.parameters:,}",
+                    r.size_mb,
+                    r.image_size,
+                    f"{r.accuracy:.4f}",
+                    r.ci,
+                    f"{r.macro_f1:.4f}",
+                    f"{r.ece:.4f}",
+                    r.train_seconds if r.train_seconds is not None else "-",
+                    r.latency_ms,
+                ]
+                for r in rows
+            ],
+        )
     if args.chart:  # on stderr: stdout stays one table or one JSON document
         print(f"chart: {args.chart}", file=sys.stderr)
     return ExitCode.OK

@@ -1,4 +1,5 @@
 """``fruitlens predict``, ``fruitlens export`` and ``fruitlens serve``."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,24 +35,40 @@ then: fruitlens train DATA --add feedback/labels.csv --out runs/mine2
 
 
 def register(sub) -> None:
-    p = sub.add_parser("predict", help="classify images with a trained run or an ONNX model",
-                       epilog=PREDICT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "predict",
+        help="classify images with a trained run or an ONNX model",
+        epilog=PREDICT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", help="run folder or model.onnx")
     p.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
     p.add_argument("--top-k", type=int_in(1), default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--batch-size", type=int_in(1), default=32)
-    p.add_argument("--unknown-threshold", type=threshold, default="auto",
-                   help="'not sure' below this calibrated top-1 probability: auto (default: the run's, chosen for "
-                        "its target accuracy on held-out images), 0 (off) or a number")
+    p.add_argument(
+        "--unknown-threshold",
+        type=threshold,
+        default="auto",
+        help="'not sure' below this calibrated top-1 probability: auto (default: the run's, chosen for "
+        "its target accuracy on held-out images), 0 (off) or a number",
+    )
     p.add_argument("--csv", metavar="FILE", help="also write one row per image to this CSV file")
     p.add_argument("--explain", metavar="OUT_DIR", help="write one overlay PNG per image: photo, heat map, answer")
-    p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
-                   help="for a run folder: its ONNX export when fresh (auto), the PyTorch checkpoint, or the export")
+    p.add_argument(
+        "--engine",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="for a run folder: its ONNX export when fresh (auto), the PyTorch checkpoint, or the export",
+    )
     p.set_defaults(func=run_predict)
 
-    p = sub.add_parser("export", help="export to ONNX with a parity check and a speed figure",
-                       epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="export to ONNX with a parity check and a speed figure",
+        epilog=EXPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--int8", action="store_true", help="also write an int8 model (static quantisation)")
@@ -59,28 +76,51 @@ def register(sub) -> None:
     p.add_argument("--no-bench", dest="bench", action="store_false", help="skip the speed figures")
     p.set_defaults(func=run_export)
 
-    p = sub.add_parser("serve", help="REST API and upload page (FastAPI + uvicorn)",
-                       epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "serve",
+        help="REST API and upload page (FastAPI + uvicorn)",
+        epilog=SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", help="run folder or model.onnx")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int_in(1, 65535), default=8000)
     p.add_argument("--workers", type=int_in(1), default=1, help="server processes behind the one port (default 1)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="inference threads per worker (default 0: all cores; idle threads sleep, so workers share)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="inference threads per worker (default 0: all cores; idle threads sleep, so workers share)",
+    )
     p.add_argument("--top-k", type=int_in(1), default=3)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (default 10 MB)")
     p.add_argument("--max-images", type=int, default=64, help="most images in one request (default 64)")
-    p.add_argument("--unknown-threshold", type=threshold, default="auto",
-                   help="'not sure' below this calibrated top-1 probability: auto (the run's), 0 (off) or a number")
+    p.add_argument(
+        "--unknown-threshold",
+        type=threshold,
+        default="auto",
+        help="'not sure' below this calibrated top-1 probability: auto (the run's), 0 (off) or a number",
+    )
     g = p.add_argument_group("collecting labels (for 'fruitlens train --add')")
-    g.add_argument("--feedback", metavar="DIR", help="add a 'wrong? pick the right fruit' control to the upload page: "
-                   "the photo (named by its content hash) and its label go to DIR (DIR/labels.csv); off by default")
+    g.add_argument(
+        "--feedback",
+        metavar="DIR",
+        help="add a 'wrong? pick the right fruit' control to the upload page: "
+        "the photo (named by its content hash) and its label go to DIR (DIR/labels.csv); off by default",
+    )
     g.add_argument("--feedback-max-photos", type=int_in(1), default=10_000, help="most photos DIR keeps (10,000)")
     g.add_argument("--feedback-max-mb", type=float, default=2048.0, help="most megabytes DIR keeps (2048)")
-    g.add_argument("--label", metavar="PHOTOS", help="serve the labelling page for a folder of photos (or a "
-                   "to-label.csv of 'fruitlens suggest') on /label; the answers are saved as you give them")
-    g.add_argument("--label-out", metavar="CSV", help="where /label's answers go (default: DIR/to-label.csv with "
-                   "--feedback DIR, else labels/to-label.csv)")
+    g.add_argument(
+        "--label",
+        metavar="PHOTOS",
+        help="serve the labelling page for a folder of photos (or a "
+        "to-label.csv of 'fruitlens suggest') on /label; the answers are saved as you give them",
+    )
+    g.add_argument(
+        "--label-out",
+        metavar="CSV",
+        help="where /label's answers go (default: DIR/to-label.csv with --feedback DIR, else labels/to-label.csv)",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -92,8 +132,11 @@ def expand_images(items: list[str]) -> list[str]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f)
-                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            out += sorted(
+                str(f)
+                for f in p.rglob("*")
+                if f.is_file() and is_image_file(f) and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
         elif not p.exists() and any(ch in item for ch in "*?["):
             out += sorted(glob.glob(item, recursive=True))
         else:
@@ -178,9 +221,11 @@ def run_export(args) -> int:
     res = export(args.run, int8=args.int8, opset=args.opset, bench=args.bench)
     print(f"wrote {res.onnx} (opset {res.opset}, {res.classes} classes, {res.image_size} px) and labels.txt")
     for name, p in res.parity.items():
-        print(f"parity {name}: top-1 agreement {p.top1_agreement:.2%} on {p.images} validation images, "
-              f"max |logit diff| {p.max_abs_logit_diff:.2e}"
-              + (f", max |ood_score diff| {p.max_abs_ood_diff:.2e}" if p.max_abs_ood_diff is not None else ""))
+        print(
+            f"parity {name}: top-1 agreement {p.top1_agreement:.2%} on {p.images} validation images, "
+            f"max |logit diff| {p.max_abs_logit_diff:.2e}"
+            + (f", max |ood_score diff| {p.max_abs_ood_diff:.2e}" if p.max_abs_ood_diff is not None else "")
+        )
     if res.int8:
         print(f"wrote {res.int8}")
     print_speed(res.speed, "speed")
@@ -203,33 +248,46 @@ def run_serve(args) -> int:
 
     label_out = args.label_out or str(Path(args.feedback or "labels") / "to-label.csv") if args.label else ""
     if args.label and args.workers > 1:
-        raise ConfigError("--label keeps the answers in one process: it runs with --workers 1",
-                          "drop --workers, or serve the labelling page apart from the busy service")
+        raise ConfigError(
+            "--label keeps the answers in one process: it runs with --workers 1",
+            "drop --workers, or serve the labelling page apart from the busy service",
+        )
     if args.label and not Path(args.label).exists():
         raise DataError(f"--label {args.label}: no such file or folder", "pass a folder of photos or a to-label.csv")
-    settings = ServeSettings(str(Path(args.model).resolve()), top_k=args.top_k, threads=args.threads,
-                             max_upload_mb=args.max_upload_mb, max_images=args.max_images,
-                             unknown_threshold=args.unknown_threshold,
-                             feedback=str(Path(args.feedback).resolve()) if args.feedback else "",
-                             feedback_max_photos=args.feedback_max_photos, feedback_max_mb=args.feedback_max_mb,
-                             label=str(Path(args.label).resolve()) if args.label else "",
-                             label_out=str(Path(label_out).resolve()) if label_out else "").validated()
+    settings = ServeSettings(
+        str(Path(args.model).resolve()),
+        top_k=args.top_k,
+        threads=args.threads,
+        max_upload_mb=args.max_upload_mb,
+        max_images=args.max_images,
+        unknown_threshold=args.unknown_threshold,
+        feedback=str(Path(args.feedback).resolve()) if args.feedback else "",
+        feedback_max_photos=args.feedback_max_photos,
+        feedback_max_mb=args.feedback_max_mb,
+        label=str(Path(args.label).resolve()) if args.label else "",
+        label_out=str(Path(label_out).resolve()) if label_out else "",
+    ).validated()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the service is reachable from other machines", file=sys.stderr)
     _check_port_free(args.host, args.port)
     predictor = Predictor.load(settings.model, threads=settings.threads)  # a bad model path fails here, clearly
-    print(f"serving {args.model} ({predictor.engine}, {len(predictor.classes)} classes) on "
-          f"http://{args.host}:{args.port} with {args.workers} worker(s)  (upload page /, API docs /docs)")
+    print(
+        f"serving {args.model} ({predictor.engine}, {len(predictor.classes)} classes) on "
+        f"http://{args.host}:{args.port} with {args.workers} worker(s)  (upload page /, API docs /docs)"
+    )
     if settings.feedback:
-        print(f"feedback on: corrected answers go to {settings.feedback}/labels.csv "
-              f"(then: fruitlens train DATA --add {settings.feedback}/labels.csv)")
+        print(
+            f"feedback on: corrected answers go to {settings.feedback}/labels.csv "
+            f"(then: fruitlens train DATA --add {settings.feedback}/labels.csv)"
+        )
     if settings.label:
         print(f"labelling page: http://{args.host}:{args.port}/label; answers go to {settings.label_out}")
     if args.workers > 1:
         del predictor  # each worker process loads its own copy
         os.environ.update(settings.to_env())
-        uvicorn.run("fruitlens.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
-                    workers=args.workers)
+        uvicorn.run(
+            "fruitlens.serve.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers
+        )
         return ExitCode.OK
     uvicorn.run(create_app(settings, predictor), host=args.host, port=args.port)
     return ExitCode.OK
@@ -242,13 +300,17 @@ def _check_port_free(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise ConfigError(f"--host {host}: cannot resolve it ({exc.strerror})",
-                          "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+        raise ConfigError(
+            f"--host {host}: cannot resolve it ({exc.strerror})",
+            "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)",
+        ) from None
     family, _, _, _, address = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no obstacle
         try:
             s.bind(address)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror})",
-                              "pick another --port, or stop the program that uses this one") from None
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({exc.strerror})",
+                "pick another --port, or stop the program that uses this one",
+            ) from None

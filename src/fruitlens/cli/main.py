@@ -1,4 +1,6 @@
-"""``fruitlens`` entry point: builds the parser, runs one command, maps errors to ``error:``/``hint:`` and exit codes."""
+"""``fruitlens`` entry point: builds the parser, runs one command, maps errors to ``error:``/``hint:`` and exit
+codes."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +35,12 @@ EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     from fruitlens.cli import data_cmds, demo_cmds, eval_cmds, infer_cmds, label_cmds, model_cmds, train_cmds
 
-    parser = argparse.ArgumentParser(prog="fruitlens", description="Train, evaluate, export and serve fruit image "
-                                     "classifiers by transfer learning.", epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fruitlens",
+        description="Train, evaluate, export and serve fruit image classifiers by transfer learning.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"fruitlens {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full stack on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -57,15 +62,32 @@ def _setup_logging(verbose: bool) -> None:
     # the other processes of a DDP run say only what breaks: rank zero speaks for the run
     level = logging.DEBUG if verbose else logging.ERROR if is_ddp_child() else logging.INFO
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
-                  "lightning.fabric.utilities.rank_zero", "PIL", "matplotlib", "urllib3", "httpx", "onnxruntime"):
+    for noisy in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "PIL",
+        "matplotlib",
+        "urllib3",
+        "httpx",
+        "onnxruntime",
+    ):
         logger = logging.getLogger(noisy)
         logger.setLevel(logging.INFO if verbose else logging.WARNING)
         logger.propagate = False if noisy.startswith("lightning") else logger.propagate
     if not verbose:  # library chatter that says nothing to a fruitlens user
-        for pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*litlogger.*", ".*does not have many workers.*",
-                        ".*TracerWarning.*", r".*module\(s\) in eval mode.*", ".*Checkpoint directory.*exists and is not empty.*",
-                        ".*overridden `on_after_batch_transfer`.*"):
+        for pattern in (
+            ".*LeafSpec.*",
+            ".*log_every_n_steps.*",
+            ".*litlogger.*",
+            ".*does not have many workers.*",
+            ".*TracerWarning.*",
+            r".*module\(s\) in eval mode.*",
+            ".*Checkpoint directory.*exists and is not empty.*",
+            ".*overridden `on_after_batch_transfer`.*",
+        ):
             warnings.filterwarnings("ignore", message=pattern)
 
 

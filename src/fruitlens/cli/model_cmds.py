@@ -1,4 +1,5 @@
 """``fruitlens models`` and ``fruitlens weights list|import``."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,28 +21,46 @@ MODELS_EXAMPLES = """examples:
 
 
 def add_models(sub) -> None:
-    p = sub.add_parser("models", help="list the registered models", epilog=MODELS_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "models",
+        help="list the registered models",
+        epilog=MODELS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.set_defaults(func=run_models)
 
 
 def add_weights(sub) -> None:
-    p = sub.add_parser("weights", help="pretrained weights for offline machines: list | import FILE",
-                       epilog=WEIGHTS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "weights",
+        help="pretrained weights for offline machines: list | import FILE",
+        epilog=WEIGHTS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     wsub = p.add_subparsers(dest="action", required=True, metavar="list|import")
-    lp = wsub.add_parser("list", help="which weights files are in torchvision's cache", epilog=WEIGHTS_EXAMPLES,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    lp = wsub.add_parser(
+        "list",
+        help="which weights files are in torchvision's cache",
+        epilog=WEIGHTS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     lp.add_argument("--cached-only", metavar="MODEL", help="exit 0 if MODEL's default weights are cached, else 1")
-    ip = wsub.add_parser("import", help="verify a weights file and copy it into the cache", epilog=WEIGHTS_EXAMPLES,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    ip = wsub.add_parser(
+        "import",
+        help="verify a weights file and copy it into the cache",
+        epilog=WEIGHTS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ip.add_argument("file")
     p.set_defaults(func=run_weights)
 
 
-MODELS_NOTE = ("params, ImageNet top-1, download MB: torchvision's published figures for the weights that\n"
-               "'--weights imagenet' loads (small_cnn: its own layers); fruitlens has not measured them. Weights\n"
-               "'not cached' download into torchvision's cache on first use (offline: 'fruitlens weights import\n"
-               "FILE'). Fruit accuracy with ImageNet weights is measured in benchmarks/ for mobilenet_v2 only.")
+MODELS_NOTE = (
+    "params, ImageNet top-1, download MB: torchvision's published figures for the weights that\n"
+    "'--weights imagenet' loads (small_cnn: its own layers); fruitlens has not measured them. Weights\n"
+    "'not cached' download into torchvision's cache on first use (offline: 'fruitlens weights import\n"
+    "FILE'). Fruit accuracy with ImageNet weights is measured in benchmarks/ for mobilenet_v2 only."
+)
 
 
 def run_models(args) -> int:
@@ -79,7 +98,11 @@ def run_weights(args) -> int:
             raise WeightsError(f"{spec.name} has no pretrained weights")
         return ExitCode.OK if any(is_cached(w) for w in usable_weights(spec)) else ExitCode.FINDINGS
     print(f"cache: {cache_dir()}")
-    table(["model", "weights", "file", "cached"],
-          [[r.model, r.weights, r.file, "yes" if r.cached else "no"]
-           for r in list_weights({s.name: s.weights_enum for s in list_models()})])
+    table(
+        ["model", "weights", "file", "cached"],
+        [
+            [r.model, r.weights, r.file, "yes" if r.cached else "no"]
+            for r in list_weights({s.name: s.weights_enum for s in list_models()})
+        ],
+    )
     return ExitCode.OK

@@ -1,4 +1,5 @@
 """argparse types shared by the commands: bounded whole numbers and the "not sure" threshold."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,15 +7,18 @@ import argparse
 
 def int_in(low: int, high: int | None = None):
     """An argparse type: an integer in [low, high] (no upper bound without ``high``)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number but received '{text}'") from None
         if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected a whole number from {low}" + (f" to {high}" if high else " up")
-                                             + f" but received {value}")
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from {low}" + (f" to {high}" if high else " up") + f" but received {value}"
+            )
         return value
+
     return parse
 
 

@@ -1,4 +1,5 @@
 """Terminal output helpers: tables and JSON."""
+
 from __future__ import annotations
 
 import json

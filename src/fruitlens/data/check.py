@@ -2,6 +2,7 @@
 
 Nothing is moved, changed or deleted: the check only reads.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -125,8 +126,13 @@ _MODE_NOTES = {
     "LAB": "Lab, will be converted to RGB",
     "HSV": "HSV, will be converted to RGB",
 }
-_ERROR_CODES = {"empty": "empty-file", "missing": "unreadable", "not-an-image": "unreadable",
-                "too-many-pixels": "unreadable", "bad-shape": "bad-shape"}
+_ERROR_CODES = {
+    "empty": "empty-file",
+    "missing": "unreadable",
+    "not-an-image": "unreadable",
+    "too-many-pixels": "unreadable",
+    "bad-shape": "bad-shape",
+}
 
 
 def analyse_file(path: str) -> FileInfo:
@@ -182,8 +188,14 @@ def analyse_files(paths: list[str], workers: int = 0) -> list[FileInfo]:
     return [found[i] if i in found else _SEEN[keys[i]] for i in range(len(paths))]
 
 
-def check(scan_result: ScanResult | Manifest, *, min_size: int = 32, near_dup_distance: int = 4,
-          imbalance_warn: float = 3.0, workers: int = 0) -> CheckReport:
+def check(
+    scan_result: ScanResult | Manifest,
+    *,
+    min_size: int = 32,
+    near_dup_distance: int = 4,
+    imbalance_warn: float = 3.0,
+    workers: int = 0,
+) -> CheckReport:
     """Checks every image of a scan (or manifest) and returns the findings. Reads files only."""
     if isinstance(scan_result, Manifest):
         scan_result = ScanResult(scan_result, layout="csv")
@@ -195,8 +207,9 @@ def check(scan_result: ScanResult | Manifest, *, min_size: int = 32, near_dup_di
     report.near_pairs = pairs
     conflicts, within_exact = _duplicate_findings(report, pairs, exact, near_dup_distance)
     leaks = _leak_findings(report, pairs)
-    report.summary = _summary(report, scan_result, counts, len(exact), within_exact, conflicts, leaks,
-                              near_dup_distance)
+    report.summary = _summary(
+        report, scan_result, counts, len(exact), within_exact, conflicts, leaks, near_dup_distance
+    )
     return report
 
 
@@ -213,8 +226,11 @@ def _file_findings(report: CheckReport, min_size: int) -> None:
             if f.mode != "RGB" and f.mode in _MODE_NOTES:
                 report.issues.append(Issue("mode-converted", "info", r.path, f"mode {f.mode}: {_MODE_NOTES[f.mode]}"))
             if f.exif_rotated:
-                report.issues.append(Issue("exif-rotated", "info", r.path,
-                                           "EXIF orientation set: the image is rotated upright when loaded"))
+                report.issues.append(
+                    Issue(
+                        "exif-rotated", "info", r.path, "EXIF orientation set: the image is rotated upright when loaded"
+                    )
+                )
 
 
 def _class_findings(report: CheckReport, scan_result: ScanResult, imbalance_warn: float) -> Counter:
@@ -226,22 +242,42 @@ def _class_findings(report: CheckReport, scan_result: ScanResult, imbalance_warn
         issues.append(Issue("empty-class", "warning", name, "class folder holds no images"))
     every = Counter(r.label for r in report.manifest.records)
     for name in sorted(set(every) - set(counts)):
-        issues.append(Issue("no-usable-image", "warning", name, f"none of its {every[name]} image(s) can be used "
-                                                                  "(see the errors above): the class is left out"))
+        issues.append(
+            Issue(
+                "no-usable-image",
+                "warning",
+                name,
+                f"none of its {every[name]} image(s) can be used (see the errors above): the class is left out",
+            )
+        )
     if counts:
         most, least = max(counts.values()), min(counts.values())
         if most / least >= imbalance_warn:
             small = [c for c, n in counts.items() if n == least]
-            issues.append(Issue("imbalance", "warning", ", ".join(sorted(small)),
-                                f"classes are imbalanced: largest {most} vs smallest {least} images "
-                                f"(ratio {most / least:.1f}); consider --balance weights"))
+            issues.append(
+                Issue(
+                    "imbalance",
+                    "warning",
+                    ", ".join(sorted(small)),
+                    f"classes are imbalanced: largest {most} vs smallest {least} images "
+                    f"(ratio {most / least:.1f}); consider --balance weights",
+                )
+            )
     for label, n in sorted(counts.items()):
         if n < 5:
-            issues.append(Issue("tiny-class", "warning", label, f"only {n} usable image(s): too few to learn and to test"))
+            issues.append(
+                Issue("tiny-class", "warning", label, f"only {n} usable image(s): too few to learn and to test")
+            )
     if len(counts) == 1:
         label = next(iter(counts))
-        issues.append(Issue("one-class", "error", label, "only one class: a classifier needs at least two"
-                            + _deeper_hint(report.manifest, label)))
+        issues.append(
+            Issue(
+                "one-class",
+                "error",
+                label,
+                "only one class: a classifier needs at least two" + _deeper_hint(report.manifest, label),
+            )
+        )
     return counts
 
 
@@ -255,20 +291,24 @@ def _deeper_hint(manifest: Manifest, label: str) -> str:
     if len(below) < 2:
         return ""
     deeper = Path(manifest.root or ".", *common)
-    return (f". Its images sit in the sub-folders {', '.join(below[:5])}{' ...' if len(below) > 5 else ''}: if those "
-            f"are the classes, pass {deeper}")
+    return (
+        f". Its images sit in the sub-folders {', '.join(below[:5])}{' ...' if len(below) > 5 else ''}: if those "
+        f"are the classes, pass {deeper}"
+    )
 
 
 def _duplicate_pairs(report: CheckReport, near_dup_distance: int) -> tuple[np.ndarray, set[tuple[int, int]]]:
     """Index pairs of exact (content hash) and near (perceptual hash + colour) duplicates, and the exact ones."""
     records = report.manifest.records
     label_ids = {c: i for i, c in enumerate(sorted({r.label for r in records}))}
-    return duplicate_pairs(report.files, near_dup_distance, np.array([label_ids[r.label] for r in records],
-                                                                      dtype=np.int64))
+    return duplicate_pairs(
+        report.files, near_dup_distance, np.array([label_ids[r.label] for r in records], dtype=np.int64)
+    )
 
 
-def duplicate_pairs(files: list[FileInfo], near_dup_distance: int = 4,
-                    labels: np.ndarray | None = None) -> tuple[np.ndarray, set[tuple[int, int]]]:
+def duplicate_pairs(
+    files: list[FileInfo], near_dup_distance: int = 4, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, set[tuple[int, int]]]:
     """(index pairs of exact and near duplicates among ``files``, the exact ones): the same content hash, or
     perceptual hashes within ``near_dup_distance`` bits whose colour thumbnails agree too (within the coarser
     tolerance where ``labels`` are the same, the finer one where they differ or are not given)."""
@@ -286,8 +326,9 @@ def duplicate_pairs(files: list[FileInfo], near_dup_distance: int = 4,
     return near, exact
 
 
-def _duplicate_findings(report: CheckReport, pairs: np.ndarray, exact: set[tuple[int, int]],
-                        near_dup_distance: int) -> tuple[int, int]:
+def _duplicate_findings(
+    report: CheckReport, pairs: np.ndarray, exact: set[tuple[int, int]], near_dup_distance: int
+) -> tuple[int, int]:
     """Label conflicts, exact duplicates within a split, a note on near duplicates; vectorised over the pairs
     (Fruits-360 has ~180k). Returns (label conflicts, exact duplicates within a class and split)."""
     records = report.manifest.records
@@ -300,18 +341,30 @@ def _duplicate_findings(report: CheckReport, pairs: np.ndarray, exact: set[tuple
     same_split = splits[a] == splits[b]
     for i, j, ex in zip(a[differ].tolist(), b[differ].tolist(), is_exact[differ].tolist()):
         kind = "identical" if ex else "near-duplicate"
-        report.issues.append(Issue("label-conflict", "warning", records[j].path,
-                                   f"{kind} of {records[i].path} but labelled '{records[j].label}' vs '{records[i].label}'"))
+        report.issues.append(
+            Issue(
+                "label-conflict",
+                "warning",
+                records[j].path,
+                f"{kind} of {records[i].path} but labelled '{records[j].label}' vs '{records[i].label}'",
+            )
+        )
     dup = ~differ & is_exact & same_split
     for i, j in zip(a[dup].tolist(), b[dup].tolist()):
         report.issues.append(Issue("duplicate", "warning", records[j].path, f"identical to {records[i].path}"))
     near_mask = ~differ & ~is_exact & same_split
     near_within = np.unique(np.concatenate([a[near_mask], b[near_mask]]))
     if len(near_within):
-        report.issues.append(Issue("near-duplicates", "info", "",
-                                   f"{len(near_within)} images have a near duplicate in the same class and split "
-                                   f"(perceptual-hash distance <= {near_dup_distance}); the split keeps such groups "
-                                   "together"))
+        report.issues.append(
+            Issue(
+                "near-duplicates",
+                "info",
+                "",
+                f"{len(near_within)} images have a near duplicate in the same class and split "
+                f"(perceptual-hash distance <= {near_dup_distance}); the split keeps such groups "
+                "together",
+            )
+        )
     return int(differ.sum()), int(dup.sum())
 
 
@@ -321,32 +374,57 @@ def _leak_findings(report: CheckReport, pairs: np.ndarray) -> dict[str, dict[str
     leaks = find_leaks([r.split for r in records], pairs, split_sizes)
     for key, v in leaks.items():
         split, other = key.split("<-")
-        report.issues.append(Issue("split-leak", "warning", split,
-                                   f"{v['images']} of {split_sizes[split]} {split} images ({v['share']:.1%}) have an "
-                                   f"identical or near-duplicate image in {other}: accuracy on {split} overstates "
-                                   "accuracy on new photos. Run 'fruitlens split' for a leak-free split"))
+        report.issues.append(
+            Issue(
+                "split-leak",
+                "warning",
+                split,
+                f"{v['images']} of {split_sizes[split]} {split} images ({v['share']:.1%}) have an "
+                f"identical or near-duplicate image in {other}: accuracy on {split} overstates "
+                "accuracy on new photos. Run 'fruitlens split' for a leak-free split",
+            )
+        )
     return leaks
 
 
-def _summary(report: CheckReport, scan_result: ScanResult, counts: Counter, exact_pairs: int, within_exact: int,
-             conflicts: int, leaks: dict, near_dup_distance: int) -> CheckSummary:
+def _summary(
+    report: CheckReport,
+    scan_result: ScanResult,
+    counts: Counter,
+    exact_pairs: int,
+    within_exact: int,
+    conflicts: int,
+    leaks: dict,
+    near_dup_distance: int,
+) -> CheckSummary:
     usable = report.usable
     split_counts: dict[str, Counter] = {}
     for r, u in zip(report.manifest.records, usable):
         if u:
             split_counts.setdefault(r.split or "all", Counter())[r.label] += 1
     return CheckSummary(
-        images=len(usable), usable=int(usable.sum()), bad=int((~usable).sum()), classes=len(counts),
-        layout=scan_result.layout, counts={s: dict(sorted(c.items())) for s, c in split_counts.items()},
+        images=len(usable),
+        usable=int(usable.sum()),
+        bad=int((~usable).sum()),
+        classes=len(counts),
+        layout=scan_result.layout,
+        counts={s: dict(sorted(c.items())) for s, c in split_counts.items()},
         class_totals=dict(sorted(counts.items())),
         imbalance_ratio=max(counts.values()) / min(counts.values()) if counts else float("nan"),
-        exact_duplicate_pairs=exact_pairs, within_class_exact_duplicates=within_exact, label_conflicts=conflicts,
-        near_duplicate_pairs=int(len(report.near_pairs)), near_duplicate_distance=near_dup_distance, leaks=leaks,
-        skipped_hidden=len(scan_result.skipped_hidden), skipped_non_image=len(scan_result.skipped_non_image),
+        exact_duplicate_pairs=exact_pairs,
+        within_class_exact_duplicates=within_exact,
+        label_conflicts=conflicts,
+        near_duplicate_pairs=int(len(report.near_pairs)),
+        near_duplicate_distance=near_dup_distance,
+        leaks=leaks,
+        skipped_hidden=len(scan_result.skipped_hidden),
+        skipped_non_image=len(scan_result.skipped_non_image),
         errors=sum(i.severity == "error" for i in report.issues),
         warnings=sum(i.severity == "warning" for i in report.issues),
         white_background=round(float(np.mean([white_background(f) for f in report.files if f.ok])), 4)
-        if usable.any() else 0.0)
+        if usable.any()
+        else 0.0,
+    )
 
 
 def white_background(f: FileInfo) -> bool:
@@ -384,17 +462,18 @@ def _colour_close(files: list[FileInfo], pairs: np.ndarray, labels: np.ndarray) 
     half = COLOUR_SIDE // 2  # 2x2 blocks of the 8x8 thumbnail: the 4x4 one
     out = np.zeros(len(pairs), dtype=bool)
     for start in range(0, len(pairs), 16384):  # chunks keep the float buffers small (Fruits-360 has ~180k pairs)
-        p = pairs[start:start + 16384]
+        p = pairs[start : start + 16384]
         diff = thumbs[p[:, 0]] - thumbs[p[:, 1]]
         fine = np.abs(diff).mean(axis=1)
         coarse = np.abs(diff.reshape(-1, half, 2, half, 2, 3).mean(axis=(2, 4))).mean(axis=(1, 2, 3))
         same = labels[p[:, 0]] == labels[p[:, 1]]
-        out[start:start + len(p)] = np.where(same, coarse <= SAME_LABEL_TOLERANCE, fine <= OTHER_LABEL_TOLERANCE)
+        out[start : start + len(p)] = np.where(same, coarse <= SAME_LABEL_TOLERANCE, fine <= OTHER_LABEL_TOLERANCE)
     return out
 
 
 def find_leaks(splits: list[str], pairs: np.ndarray, split_sizes: dict[str, int]) -> dict[str, dict[str, float]]:
-    """``{"test<-train": {"images": n, "share": f}, ...}``: images of a later split with a duplicate in an earlier one."""
+    """``{"test<-train": {"images": n, "share": f}, ...}``: images of a later split with a duplicate in an earlier
+    one."""
     out: dict[str, dict[str, float]] = {}
     if len(pairs) == 0:
         return out

@@ -3,6 +3,7 @@
 Augmentation and normalisation run on whole batches (``training/augment.py``), the same for both training paths. A
 bad image mid-training is skipped and logged, not fatal.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,10 @@ class ImageDataset(Dataset):
         index = {c: i for i, c in enumerate(classes)}
         unknown = sorted({r.label for r in manifest} - set(index))
         if unknown:
-            raise DataError(f"class(es) {', '.join(unknown)} are not among the model's classes {', '.join(classes)}",
-                            "use --class-map FILE to map them, or evaluate on data with the model's classes")
+            raise DataError(
+                f"class(es) {', '.join(unknown)} are not among the model's classes {', '.join(classes)}",
+                "use --class-map FILE to map them, or evaluate on data with the model's classes",
+            )
         self.targets = [index[r.label] for r in manifest]
         self.pre = pre
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
@@ -66,14 +69,23 @@ def class_weights(targets: list[int] | torch.Tensor, num_classes: int) -> torch.
     return w
 
 
-def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, workers: int, balance: bool = False,
-                seed: int = 0) -> DataLoader:
+def make_loader(
+    ds: Dataset, batch_size: int, *, shuffle: bool, workers: int, balance: bool = False, seed: int = 0
+) -> DataLoader:
     """DataLoader with an optional class-balanced sampler; workers stay alive between epochs."""
     sampler = None
     if balance:
         w = class_weights(ds.targets, max(ds.targets) + 1)[ds.targets]
-        sampler = WeightedRandomSampler(w.double(), num_samples=len(ds), replacement=True,
-                                        generator=torch.Generator().manual_seed(seed))
+        sampler = WeightedRandomSampler(
+            w.double(), num_samples=len(ds), replacement=True, generator=torch.Generator().manual_seed(seed)
+        )
         shuffle = False
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
-                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed) if shuffle else None)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+    )

@@ -1,4 +1,5 @@
 """Data sets fetched on first use: resumable download, checksum, extraction, and a check against published counts."""
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +39,10 @@ class DatasetSource:
 FRUITS360 = DatasetSource(
     name="fruits-360-100x100",
     url=f"https://github.com/fruits-360/fruits-360-100x100/archive/{FRUITS360_COMMIT}.zip",
-    expected_classes=155, expected_counts={"Training": 76893, "Test": 25746}, version="2025.03.09.0")
+    expected_classes=155,
+    expected_counts={"Training": 76893, "Test": 25746},
+    version="2025.03.09.0",
+)
 REGISTERED = {FRUITS360.name: FRUITS360.url}  # name -> address whose cache keeps the plain name
 
 
@@ -50,8 +54,15 @@ def cache_root() -> Path:
 Progress = Callable[[int, int], None]  # (bytes so far, total or 0)
 
 
-def download(url: str, dest: Path, *, sha256: str = "", progress: Progress | None = None, timeout: float = 60,
-             chunk: int = 1 << 20) -> Path:
+def download(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str = "",
+    progress: Progress | None = None,
+    timeout: float = 60,
+    chunk: int = 1 << 20,
+) -> Path:
     """Downloads ``url`` to ``dest``, resuming a ``dest.part`` left by an interrupted run (HTTP Range).
 
     Verifies ``sha256`` when given; a mismatch removes the bad download and raises DownloadError.
@@ -62,7 +73,9 @@ def download(url: str, dest: Path, *, sha256: str = "", progress: Progress | Non
         return dest
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "fruitlens", **({"Range": f"bytes={have}-"} if have else {})})
+    req = urllib.request.Request(
+        url, headers={"User-Agent": "fruitlens", **({"Range": f"bytes={have}-"} if have else {})}
+    )
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -70,11 +83,15 @@ def download(url: str, dest: Path, *, sha256: str = "", progress: Progress | Non
             part.replace(dest)
             _verify(dest, sha256)
             return dest
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}", "check the URL or use --data-url for a mirror") from None
+        raise DownloadError(
+            f"{url}: HTTP {exc.code} {exc.reason}", "check the URL or use --data-url for a mirror"
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
-        raise DownloadError(f"cannot download {url} ({getattr(exc, 'reason', exc)})",
-                            "check the network, set FRUITLENS_DATA_URL / --data-url to a mirror or a local archive, "
-                            "or pass --data FOLDER") from None
+        raise DownloadError(
+            f"cannot download {url} ({getattr(exc, 'reason', exc)})",
+            "check the network, set FRUITLENS_DATA_URL / --data-url to a mirror or a local archive, "
+            "or pass --data FOLDER",
+        ) from None
     with resp:
         resumed = resp.status == 206
         if have and not resumed:
@@ -95,11 +112,15 @@ def download(url: str, dest: Path, *, sha256: str = "", progress: Progress | Non
                     if progress:
                         progress(done, total)
             except (OSError, TimeoutError) as exc:
-                raise DownloadError(f"download of {url} broke off at {done / 2**20:.1f} MB ({exc})",
-                                    "run the same command again: it resumes where it stopped") from None
+                raise DownloadError(
+                    f"download of {url} broke off at {done / 2**20:.1f} MB ({exc})",
+                    "run the same command again: it resumes where it stopped",
+                ) from None
     if total and done < total:
-        raise DownloadError(f"download of {url} stopped at {done} of {total} bytes",
-                            "run the same command again: it resumes where it stopped")
+        raise DownloadError(
+            f"download of {url} stopped at {done} of {total} bytes",
+            "run the same command again: it resumes where it stopped",
+        )
     part.replace(dest)
     _verify(dest, sha256)
     return dest
@@ -116,8 +137,10 @@ def _verify(path: Path, sha256: str, ours: bool = True) -> None:
             bad = path.with_name(path.name + ".bad")
             path.replace(bad)
             where = f" (moved aside as {bad.name})"
-        raise DownloadError(f"{path.name}: SHA-256 {digest[:16]}... does not match the expected "
-                            f"{sha256[:16]}...{where}", "download again, or check the mirror's checksum")
+        raise DownloadError(
+            f"{path.name}: SHA-256 {digest[:16]}... does not match the expected {sha256[:16]}...{where}",
+            "download again, or check the mirror's checksum",
+        )
 
 
 def extract(archive: Path, dest: Path) -> Path:
@@ -161,8 +184,10 @@ def verify_counts(root: Path, source: DatasetSource) -> dict[str, int]:
     for split in source.expected_counts:
         folder = root / split
         if not folder.is_dir():
-            raise DownloadError(f"{root}: the extracted data lacks the folder {split}",
-                                "the archive is not the expected data set; delete the cache folder and retry")
+            raise DownloadError(
+                f"{root}: the extracted data lacks the folder {split}",
+                "the archive is not the expected data set; delete the cache folder and retry",
+            )
         n = 0
         for cls in folder.iterdir():
             if cls.is_dir():
@@ -174,8 +199,10 @@ def verify_counts(root: Path, source: DatasetSource) -> dict[str, int]:
         what = ", ".join(f"{s}: {got} images, expected {exp}" for s, (got, exp) in mismatch.items())
         if source.expected_classes and len(classes) != source.expected_classes:
             what += f"{', ' if what else ''}{len(classes)} classes, expected {source.expected_classes}"
-        raise DownloadError(f"{root}: the extracted data does not match {source.name} {source.version} ({what})",
-                            "delete the folder and download again, or pass --data FOLDER to use your own copy")
+        raise DownloadError(
+            f"{root}: the extracted data does not match {source.name} {source.version} ({what})",
+            "delete the folder and download again, or pass --data FOLDER to use your own copy",
+        )
     return counts
 
 

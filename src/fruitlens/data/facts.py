@@ -1,5 +1,6 @@
 """``DataFacts``: what data preparation found out about the data (check summary, findings, split), written to the run's
 ``facts.json`` and shown in the report."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,6 +4,7 @@ Near duplicates are found by multi-index hashing: a 64-bit hash is cut into ``d 
 Hamming distance ``d`` agree exactly on at least one chunk (pigeonhole), so only images sharing a chunk value are
 compared. Cost grows with the number of images times the bucket sizes, not with the number of pairs.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,11 +27,11 @@ def phash_batch(thumbnails: list[bytes]) -> np.ndarray:
 
     out = np.zeros(len(thumbnails), dtype=np.uint64)
     for start in range(0, len(thumbnails), 4096):  # chunks keep the float64 DCT buffers at ~100 MB
-        chunk = thumbnails[start:start + 4096]
+        chunk = thumbnails[start : start + 4096]
         px = np.frombuffer(b"".join(chunk), dtype=np.uint8).reshape(-1, PHASH_SIDE, PHASH_SIDE).astype(np.float64)
         dct = scipy.fftpack.dct(scipy.fftpack.dct(px, axis=1), axis=2)[:, :8, :8].reshape(len(px), 64)
         bits = dct > np.median(dct, axis=1, keepdims=True)
-        out[start:start + len(chunk)] = np.packbits(bits, axis=1, bitorder="big").view(">u8").ravel()
+        out[start : start + len(chunk)] = np.packbits(bits, axis=1, bitorder="big").view(">u8").ravel()
     return out
 
 

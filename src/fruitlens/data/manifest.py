@@ -1,4 +1,5 @@
 """``Record`` and ``Manifest``: the list of images that every command after ``scan`` works on."""
+
 from __future__ import annotations
 
 import csv
@@ -94,11 +95,15 @@ class Manifest:
         except (UnicodeDecodeError, csv.Error) as exc:
             raise DataError(f"{path}: not a readable CSV ({exc})") from None
         if not rows:
-            raise DataError(f"{path}: manifest has no rows", "it needs a header path,label[,split] and one row per image")
+            raise DataError(
+                f"{path}: manifest has no rows", "it needs a header path,label[,split] and one row per image"
+            )
         missing = {"path", "label"} - set(rows[0])
         if missing:
-            raise DataError(f"{path}: manifest lacks column(s) {', '.join(sorted(missing))}; found {', '.join(rows[0])}",
-                            "the header must be path,label[,split,group,hash]")
+            raise DataError(
+                f"{path}: manifest lacks column(s) {', '.join(sorted(missing))}; found {', '.join(rows[0])}",
+                "the header must be path,label[,split,group,hash]",
+            )
         records = []
         for i, row in enumerate(rows, start=2):
             if not row["path"] or not row["label"]:
@@ -109,9 +114,14 @@ class Manifest:
 
 
 _SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val", "dev": "val",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
 }
 
 

@@ -4,6 +4,7 @@
 them. Unreadable files are left out and listed, never fatal; near copies (bursts, the same shelf twice) are found
 with the check's own rule, so that a person is not asked to label one photo twice.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,17 +27,24 @@ def find_photos(source: str | Path, what: str = "--adapt-to") -> list[str]:
     names the option or argument in the message."""
     src = Path(source)
     if not src.exists():
-        raise DataError(f"{what} {source}: no such file or folder",
-                        "pass a folder of photos of the setting the model will be used in")
+        raise DataError(
+            f"{what} {source}: no such file or folder",
+            "pass a folder of photos of the setting the model will be used in",
+        )
     if src.is_file():
         lines = [ln.strip() for ln in src.read_text(errors="replace").splitlines() if ln.strip()]
         paths = [str((src.parent / p) if not Path(p).is_absolute() else Path(p)) for p in lines]
     else:
-        paths = sorted(str(p) for p in src.rglob("*") if p.is_file() and is_image_file(p)
-                       and not any(_hidden(part) for part in p.relative_to(src).parts))
+        paths = sorted(
+            str(p)
+            for p in src.rglob("*")
+            if p.is_file() and is_image_file(p) and not any(_hidden(part) for part in p.relative_to(src).parts)
+        )
     if not paths:
-        raise DataError(f"{what} {source}: no image files found",
-                        "pass a folder with photos (JPEG, PNG, WebP, ...); subfolders are searched too")
+        raise DataError(
+            f"{what} {source}: no image files found",
+            "pass a folder with photos (JPEG, PNG, WebP, ...); subfolders are searched too",
+        )
     return paths
 
 
@@ -68,8 +76,10 @@ def read_photos(paths: list[str], workers: int = 0, what: str = "--adapt-to") ->
     if len(out.skipped) > 10:
         log.warning("%s: ... and %d more unreadable files", what, len(out.skipped) - 10)
     if not out.paths:
-        raise DataError(f"{what}: none of the {len(paths)} files can be decoded as an image",
-                        "run 'fruitlens check' on the folder to see why")
+        raise DataError(
+            f"{what}: none of the {len(paths)} files can be decoded as an image",
+            "run 'fruitlens check' on the folder to see why",
+        )
     return out
 
 

@@ -1,5 +1,6 @@
 """Where a data set comes from and under which licence, where the folder says so (a LICENSE file in it, or a README
 beside it with an entry naming it and a licence). Nothing is guessed: unknown is None."""
+
 from __future__ import annotations
 
 import re

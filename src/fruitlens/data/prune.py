@@ -7,6 +7,7 @@ perceptual hashes: the next pick is the frame farthest from every pick so far), 
 at least one. The others stay in the run's manifest as split ``covered``: checked, never trained on, and counted
 in the report.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,9 @@ def cover(hashes: np.ndarray, k: int) -> np.ndarray:
     return np.array(sorted(chosen))
 
 
-def representatives(manifest: Manifest, files: dict[str, FileInfo], share: float,
-                    split: str = "train") -> tuple[Manifest, int]:
+def representatives(
+    manifest: Manifest, files: dict[str, FileInfo], share: float, split: str = "train"
+) -> tuple[Manifest, int]:
     """``manifest`` with the ``split`` images that representatives of their near-copy group stand for moved to
     split ``covered``; and how many were. ``files``: what the check learnt of each image, by resolved path. Groups of
     one, and images the check has no hash for, are kept."""

@@ -4,6 +4,7 @@ The ``new_label`` column says, per image: empty (keep the label), a class name (
 image out). The user's files are never moved, renamed or deleted: ``--out`` copies every image into a new folder
 tree, ``--manifest`` writes a CSV that points at the images where they are.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,10 +37,14 @@ def read_decisions(csv_path: Path) -> dict[str, str]:
         with Path(csv_path).open(newline="") as fh:
             rows = list(csv.DictReader(fh))
     except FileNotFoundError:
-        raise DataError(f"{csv_path}: not found", "pass the label_issues.csv that 'fruitlens check --labels' wrote") from None
+        raise DataError(
+            f"{csv_path}: not found", "pass the label_issues.csv that 'fruitlens check --labels' wrote"
+        ) from None
     if rows and not {"path", "new_label"} <= set(rows[0]):
-        raise DataError(f"{csv_path}: needs the columns path and new_label; found {', '.join(rows[0])}",
-                        "fill in the new_label column of label_issues.csv")
+        raise DataError(
+            f"{csv_path}: needs the columns path and new_label; found {', '.join(rows[0])}",
+            "fill in the new_label column of label_issues.csv",
+        )
     out = {}
     for n, row in enumerate(rows, start=2):
         new = (row.get("new_label") or "").strip()

@@ -1,4 +1,5 @@
 """Turn a folder (class folders, or split folders holding class folders) or a manifest CSV into a Manifest."""
+
 from __future__ import annotations
 
 import logging
@@ -66,11 +67,15 @@ def scan(source: str | Path) -> ScanResult:
     """
     source = Path(source)
     if not source.exists():
-        raise DataError(f"{source}: no such file or folder", "pass a folder with one sub-folder per class, or a manifest CSV")
+        raise DataError(
+            f"{source}: no such file or folder", "pass a folder with one sub-folder per class, or a manifest CSV"
+        )
     if source.is_file():
         if source.suffix.lower() != ".csv":
-            raise DataError(f"{source}: expected a folder or a manifest .csv but received a file",
-                            "pass the folder that holds one sub-folder per class")
+            raise DataError(
+                f"{source}: expected a folder or a manifest .csv but received a file",
+                "pass the folder that holds one sub-folder per class",
+            )
         return ScanResult(Manifest.from_csv(source), layout="csv")
     root = source.resolve()
     result = ScanResult(Manifest(()))
@@ -82,8 +87,10 @@ def scan(source: str | Path) -> ScanResult:
         seen: dict[str, Path] = {}
         for folder, split in split_dirs.items():
             if split in seen:
-                raise DataError(f"{root}: both '{seen[split].name}' and '{folder.name}' look like the {split} split",
-                                "keep one of them, or pass a manifest CSV that says which image goes where")
+                raise DataError(
+                    f"{root}: both '{seen[split].name}' and '{folder.name}' look like the {split} split",
+                    "keep one of them, or pass a manifest CSV that says which image goes where",
+                )
             seen[split] = folder
             records += _scan_class_folders(folder, root, split, result)
         others = [p.name for p in subdirs if p not in split_dirs]
@@ -92,7 +99,9 @@ def scan(source: str | Path) -> ScanResult:
     else:
         records = _scan_class_folders(root, root, "", result)
     if not records:
-        raise DataError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in class sub-folders)",
-                        "the layout is DATA/<class>/<image>, or DATA/train|val|test/<class>/<image>")
+        raise DataError(
+            f"{source}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in class sub-folders)",
+            "the layout is DATA/<class>/<image>, or DATA/train|val|test/<class>/<image>",
+        )
     result.manifest = Manifest(tuple(records), str(root))
     return result

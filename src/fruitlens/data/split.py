@@ -4,6 +4,7 @@ Groups (connected components of the duplicate graph, or a file-name pattern) are
 turning fruit in test never has its neighbour frame in train. Groups can be large, so proportions are approximate;
 ``SplitResult.table`` says what was achieved per class and split.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,9 +52,15 @@ class SplitResult:
     notes: list[str] = field(default_factory=list)
 
     def facts(self) -> SplitFacts:
-        return SplitFacts(dict(Counter(r.split for r in self.manifest)), self.table, self.warnings,
-                          [{"path": p, "reason": r} for p, r in self.excluded], self.leaks, self.kept_existing,
-                          self.notes)
+        return SplitFacts(
+            dict(Counter(r.split for r in self.manifest)),
+            self.table,
+            self.warnings,
+            [{"path": p, "reason": r} for p, r in self.excluded],
+            self.leaks,
+            self.kept_existing,
+            self.notes,
+        )
 
 
 def _group_ids(report: CheckReport, usable: list[int], group: str, pattern: str) -> dict[int, str]:
@@ -74,16 +81,18 @@ def _group_ids(report: CheckReport, usable: list[int], group: str, pattern: str)
             out[i] = f"{records[i].label}/{key}"
         if usable and not matched:  # every image its own group: the split would ignore the frames the user meant
             example = Path(records[usable[0]].path).name
-            raise ConfigError(f"--group-pattern '{pattern}' matches none of the {len(usable)} file names (e.g. "
-                              f"'{example}')", "the pattern is searched in the file name; e.g. '^(.*)_\\d+\\.jpg$' "
-                              "groups kiwi12_003.jpg as kiwi12")
+            raise ConfigError(
+                f"--group-pattern '{pattern}' matches none of the {len(usable)} file names (e.g. '{example}')",
+                "the pattern is searched in the file name; e.g. '^(.*)_\\d+\\.jpg$' groups kiwi12_003.jpg as kiwi12",
+            )
         return out
     comp = duplicate_groups(report)
     return {i: f"g{comp[i]}" for i in usable}
 
 
-def _assign(groups: dict[str, list[int]], label_of, fractions: dict[str, float], seed: int,
-            warnings: list[str]) -> dict[int, str]:
+def _assign(
+    groups: dict[str, list[int]], label_of, fractions: dict[str, float], seed: int, warnings: list[str]
+) -> dict[int, str]:
     """Greedy stratified assignment of whole groups: each group goes to the split furthest below its target."""
     rng = random.Random(seed)
     by_class: dict[str, list[list[int]]] = defaultdict(list)
@@ -102,13 +111,17 @@ def _assign(groups: dict[str, list[int]], label_of, fractions: dict[str, float],
             order = [s for s in ("train", "test", "val") if s in wanted]
             for g, split in zip(class_groups, order):
                 out.update({i: split for i in g})
-            missing = order[len(class_groups):]
+            missing = order[len(class_groups) :]
             if n == len(class_groups):
-                warnings.append(f"class '{label}' has only {n} image(s): no {' or '.join(missing)} images for it "
-                                f"(add images, or expect no per-class figure for it)")
+                warnings.append(
+                    f"class '{label}' has only {n} image(s): no {' or '.join(missing)} images for it "
+                    f"(add images, or expect no per-class figure for it)"
+                )
             else:
-                warnings.append(f"class '{label}' cannot be split without a leak: its {n} images form only "
-                                f"{len(class_groups)} near-duplicate group(s), so it gets no {' or '.join(missing)} images")
+                warnings.append(
+                    f"class '{label}' cannot be split without a leak: its {n} images form only "
+                    f"{len(class_groups)} near-duplicate group(s), so it gets no {' or '.join(missing)} images"
+                )
             continue
         target = {s: fractions[s] * n for s in wanted}
         have = {s: 0 for s in wanted}
@@ -130,21 +143,33 @@ def _assign(groups: dict[str, list[int]], label_of, fractions: dict[str, float],
         largest = len(class_groups[0]) if class_groups else 0
         for s in wanted:
             if s != "train" and target[s] >= 1 and have[s] > 2 * target[s] + 1:
-                warnings.append(f"class '{label}': {s} got {have[s]} images for a target of {target[s]:.0f} "
-                                f"(duplicate groups up to {largest} images are kept whole to avoid a leak)")
+                warnings.append(
+                    f"class '{label}': {s} got {have[s]} images for a target of {target[s]:.0f} "
+                    f"(duplicate groups up to {largest} images are kept whole to avoid a leak)"
+                )
     return out
 
 
-def split(report: CheckReport, *, val: float = 0.15, test: float = 0.15, seed: int = 0,
-          group: str = "near-duplicates", group_pattern: str = "") -> SplitResult:
+def split(
+    report: CheckReport,
+    *,
+    val: float = 0.15,
+    test: float = 0.15,
+    seed: int = 0,
+    group: str = "near-duplicates",
+    group_pattern: str = "",
+) -> SplitResult:
     """Splits the checked images. Keeps a split the data already has; bad images are left out and listed."""
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ConfigError(f"--val {val} and --test {test} must be fractions that add up to less than 1")
     records = report.manifest.records
     result = SplitResult(report.manifest)
     usable = [i for i, f in enumerate(report.files) if f.ok]
-    result.excluded = [(records[i].path, f"{report.files[i].error}: {report.files[i].detail}")
-                       for i, f in enumerate(report.files) if not f.ok]
+    result.excluded = [
+        (records[i].path, f"{report.files[i].error}: {report.files[i].detail}")
+        for i, f in enumerate(report.files)
+        if not f.ok
+    ]
     if not usable:
         raise DataError("no usable images to split", "run 'fruitlens check' to see why every image was rejected")
     gid = _group_ids(report, usable, group, group_pattern)
@@ -155,8 +180,13 @@ def split(report: CheckReport, *, val: float = 0.15, test: float = 0.15, seed: i
         groups: dict[str, list[int]] = defaultdict(list)
         for i in usable:
             groups[gid[i]].append(i)
-        splits = _assign(groups, lambda i: records[i].label, {"train": 1 - val - test, "val": val, "test": test},
-                         seed, result.warnings)
+        splits = _assign(
+            groups,
+            lambda i: records[i].label,
+            {"train": 1 - val - test, "val": val, "test": test},
+            seed,
+            result.warnings,
+        )
     new_records = [replace(records[i], split=splits[i], group=gid[i], hash=report.files[i].sha1) for i in usable]
     result.manifest = report.manifest.with_records(new_records)
     for r in new_records:
@@ -165,21 +195,32 @@ def split(report: CheckReport, *, val: float = 0.15, test: float = 0.15, seed: i
     return result
 
 
-def _keep_existing(records, usable: list[int], existing: set[str], gid: dict[int, str], val: float, test: float,
-                   seed: int, result: SplitResult) -> dict[int, str]:
+def _keep_existing(
+    records,
+    usable: list[int],
+    existing: set[str],
+    gid: dict[int, str],
+    val: float,
+    test: float,
+    seed: int,
+    result: SplitResult,
+) -> dict[int, str]:
     """The data's own split, with the missing held-out splits carved out of its train split."""
     result.kept_existing = True
     unknown = existing - set(SPLITS)
     if unknown:
-        raise DataError(f"unknown split name(s) {', '.join(sorted(unknown))} in the data",
-                        "use train, val and test (or training, validation, testing)")
+        raise DataError(
+            f"unknown split name(s) {', '.join(sorted(unknown))} in the data",
+            "use train, val and test (or training, validation, testing)",
+        )
     if "train" not in existing:
         raise DataError("the data has split folders but no train split", "add a train/ (or Training/) folder")
     splits = {i: records[i].split for i in usable}
     if "test" not in existing and "val" in existing:
         splits = {i: "test" if s == "val" else s for i, s in splits.items()}
-        result.notes.append("the data's own validation split is held out as the test split; "
-                            "a validation split is carved out of train")
+        result.notes.append(
+            "the data's own validation split is held out as the test split; a validation split is carved out of train"
+        )
         existing.discard("val")
         existing.add("test")
     fractions = {s: f for s, f in (("val", val), ("test", test)) if s not in existing and f > 0}
@@ -207,5 +248,7 @@ def _report_leaks(report: CheckReport, splits: dict[int, str], existing: set[str
         s, other = key.split("<-")
         if v["images"]:
             why = "the data's own split" if result.kept_existing and s in existing else "groups linked across classes"
-            result.warnings.append(f"{v['images']} {s} images ({v['share']:.1%}) have a near duplicate in {other} "
-                                   f"({why}); {s} accuracy overstates accuracy on new photos")
+            result.warnings.append(
+                f"{v['images']} {s} images ({v['share']:.1%}) have a near duplicate in {other} "
+                f"({why}); {s} accuracy overstates accuracy on new photos"
+            )

@@ -18,6 +18,7 @@ makes two findings:
 The listed images' calibrated probabilities also say how many of them are likely right as labelled: the expected
 precision (one minus their mean probability of the given label) is printed with the count.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -99,8 +100,9 @@ def neighbours_from_groups(groups: list[str]) -> list[np.ndarray]:
     return [members[g][members[g] != i] if g else np.zeros(0, np.int64) for i, g in enumerate(groups)]
 
 
-def audit_labels(probs: np.ndarray, labels: np.ndarray, held: np.ndarray, neighbours: list[np.ndarray],
-                 alpha: float | None = None) -> tuple[list[LabelIssue], list[LookAlike]]:
+def audit_labels(
+    probs: np.ndarray, labels: np.ndarray, held: np.ndarray, neighbours: list[np.ndarray], alpha: float | None = None
+) -> tuple[list[LabelIssue], list[LookAlike]]:
     """The images that look mislabelled (most suspect first) and the class pairs that look alike.
 
     ``probs``: calibrated held-out probabilities (rows where ``held`` is False were not predicted without their group
@@ -126,13 +128,32 @@ def audit_labels(probs: np.ndarray, labels: np.ndarray, held: np.ndarray, neighb
                 continue
             if held[i] and probs[i, sug] < probs[i, own] and n_sug < STRONG_COPIES:  # the heads side with its label
                 continue
-            issues.append(LabelIssue(i, own, sug, p_own, float(probs[i, sug]) if held[i] else None,
-                                     1.0, "conflict", f"{n_sug} of its {len(near)} near copies are labelled so"))
+            issues.append(
+                LabelIssue(
+                    i,
+                    own,
+                    sug,
+                    p_own,
+                    float(probs[i, sug]) if held[i] else None,
+                    1.0,
+                    "conflict",
+                    f"{n_sug} of its {len(near)} near copies are labelled so",
+                )
+            )
         elif held[i] and top[i] != own and probs[i, own] <= alpha and probs[i, top[i]] > SURE:
             j = int(top[i])
-            issues.append(LabelIssue(i, own, j, p_own, float(probs[i, j]), float((1 + probs[i, j] - p_own) / 2),
-                                     "label", f"heads that never saw it: {100 * probs[i, j]:.0f}% this, "
-                                              f"{100 * p_own:.1f}% its label"))
+            issues.append(
+                LabelIssue(
+                    i,
+                    own,
+                    j,
+                    p_own,
+                    float(probs[i, j]),
+                    float((1 + probs[i, j] - p_own) / 2),
+                    "label",
+                    f"heads that never saw it: {100 * probs[i, j]:.0f}% this, {100 * p_own:.1f}% its label",
+                )
+            )
     issues.sort(key=lambda it: (it.kind != "conflict", -it.score))
     for r, it in enumerate(issues, start=1):
         it.rank = r

@@ -1,5 +1,6 @@
 """Class maps: the data's class names onto the model's (``{"Apple": ["Apple Braeburn", "Apple Red 1"]}``), and the
 model's probabilities collapsed onto the data's classes."""
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,13 @@ class ClassMapping:
         except FileNotFoundError:
             raise DataError(f"{path}: class map not found") from None
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: class map is not valid JSON ({exc})",
-                            'write it as {"data class": ["model class", ...]}') from None
+            raise DataError(
+                f"{path}: class map is not valid JSON ({exc})", 'write it as {"data class": ["model class", ...]}'
+            ) from None
         if not isinstance(raw, dict) or not raw:
-            raise DataError(f"{path}: a class map is a non-empty JSON object",
-                            'write it as {"data class": ["model class", ...]}')
+            raise DataError(
+                f"{path}: a class map is a non-empty JSON object", 'write it as {"data class": ["model class", ...]}'
+            )
         out = {}
         for k, v in raw.items():
             targets = [v] if isinstance(v, str) else list(v) if isinstance(v, list) else None
@@ -47,8 +50,10 @@ class ClassMapping:
                 raise DataError(f"{path}: '{k}' must map to a model class name or a list of them, not {v!r}")
             unknown = [t for t in targets if t not in model_classes]
             if unknown:
-                raise DataError(f"{path}: '{k}' maps to {', '.join(unknown)}, which the model does not know",
-                                f"model classes: {', '.join(model_classes)}")
+                raise DataError(
+                    f"{path}: '{k}' maps to {', '.join(unknown)}, which the model does not know",
+                    f"model classes: {', '.join(model_classes)}",
+                )
             out[k] = targets
         return cls(out, list(model_classes), str(path))
 

@@ -1,5 +1,6 @@
 """``fruitlens compare``: one table across runs (and a bar chart); a run folder or one of its ``eval/<data>/``
 reports, so that each row says what it was evaluated on."""
+
 from __future__ import annotations
 
 import statistics
@@ -71,21 +72,41 @@ def compare_runs(paths: list[str | Path], chart: Path | None = None) -> list[Com
         try:
             rep = Report.from_json(folder / "report.json")
         except ValueError as exc:
-            raise RunDirError(f"{folder / 'report.json'}: not a readable report ({exc})",
-                              f"write it again with: fruitlens evaluate {run.path}") from None
+            raise RunDirError(
+                f"{folder / 'report.json'}: not a readable report ({exc})",
+                f"write it again with: fruitlens evaluate {run.path}",
+            ) from None
         m = rep.metrics
-        rows.append(CompareRow(str(folder), rep.model.name, rep.model.parameters, rep.model.checkpoint_mb,
-                               int(rep.model.preprocessing.get("image_size", 0)), rep.evaluated_on, m.accuracy,
-                               m.accuracy_ci95, m.macro_f1, m.ece, rep.timing.train_seconds,
-                               round(cpu_latency_ms(run.best_ckpt), 2)))
+        rows.append(
+            CompareRow(
+                str(folder),
+                rep.model.name,
+                rep.model.parameters,
+                rep.model.checkpoint_mb,
+                int(rep.model.preprocessing.get("image_size", 0)),
+                rep.evaluated_on,
+                m.accuracy,
+                m.accuracy_ci95,
+                m.macro_f1,
+                m.ece,
+                rep.timing.train_seconds,
+                round(cpu_latency_ms(run.best_ckpt), 2),
+            )
+        )
     return _chart(rows, chart)
 
 
 def _chart(rows: list[CompareRow], chart: Path | None) -> list[CompareRow]:
     if chart is not None and rows:
         names = [f"{Path(r.run).name}\n({r.model}, {r.evaluated_on})" for r in rows]
-        plots.bar_chart(names, [r.accuracy for r in rows], chart, "accuracy by run (95% intervals)", "accuracy",
-                        [r.accuracy_ci95 for r in rows])
+        plots.bar_chart(
+            names,
+            [r.accuracy for r in rows],
+            chart,
+            "accuracy by run (95% intervals)",
+            "accuracy",
+            [r.accuracy_ci95 for r in rows],
+        )
     return rows
 
 
@@ -97,46 +118,70 @@ def compare_mlflow(experiment: str, uri: str | None = None, chart: Path | None =
     try:
         from mlflow import MlflowClient
     except ImportError:
-        raise ConfigError("--mlflow-experiment needs the mlflow package, which is not installed",
-                          "install the tracking extra: pip install 'fruitlens[tracking]'") from None
+        raise ConfigError(
+            "--mlflow-experiment needs the mlflow package, which is not installed",
+            "install the tracking extra: pip install 'fruitlens[tracking]'",
+        ) from None
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise ConfigError("no MLflow store given", "pass --mlflow-uri (e.g. sqlite:///runs/mlflow.db) or set "
-                          "MLFLOW_TRACKING_URI")
+        raise ConfigError(
+            "no MLflow store given", "pass --mlflow-uri (e.g. sqlite:///runs/mlflow.db) or set MLFLOW_TRACKING_URI"
+        )
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
-        raise ConfigError(f"{uri}: no MLflow experiment '{experiment}'",
-                          f"experiments there: {', '.join(names) or 'none'}")
+        raise ConfigError(
+            f"{uri}: no MLflow experiment '{experiment}'", f"experiments there: {', '.join(names) or 'none'}"
+        )
     rows = []
     for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]):
         p, m = r.data.params, r.data.metrics
         if "test_accuracy" not in m:  # unfinished, or logged by something else
             continue
-        ci = ([m["test_accuracy_ci95_low"], m["test_accuracy_ci95_high"]] if "test_accuracy_ci95_low" in m else None)
+        ci = [m["test_accuracy_ci95_low"], m["test_accuracy_ci95_high"]] if "test_accuracy_ci95_low" in m else None
         folder = RunDir(Path(p.get("run/folder", "")))
-        latency = round(cpu_latency_ms(folder.best_ckpt), 2) if p.get("run/folder") and folder.best_ckpt.is_file() \
+        latency = (
+            round(cpu_latency_ms(folder.best_ckpt), 2)
+            if p.get("run/folder") and folder.best_ckpt.is_file()
             else float("nan")
-        rows.append(CompareRow(r.info.run_name or r.info.run_id, p.get("model/name"), int(p.get("run/parameters", 0)),
-                               float(p.get("run/size_mb", 0)), int(p.get("model/img_size", 0)),
-                               p.get("run/evaluated_on", "test"), m["test_accuracy"], ci,
-                               m.get("test_macro_f1", float("nan")), m.get("test_ece", float("nan")),
-                               m.get("train_seconds"), latency))
+        )
+        rows.append(
+            CompareRow(
+                r.info.run_name or r.info.run_id,
+                p.get("model/name"),
+                int(p.get("run/parameters", 0)),
+                float(p.get("run/size_mb", 0)),
+                int(p.get("model/img_size", 0)),
+                p.get("run/evaluated_on", "test"),
+                m["test_accuracy"],
+                ci,
+                m.get("test_macro_f1", float("nan")),
+                m.get("test_ece", float("nan")),
+                m.get("train_seconds"),
+                latency,
+            )
+        )
     if not rows:
-        raise RunDirError(f"MLflow experiment '{experiment}' has no finished fruitlens run",
-                          "train one with: fruitlens train DATA --logger mlflow --experiment "
-                          f"{experiment} --mlflow-uri {uri}")
+        raise RunDirError(
+            f"MLflow experiment '{experiment}' has no finished fruitlens run",
+            f"train one with: fruitlens train DATA --logger mlflow --experiment {experiment} --mlflow-uri {uri}",
+        )
     return _chart(rows, chart)
 
 
 def markdown(rows: list[CompareRow]) -> str:
-    head = "| run | model | evaluated on | params | size MB | px | accuracy | 95% CI | macro F1 | ECE | train s | CPU ms/img |"
+    head = (
+        "| run | model | evaluated on | params | size MB | px | accuracy | 95% CI | macro F1 | ECE | train s "
+        "| CPU ms/img |"
+    )
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r.run} | {r.model} | {r.evaluated_on} | {r.parameters:,} | {r.size_mb} | {r.image_size} | "
-                     f"{r.accuracy:.4f} | {r.ci} | {r.macro_f1:.4f} | {r.ece:.4f} | "
-                     f"{r.train_seconds if r.train_seconds is not None else '-'} | {r.latency_ms} |")
+        lines.append(
+            f"| {r.run} | {r.model} | {r.evaluated_on} | {r.parameters:,} | {r.size_mb} | {r.image_size} | "
+            f"{r.accuracy:.4f} | {r.ci} | {r.macro_f1:.4f} | {r.ece:.4f} | "
+            f"{r.train_seconds if r.train_seconds is not None else '-'} | {r.latency_ms} |"
+        )
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """Every figure of the report from true labels and predicted probabilities; figures agree with each other."""
+
 from __future__ import annotations
 
 import warnings
@@ -6,8 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
-                             log_loss, precision_recall_fscore_support)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    classification_report,
+    confusion_matrix,
+    log_loss,
+    precision_recall_fscore_support,
+)
 
 from fruitlens.training.history import HistoryRow
 
@@ -83,7 +90,7 @@ def grouped_interval(correct: np.ndarray, groups: Sequence[str] | None) -> dict[
         return out
     p = correct.mean()
     per_group = np.bincount(ids, weights=correct - p)  # sum over each group of (correct - p)
-    var = n_groups / (n_groups - 1) * float((per_group ** 2).sum()) / n ** 2 if n_groups > 1 else 0.0
+    var = n_groups / (n_groups - 1) * float((per_group**2).sum()) / n**2 if n_groups > 1 else 0.0
     if p in (0.0, 1.0) or n_groups == 1:  # the variance says nothing (all right, or one group): one image per group
         n_eff = float(n_groups)
     else:  # no spread between groups beyond chance (var 0 included): as many as the images
@@ -168,14 +175,21 @@ def gap_text(gap: ValidationGap | None, evaluated_on: str) -> str:
     if not gap or not gap.significant:
         return ""
     what = "test" if evaluated_on == "test" else "evaluation"
-    return (f"validation accuracy {100 * gap.val_accuracy:.1f}% is far above this {what} accuracy "
-            f"({100 * gap.accuracy:.1f}%): the validation images, carved from the training images, resemble them "
-            f"more than these {what} images do (photos of the same shelf or session on both sides). Expect new photos "
-            f"to score near the {what} figure, not the validation one.")
+    return (
+        f"validation accuracy {100 * gap.val_accuracy:.1f}% is far above this {what} accuracy "
+        f"({100 * gap.accuracy:.1f}%): the validation images, carved from the training images, resemble them "
+        f"more than these {what} images do (photos of the same shelf or session on both sides). Expect new photos "
+        f"to score near the {what} figure, not the validation one."
+    )
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
-                    groups: Sequence[str] | None = None, y_pred: np.ndarray | None = None) -> Metrics:
+def compute_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    groups: Sequence[str] | None = None,
+    y_pred: np.ndarray | None = None,
+) -> Metrics:
     """Accuracy (with a 95% interval that counts near-duplicate ``groups`` as such), balanced/top-k accuracy, P/R/F1
     (macro, weighted, per class), log loss, ECE, confusion matrix. ``y_pred``: the answers, where they are not the
     argmax of ``probs`` (a class map: the top model class's column)."""
@@ -185,8 +199,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
         return _compute_metrics(y_true, probs, classes, groups, y_pred)
 
 
-def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
-                     groups: Sequence[str] | None, y_pred: np.ndarray | None) -> Metrics:
+def _compute_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: list[str], groups: Sequence[str] | None, y_pred: np.ndarray | None
+) -> Metrics:
     n_cls = len(classes)
     labels = list(range(n_cls))
     y_true = np.asarray(y_true, dtype=int)
@@ -212,21 +227,29 @@ def _compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
             out["top_k_accuracy"][str(k)] = float((order[:, :k] == y_true[:, None]).any(axis=1).mean())
     for avg in ("macro", "weighted"):
         # macro over classes present in the data, so that an absent class does not count as a zero
-        pp, rr, ff, _ = precision_recall_fscore_support(y_true, y_pred, labels=[i for i in labels if present[i]],
-                                                        average=avg, zero_division=0)
+        pp, rr, ff, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=[i for i in labels if present[i]], average=avg, zero_division=0
+        )
         out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = float(pp), float(rr), float(ff)
-    out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                        for i, c in enumerate(classes)}
+    out["per_class"] = {
+        c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, c in enumerate(classes)
+    }
     # over the same classes as the headline's macro figures, so that its "macro avg" row says the same
     shown = [i for i in labels if present[i]] or labels
-    out["classification_report"] = classification_report(y_true, y_pred, labels=shown,
-                                                          target_names=[classes[i] for i in shown], zero_division=0,
-                                                          digits=4)
+    out["classification_report"] = classification_report(
+        y_true, y_pred, labels=shown, target_names=[classes[i] for i in shown], zero_division=0, digits=4
+    )
     if len(shown) < n_cls:
-        out["classification_report"] += ("\nnot in these images (left out of the averages): "
-                                         + ", ".join(c for c, ok in zip(classes, present) if not ok) + "\n")
+        out["classification_report"] += (
+            "\nnot in these images (left out of the averages): "
+            + ", ".join(c for c, ok in zip(classes, present) if not ok)
+            + "\n"
+        )
     clipped = np.clip(probs, 1e-12, 1)
-    out["log_loss"] = float(log_loss(y_true, clipped / clipped.sum(1, keepdims=True), labels=labels)) if len(y_true) else float("nan")
+    out["log_loss"] = (
+        float(log_loss(y_true, clipped / clipped.sum(1, keepdims=True), labels=labels)) if len(y_true) else float("nan")
+    )
     out["calibration"] = calibration(y_true, probs)
     out["ece"] = out["calibration"].ece
     pairs = [(int(cm[i, j]), classes[i], classes[j]) for i in range(n_cls) for j in range(n_cls) if i != j and cm[i, j]]

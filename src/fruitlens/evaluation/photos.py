@@ -1,5 +1,6 @@
 """The report's "your photos" section: how the model does on the photos of the user's setting (``train --add``),
 estimated by cross-validation over them, and whether more labels would pay (the learning curve)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -48,35 +49,54 @@ class PhotoNote:
         """One line for the command's summary."""
         if self.accuracy is None:
             return f"{self.photos} labelled photos of your setting trained with the data (too few to cross-validate)"
-        ci = f" (95% CI {100 * self.accuracy_ci95[0]:.1f}-{100 * self.accuracy_ci95[1]:.1f}%)" if self.accuracy_ci95 else ""
+        ci = (
+            f" (95% CI {100 * self.accuracy_ci95[0]:.1f}-{100 * self.accuracy_ci95[1]:.1f}%)"
+            if self.accuracy_ci95
+            else ""
+        )
         alone = next((p for p in self.curve if p.photos == 0), None)
         before = f"; the data alone: {100 * alone.accuracy:.1f}%" if alone else ""
-        return (f"your photos: accuracy {100 * self.accuracy:.1f}%{ci}, balanced {100 * (self.balanced_accuracy or 0):.1f}%"
-                f", cross-validated over {self.held_out} of {self.photos} labelled photos ({self.folds} folds of "
-                f"{self.grouping}){before}. {self.verdict}")
+        return (
+            f"your photos: accuracy {100 * self.accuracy:.1f}%{ci}, balanced {100 * (self.balanced_accuracy or 0):.1f}%"
+            f", cross-validated over {self.held_out} of {self.photos} labelled photos ({self.folds} folds of "
+            f"{self.grouping}){before}. {self.verdict}"
+        )
 
 
 def _balanced(correct: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean([correct[y == c].mean() for c in np.unique(y)]))
 
 
-def photo_note(y: np.ndarray, groups: np.ndarray, logits: np.ndarray,
-               curve: list[tuple[float, float, np.ndarray]], folds: int, grouping: str = "similar photos",
-               photos: int | None = None) -> PhotoNote:
+def photo_note(
+    y: np.ndarray,
+    groups: np.ndarray,
+    logits: np.ndarray,
+    curve: list[tuple[float, float, np.ndarray]],
+    folds: int,
+    grouping: str = "similar photos",
+    photos: int | None = None,
+) -> PhotoNote:
     """The figures from the held-out photos' out-of-fold ``logits`` (labels ``y``, ``groups`` kept together in a fold)
     and the learning curve's (share, photos trained, logits) points; ``photos``: all labelled photos."""
     y = np.asarray(y)
     keys = [str(g) for g in groups]
     correct = logits.argmax(1) == y
     interval = grouped_interval(correct, keys)
-    note = PhotoNote(photos=photos or len(y), groups=int(len(np.unique(groups))), folds=folds, held_out=len(y),
-                     grouping=grouping,
-                     accuracy=float(correct.mean()), accuracy_ci95=interval["ci95"],
-                     balanced_accuracy=_balanced(correct, y))
+    note = PhotoNote(
+        photos=photos or len(y),
+        groups=int(len(np.unique(groups))),
+        folds=folds,
+        held_out=len(y),
+        grouping=grouping,
+        accuracy=float(correct.mean()),
+        accuracy_ci95=interval["ci95"],
+        balanced_accuracy=_balanced(correct, y),
+    )
     for _, trained, z in curve:
         ok = z.argmax(1) == y
-        note.curve.append(CurvePoint(round(trained, 1), float(ok.mean()), grouped_interval(ok, keys)["ci95"],
-                                     _balanced(ok, y)))
+        note.curve.append(
+            CurvePoint(round(trained, 1), float(ok.mean()), grouped_interval(ok, keys)["ci95"], _balanced(ok, y))
+        )
     note.verdict = curve_verdict(note.curve)
     return note
 
@@ -89,7 +109,11 @@ def curve_verdict(curve: list[CurvePoint]) -> str:
     a, b = with_photos[-2], with_photos[-1]
     gain = b.accuracy - a.accuracy
     if gain >= CURVE_PAYS:
-        return (f"More labels would pay: going from {a.photos:.0f} to {b.photos:.0f} photos gained "
-                f"{100 * gain:.1f} points, and the curve is still rising.")
-    return (f"The curve is flat ({100 * gain:+.1f} points from {a.photos:.0f} to {b.photos:.0f} photos): more photos "
-            "like these would add little; label the kinds the model still gets wrong, or photos of other settings.")
+        return (
+            f"More labels would pay: going from {a.photos:.0f} to {b.photos:.0f} photos gained "
+            f"{100 * gain:.1f} points, and the curve is still rising."
+        )
+    return (
+        f"The curve is flat ({100 * gain:+.1f} points from {a.photos:.0f} to {b.photos:.0f} photos): more photos "
+        "like these would add little; label the kinds the model still gets wrong, or photos of other settings."
+    )

@@ -1,4 +1,5 @@
 """PNG plots with matplotlib (Agg): confusion matrices, training curves, reliability diagrams, risk-coverage."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,15 @@ def confusion_heatmap(cm: np.ndarray, classes: list[str], path: Path, normalise:
             for j in range(n):
                 v = data[i, j]
                 if v:
-                    ax.text(j, i, f"{v:.2f}" if normalise else f"{int(v)}", ha="center", va="center",
-                            fontsize=max(4, fs - 2), color="white" if v > thresh else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.2f}" if normalise else f"{int(v)}",
+                        ha="center",
+                        va="center",
+                        fontsize=max(4, fs - 2),
+                        color="white" if v > thresh else "black",
+                    )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=80 if n > 40 else 100)
@@ -116,8 +124,14 @@ def risk_coverage(rc, path: Path, target: float) -> Path | None:
     return path
 
 
-def bar_chart(names: list[str], values: list[float], path: Path, title: str, ylabel: str,
-              intervals: list[tuple[float, float] | None] | None = None) -> Path:
+def bar_chart(
+    names: list[str],
+    values: list[float],
+    path: Path,
+    title: str,
+    ylabel: str,
+    intervals: list[tuple[float, float] | None] | None = None,
+) -> Path:
     """Bars with their values; ``intervals`` (low, high) per bar draw as error bars (none where ``None``)."""
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4))
     ax.bar(names, values, color="C0")

@@ -1,4 +1,5 @@
 """The ``Report`` of one evaluation (report.json is its JSON) and its galleries; ``writer.py`` writes it."""
+
 from __future__ import annotations
 
 import base64
@@ -144,8 +145,13 @@ class Report:
         return from_dict(cls, json.loads(Path(path).read_text()))
 
 
-def thumbnail(path: str, size: int = 96, class_map: np.ndarray | None = None, pre: Preprocessing | None = None,
-              heat_size: int = 160) -> str:
+def thumbnail(
+    path: str,
+    size: int = 96,
+    class_map: np.ndarray | None = None,
+    pre: Preprocessing | None = None,
+    heat_size: int = 160,
+) -> str:
     """A JPEG data URL of the image, at most ``size`` px a side (``heat_size`` with a class-map overlay: where the
     model looked)."""
     if class_map is not None and pre is not None:
@@ -161,9 +167,17 @@ def thumbnail(path: str, size: int = 96, class_map: np.ndarray | None = None, pr
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def gallery(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: list[str], n: int,
-            groups: list[str] | None, class_maps: list[np.ndarray] | None = None,
-            pre: Preprocessing | None = None, pred: np.ndarray | None = None) -> dict[str, list[dict]]:
+def gallery(
+    paths: list[str],
+    y: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    n: int,
+    groups: list[str] | None,
+    class_maps: list[np.ndarray] | None = None,
+    pre: Preprocessing | None = None,
+    pred: np.ndarray | None = None,
+) -> dict[str, list[dict]]:
     """The ``n`` most confident mistakes and least confident correct answers, one image per near-duplicate group
     (twelve frames of one misread fruit are one mistake); ``like_it``: the group's other mistakes. With
     ``class_maps`` each picture shows where the model looked for its answer. ``pred``: each image's answer where it
@@ -179,12 +193,21 @@ def gallery(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: list[st
             if keys[i] not in seen and len(chosen) < n:
                 seen.add(keys[i])
                 chosen.append(i)
-        return [{"path": paths[i], "true": classes[y[i]], "predicted": classes[pred[i]], "confidence": float(conf[i]),
-                 "like_it": max(0, per_group[keys[i]] - 1),
-                 "thumbnail": thumbnail(paths[i], class_map=class_maps[i] if class_maps else None, pre=pre)}
-                for i in chosen]
+        return [
+            {
+                "path": paths[i],
+                "true": classes[y[i]],
+                "predicted": classes[pred[i]],
+                "confidence": float(conf[i]),
+                "like_it": max(0, per_group[keys[i]] - 1),
+                "thumbnail": thumbnail(paths[i], class_map=class_maps[i] if class_maps else None, pre=pre),
+            }
+            for i in chosen
+        ]
 
     wrong = np.flatnonzero(pred != y)
     right = np.flatnonzero(pred == y)
-    return {"worst_mistakes": pick(wrong[np.argsort(-conf[wrong], kind="stable")], True),
-            "least_confident_correct": pick(right[np.argsort(conf[right], kind="stable")], False)}
+    return {
+        "worst_mistakes": pick(wrong[np.argsort(-conf[wrong], kind="stable")], True),
+        "least_confident_correct": pick(right[np.argsort(conf[right], kind="stable")], False),
+    }

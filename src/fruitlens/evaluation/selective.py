@@ -2,6 +2,7 @@
 
 All of it works on held-out predictions: logits (or probabilities) of images the model did not train on.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, bounds: tuple[float, floa
     logits, y = np.asarray(logits, dtype=np.float64), np.asarray(y, dtype=int)
     if len(y) == 0:
         return 1.0
-    res = minimize_scalar(lambda t: nll(logits / np.exp(t), y), bounds=tuple(np.log(bounds)), method="bounded",
-                          options={"xatol": 1e-4})
+    res = minimize_scalar(
+        lambda t: nll(logits / np.exp(t), y), bounds=tuple(np.log(bounds)), method="bounded", options={"xatol": 1e-4}
+    )
     return float(np.exp(res.x))
 
 
@@ -82,6 +84,8 @@ def never_sure_text(t) -> str | None:
     then the threshold is 1 and every answer is "not sure", which a small or hard data set can give."""
     if t is None or t.unknown_threshold < 1.0 - 1e-9:
         return None
-    return (f"held-out predictions ({t.heldout_images} images) were {100 * t.target_precision:.0f}% accurate at no "
-            "confidence threshold, so every answer is 'not sure': add images per class, aim lower "
-            "(trust.target_precision=0.8 at train time), or let predict and serve always answer (--unknown-threshold 0)")
+    return (
+        f"held-out predictions ({t.heldout_images} images) were {100 * t.target_precision:.0f}% accurate at no "
+        "confidence threshold, so every answer is 'not sure': add images per class, aim lower "
+        "(trust.target_precision=0.8 at train time), or let predict and serve always answer (--unknown-threshold 0)"
+    )

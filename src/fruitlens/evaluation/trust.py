@@ -7,6 +7,7 @@ on the cached features (``heldout.py``), with folds of whole groups of similar i
 on these images (small_cnn, fine-tuning) features of the training images say too little about new ones, so the
 validation split's predictions are used, and the report says so.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,10 +48,18 @@ MIN_HELDOUT_SHARE = 0.5  # of the images, whose class the other folds have: else
 MIN_GROUPS_PER_CLASS = 3  # fewer, and each fold holds out a large part of a class: its predictions say too little
 
 
-def fit_out_of_fold(x: torch.Tensor, y: torch.Tensor, groupings: list[tuple[str, np.ndarray]], n_classes: int,
-                    recipe: HeadRecipe, target_precision: float,
-                    augmented: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None, folds: int = 5,
-                    seed: int = 0, init: LinearFit | None = None) -> tuple[Trust, OODScorer, HeldOut]:
+def fit_out_of_fold(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    groupings: list[tuple[str, np.ndarray]],
+    n_classes: int,
+    recipe: HeadRecipe,
+    target_precision: float,
+    augmented: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    init: LinearFit | None = None,
+) -> tuple[Trust, OODScorer, HeldOut]:
     """Trust from out-of-fold heads on features ``x`` (clean views of the train + val images) with labels ``y``;
     ``augmented`` = (features, labels, index of the image each view came from).
 
@@ -64,9 +73,11 @@ def fit_out_of_fold(x: torch.Tensor, y: torch.Tensor, groupings: list[tuple[str,
     name, groups, fold, held = choose_folds(yy, groupings, folds, seed)
     extra = None if augmented is None else (augmented[0], augmented[1], fold[augmented[2]])
     logits = out_of_fold_logits(x, y, fold, n_classes, recipe, extra, init)
-    source = (f"out-of-fold predictions of {len(np.unique(fold))} linear heads (the real head's solver) on the frozen "
-              f"backbone's features, "
-              f"folds of whole groups of {name} ({len(np.unique(groups))} groups)")
+    source = (
+        f"out-of-fold predictions of {len(np.unique(fold))} linear heads (the real head's solver) on the frozen "
+        f"backbone's features, "
+        f"folds of whole groups of {name} ({len(np.unique(groups))} groups)"
+    )
     if name == "single images":
         source += "; too few groups for grouped folds, so near copies may vouch for each other (optimistic)"
     trust, scorer = _fit(logits, yy, x, fold, held, np.arange(len(yy)), source, target_precision, seed)
@@ -75,8 +86,9 @@ def fit_out_of_fold(x: torch.Tensor, y: torch.Tensor, groupings: list[tuple[str,
     return trust, scorer, HeldOut(logits, yy, held)
 
 
-def choose_folds(y: np.ndarray, groupings: list[tuple[str, np.ndarray]], folds: int = 5, seed: int = 0,
-                 what: str = "calibration") -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+def choose_folds(
+    y: np.ndarray, groupings: list[tuple[str, np.ndarray]], folds: int = 5, seed: int = 0, what: str = "calibration"
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """(name, groups, fold per image, held-out mask) of the coarsest of ``groupings`` whose folds hold out most
     images within a class that other folds know (and MIN_GROUPS_PER_CLASS groups per class); single images last."""
     for name, groups in groupings + [("single images", np.arange(len(y)))]:
@@ -85,8 +97,14 @@ def choose_folds(y: np.ndarray, groupings: list[tuple[str, np.ndarray]], folds: 
         per_class = len(np.unique(groups)) / max(1, len(np.unique(y)))
         if held.mean() >= MIN_HELDOUT_SHARE and per_class >= MIN_GROUPS_PER_CLASS:
             break
-        log.info("%s: %.1f groups of %s per class (%.0f%% of images in a class another fold knows): too coarse, "
-                 "trying finer groups", what, per_class, name, 100 * held.mean())
+        log.info(
+            "%s: %.1f groups of %s per class (%.0f%% of images in a class another fold knows): too coarse, "
+            "trying finer groups",
+            what,
+            per_class,
+            name,
+            100 * held.mean(),
+        )
     return name, groups, fold, held
 
 
@@ -100,19 +118,28 @@ def class_seen_elsewhere(y: np.ndarray, fold: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_on_validation(val_logits: np.ndarray, val_y: np.ndarray, train_x: torch.Tensor, train_y: np.ndarray,
-                      val_x: torch.Tensor, target_precision: float,
-                      seed: int = 0) -> tuple[Trust, OODScorer, HeldOut]:
+def fit_on_validation(
+    val_logits: np.ndarray,
+    val_y: np.ndarray,
+    train_x: torch.Tensor,
+    train_y: np.ndarray,
+    val_x: torch.Tensor,
+    target_precision: float,
+    seed: int = 0,
+) -> tuple[Trust, OODScorer, HeldOut]:
     """Trust from the validation split's predictions (for backbones that trained on the training images); the
     nearest-neighbour bank holds training images."""
     t0 = time.perf_counter()
     x = torch.cat([train_x, val_x])
     fold = np.r_[np.zeros(len(train_x), int), np.ones(len(val_x), int)]
     logits = np.concatenate([np.zeros((len(train_x), val_logits.shape[1]), np.float32), val_logits])
-    source = ("the validation split's predictions (the backbone trained on the training images: expect new photos "
-              "to score lower than these)")
-    trust, scorer = _fit(logits, np.r_[train_y, val_y], x, fold, fold == 1, np.arange(len(train_x)), source,
-                         target_precision, seed)
+    source = (
+        "the validation split's predictions (the backbone trained on the training images: expect new photos "
+        "to score lower than these)"
+    )
+    trust, scorer = _fit(
+        logits, np.r_[train_y, val_y], x, fold, fold == 1, np.arange(len(train_x)), source, target_precision, seed
+    )
     trust.seconds = round(time.perf_counter() - t0, 2)
     return trust, scorer, HeldOut(logits, np.r_[train_y, val_y], fold == 1)
 
@@ -120,9 +147,17 @@ def fit_on_validation(val_logits: np.ndarray, val_y: np.ndarray, train_x: torch.
 MIN_PHOTOS = 20  # labelled photos of the setting from which the trust layer is fitted on them alone
 
 
-def fit_on_photos(logits: np.ndarray, y: np.ndarray, x: torch.Tensor, fold: np.ndarray, studio_x: torch.Tensor,
-                  studio_y: np.ndarray, target_precision: float, seed: int = 0,
-                  grouping: str = "similar photos") -> tuple[Trust, OODScorer]:
+def fit_on_photos(
+    logits: np.ndarray,
+    y: np.ndarray,
+    x: torch.Tensor,
+    fold: np.ndarray,
+    studio_x: torch.Tensor,
+    studio_y: np.ndarray,
+    target_precision: float,
+    seed: int = 0,
+    grouping: str = "similar photos",
+) -> tuple[Trust, OODScorer]:
     """Trust from the out-of-fold predictions of the user's labelled photos (``logits``, ``y``, features ``x``,
     ``fold``): they look like what the model will meet, and the studio shots do not. The nearest-neighbour bank
     holds a sample of the training images and every photo; a held-out photo's distance leaves out the photos of its
@@ -132,20 +167,41 @@ def fit_on_photos(logits: np.ndarray, y: np.ndarray, x: torch.Tensor, fold: np.n
     all_x = torch.cat([studio_x[torch.from_numpy(bank_rows)].float(), x.float()])
     all_fold = np.r_[np.full(len(bank_rows), -1), fold]
     n_bank = len(bank_rows)
-    source = (f"out-of-fold predictions of {len(y)} labelled photos of your setting "
-              f"({len(np.unique(fold))} folds of {grouping})")
+    source = (
+        f"out-of-fold predictions of {len(y)} labelled photos of your setting "
+        f"({len(np.unique(fold))} folds of {grouping})"
+    )
     logits_all = np.concatenate([np.zeros((n_bank, logits.shape[1]), np.float32), logits])
     held = np.r_[np.zeros(n_bank, bool), np.ones(len(y), bool)]
-    trust, scorer = _fit(logits_all, np.r_[np.asarray(studio_y)[bank_rows], y], all_x, all_fold, held,
-                         np.arange(len(all_x)), source, target_precision, seed, bank_all=True)
+    trust, scorer = _fit(
+        logits_all,
+        np.r_[np.asarray(studio_y)[bank_rows], y],
+        all_x,
+        all_fold,
+        held,
+        np.arange(len(all_x)),
+        source,
+        target_precision,
+        seed,
+        bank_all=True,
+    )
     trust.heldout_groups = int(len(np.unique(fold)))
     trust.seconds = round(time.perf_counter() - t0, 2)
     return trust, scorer
 
 
-def _fit(logits: np.ndarray, y: np.ndarray, x: torch.Tensor, fold: np.ndarray, held: np.ndarray,
-         bank_rows: np.ndarray, source: str, target_precision: float, seed: int,
-         bank_all: bool = False) -> tuple[Trust, OODScorer]:
+def _fit(
+    logits: np.ndarray,
+    y: np.ndarray,
+    x: torch.Tensor,
+    fold: np.ndarray,
+    held: np.ndarray,
+    bank_rows: np.ndarray,
+    source: str,
+    target_precision: float,
+    seed: int,
+    bank_all: bool = False,
+) -> tuple[Trust, OODScorer]:
     """Temperature, "not sure" threshold, OOD scorer and its threshold from the held-out rows of ``logits``;
     ``bank_all``: every one of ``bank_rows`` goes into the nearest-neighbour bank (else a sample per class)."""
     z, yy = logits[held], y[held]
@@ -153,11 +209,19 @@ def _fit(logits: np.ndarray, y: np.ndarray, x: torch.Tensor, fold: np.ndarray, h
     probs = softmax(z / temperature)
     conf, correct = probs.max(axis=1), probs.argmax(axis=1) == yy
     threshold = threshold_for_accuracy(conf, correct, target_precision)
-    trust = Trust(temperature=temperature, source=source, heldout_images=int(held.sum()),
-                  heldout_accuracy=float(correct.mean()), heldout_ece_before=_ece(z, yy),
-                  heldout_ece_after=_ece(z / temperature, yy), heldout_nll_before=nll(z, yy),
-                  heldout_nll_after=nll(z / temperature, yy), target_precision=target_precision,
-                  unknown_threshold=threshold, heldout_coverage=float((conf >= threshold).mean()))
+    trust = Trust(
+        temperature=temperature,
+        source=source,
+        heldout_images=int(held.sum()),
+        heldout_accuracy=float(correct.mean()),
+        heldout_ece_before=_ece(z, yy),
+        heldout_ece_after=_ece(z / temperature, yy),
+        heldout_nll_before=nll(z, yy),
+        heldout_nll_after=nll(z / temperature, yy),
+        target_precision=target_precision,
+        unknown_threshold=threshold,
+        heldout_coverage=float((conf >= threshold).mean()),
+    )
     bank = bank_rows if bank_all else bank_rows[bank_indices(y[bank_rows], seed=seed)]
     doubt = 1 - conf
     distance = _heldout_distances(x, fold, bank, np.flatnonzero(held))
@@ -165,8 +229,10 @@ def _fit(logits: np.ndarray, y: np.ndarray, x: torch.Tensor, fold: np.ndarray, h
     scores = scorer.combine(torch.from_numpy(doubt).float(), torch.from_numpy(distance)).numpy()
     trust.ood_threshold = float(np.quantile(scores, OOD_QUANTILE))
     trust.heldout_ood_flagged = float((scores > trust.ood_threshold).mean())
-    trust.ood_rule = (f"ood_score above {trust.ood_threshold:.3f}: the {100 * OOD_QUANTILE:.0f}th percentile of the "
-                      f"scores of {int(held.sum())} held-out images of known classes")
+    trust.ood_rule = (
+        f"ood_score above {trust.ood_threshold:.3f}: the {100 * OOD_QUANTILE:.0f}th percentile of the "
+        f"scores of {int(held.sum())} held-out images of known classes"
+    )
     return trust, scorer
 
 
@@ -178,8 +244,8 @@ def _heldout_distances(x: torch.Tensor, fold: np.ndarray, bank: np.ndarray, rows
     bank_fold = torch.from_numpy(fold[bank])
     out = np.zeros(len(rows), np.float32)
     for start in range(0, len(rows), 1024):
-        idx = rows[start:start + 1024]
+        idx = rows[start : start + 1024]
         sim = torch.nn.functional.normalize(x[torch.from_numpy(idx)].float(), dim=1) @ b.T
         sim[torch.from_numpy(fold[idx]).unsqueeze(1) == bank_fold.unsqueeze(0)] = -1.0
-        out[start:start + len(idx)] = (1 - sim.max(dim=1).values).numpy()
+        out[start : start + len(idx)] = (1 - sim.max(dim=1).values).numpy()
     return out

@@ -4,6 +4,7 @@ The map comes from the model itself (``FruitNet.class_maps``: the head's weights
 map, exact for this head and free of gradients); the ONNX export outputs it too, so that the service draws it
 without PyTorch. The overlay covers the region the model saw (the centre crop) at the photo's own size.
 """
+
 from __future__ import annotations
 
 import base64
@@ -38,17 +39,17 @@ def overlay(photo: Image.Image, cam: np.ndarray, pre: Preprocessing, caption: st
     photo = photo.convert("RGB")
     if max(photo.size) > MAX_SIDE:
         scale = MAX_SIDE / max(photo.size)
-        photo = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))),
-                             Image.Resampling.BILINEAR)
-    left, top, right, bottom = (round(v) for v in crop_box(photo.width, photo.height, pre.resize_size,
-                                                             pre.image_size))
+        photo = photo.resize(
+            (max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.Resampling.BILINEAR
+        )
+    left, top, right, bottom = (round(v) for v in crop_box(photo.width, photo.height, pre.resize_size, pre.image_size))
     base = np.asarray(photo, dtype=np.float32)
     out = base * 0.45  # outside the model's view
     w, h = max(1, right - left), max(1, bottom - top)
     heat = Image.fromarray((normalised_map(cam) * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
     colour = _colormap(np.asarray(heat, dtype=np.float32) / 255).astype(np.float32)
-    region = base[top:top + h, left:left + w]
-    out[top:top + h, left:left + w] = (1 - ALPHA) * region + ALPHA * colour[:region.shape[0], :region.shape[1]]
+    region = base[top : top + h, left : left + w]
+    out[top : top + h, left : left + w] = (1 - ALPHA) * region + ALPHA * colour[: region.shape[0], : region.shape[1]]
     img = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     if caption:
         draw = ImageDraw.Draw(img)

@@ -1,5 +1,6 @@
 """ONNX: every ONNX Runtime session of fruitlens, export of a module, its metadata, the parity check against PyTorch,
 int8 quantisation and the speed figures."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def session(path: Path, threads: int = 0):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def export_module(module: nn.Module, path: Path, image_size: int, *, output_names: Sequence[str] = ("output",),
-                  opset: int = 17) -> Path:
+def export_module(
+    module: nn.Module, path: Path, image_size: int, *, output_names: Sequence[str] = ("output",), opset: int = 17
+) -> Path:
     """Exports ``module`` (input ``input`` (N, 3, H, W), a dynamic batch dimension) to ``path``."""
     module = module.eval()
     dummy = torch.zeros(2, 3, image_size, image_size)
@@ -82,7 +84,7 @@ def file_metadata(path: Path) -> dict[str, str]:
 
 def _chunked(fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
     step = batch_for(batch.shape[-1], 64, least=4)  # small chunks for large inputs
-    return np.concatenate([fn(batch[i:i + step]) for i in range(0, len(batch), step)])
+    return np.concatenate([fn(batch[i : i + step]) for i in range(0, len(batch), step)])
 
 
 @dataclass
@@ -121,9 +123,12 @@ def parity(model: nn.Module, path: Path, batch: np.ndarray) -> Parity:
         ref = _chunked(torch_out, batch)
     got = _chunked(onnx_out, batch)
     k = ref.shape[1] - serving
-    return Parity(int(len(batch)), float((ref[:, :k].argmax(1) == got[:, :k].argmax(1)).mean()),
-                  float(np.abs(ref[:, :k] - got[:, :k]).max()),
-                  float(np.abs(ref[:, k] - got[:, k]).max()) if serving else None)
+    return Parity(
+        int(len(batch)),
+        float((ref[:, :k].argmax(1) == got[:, :k].argmax(1)).mean()),
+        float(np.abs(ref[:, :k] - got[:, :k]).max()),
+        float(np.abs(ref[:, k] - got[:, k]).max()) if serving else None,
+    )
 
 
 def output_names(sess) -> list[str]:
@@ -138,7 +143,7 @@ def quantize_int8(path: Path, calibration: np.ndarray, out: Path) -> Path:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{"input": calibration[i:i + 16]} for i in range(0, len(calibration), 16)])
+            self.it = iter([{"input": calibration[i : i + 16]} for i in range(0, len(calibration), 16)])
 
         def get_next(self):
             return next(self.it, None)
@@ -150,8 +155,15 @@ def quantize_int8(path: Path, calibration: np.ndarray, out: Path) -> Path:
         log.info("int8 pre-processing skipped (%s)", exc)
         prep = path
     try:
-        quantize_static(str(prep), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            str(prep),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
     finally:
         if prep != path:
             prep.unlink(missing_ok=True)
@@ -183,6 +195,8 @@ def benchmark(model: nn.Module, onnx_paths: list[Path], image_size: int, seconds
         sess = session(p)
         fns[p.name] = lambda x, s=sess: s.run(None, {"input": x})
     for name, fn in fns.items():
-        out[name] = {"batch32_img_per_s": round(32 / measure(fn, b32), 1),
-                     "batch1_ms": round(1000 * measure(fn, b32[:1]), 2)}
+        out[name] = {
+            "batch32_img_per_s": round(32 / measure(fn, b32), 1),
+            "batch1_ms": round(1000 * measure(fn, b32[:1]), 2),
+        }
     return out

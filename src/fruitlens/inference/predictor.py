@@ -3,6 +3,7 @@
 The preprocessing is read from the run (or the ONNX metadata) and applied by ``Preprocessing.pixels`` and
 ``Preprocessing.normalise``, the functions training used, so serving matches training exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,10 +46,14 @@ class Prediction:
     class_map: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "score": round(self.score, 6),
-                "top_k": [{"label": lab, "score": round(s, 6)} for lab, s in self.top_k],
-                "unknown": self.unknown, "reason": self.reason,
-                "ood_score": None if self.ood_score is None else round(self.ood_score, 6)}
+        return {
+            "label": self.label,
+            "score": round(self.score, 6),
+            "top_k": [{"label": lab, "score": round(s, 6)} for lab, s in self.top_k],
+            "unknown": self.unknown,
+            "reason": self.reason,
+            "ood_score": None if self.ood_score is None else round(self.ood_score, 6),
+        }
 
     def text(self) -> str:
         """``Kiwi 97%``, or ``not sure: Granny-Smith 41%, Golden 33%, Lime 12%``."""
@@ -63,13 +68,20 @@ class Predictor:
     """Turns images (paths, bytes, PIL images or HxWx3 uint8 arrays) into Predictions.
 
     ``unknown_threshold``: the calibrated top-1 probability below which the answer is "not sure" (the run's, chosen
-    on held-out predictions for its target accuracy; 0 switches it off, 1 never answers). ``ood_threshold``: the ood_score above which
-    the answer is "unfamiliar" (None: off).
+    on held-out predictions for its target accuracy; 0 switches it off, 1 never answers). ``ood_threshold``: the
+    ood_score above which the answer is "unfamiliar" (None: off).
     """
 
-    def __init__(self, forward: Callable[[np.ndarray], Outputs], classes: list[str], preprocessing: Preprocessing,
-                 engine: str, source: str = "", trust: Trust | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        forward: Callable[[np.ndarray], Outputs],
+        classes: list[str],
+        preprocessing: Preprocessing,
+        engine: str,
+        source: str = "",
+        trust: Trust | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self._forward = forward
         self.classes = list(classes)
         self.preprocessing = preprocessing
@@ -89,9 +101,11 @@ class Predictor:
         if path.suffix.lower() == ".onnx":
             return cls.from_onnx(path, threads=threads)
         if path.is_file():  # an image or a checkpoint where the model goes: say what is expected instead
-            raise RunDirError(f"{path}: expected a run folder or an exported .onnx model but received a file",
-                              "pass the folder 'fruitlens train --out' made (or its export/model.onnx); the images "
-                              "to classify come after it")
+            raise RunDirError(
+                f"{path}: expected a run folder or an exported .onnx model but received a file",
+                "pass the folder 'fruitlens train --out' made (or its export/model.onnx); the images "
+                "to classify come after it",
+            )
         return cls.from_run(path, engine=engine, threads=threads)
 
     @classmethod
@@ -105,8 +119,12 @@ class Predictor:
             predictor = cls.from_onnx(run.onnx, threads=threads)
             if engine == "onnx" or predictor.checkpoint_sha256 == sha256_file(run.best_ckpt):
                 return predictor
-            log.info("%s was exported from another checkpoint: predicting with PyTorch (re-export with "
-                     "'fruitlens export %s')", run.onnx, run.path)
+            log.info(
+                "%s was exported from another checkpoint: predicting with PyTorch (re-export with "
+                "'fruitlens export %s')",
+                run.onnx,
+                run.path,
+            )
         if threads:
             torch.set_num_threads(threads)
         ckpt = load_model(run.best_ckpt)
@@ -117,15 +135,23 @@ class Predictor:
             out = serving(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
             return {name: t.float().numpy() for name, t in zip(OUTPUTS, out)}
 
-        return cls(forward, ckpt.classes, ckpt.model.preprocessing, "pytorch", str(run.path), Trust.from_saved(ckpt.extra.get("trust")))
+        return cls(
+            forward,
+            ckpt.classes,
+            ckpt.model.preprocessing,
+            "pytorch",
+            str(run.path),
+            Trust.from_saved(ckpt.extra.get("trust")),
+        )
 
     @classmethod
     def from_onnx(cls, path: str | Path, threads: int = 0) -> "Predictor":
         """From an exported ``model.onnx``; classes, preprocessing and the trust layer come from its metadata."""
         path = Path(path)
         if not path.is_file():
-            raise RunDirError(f"{path}: ONNX model not found",
-                              f"export it with: fruitlens export {path.parent.parent} --format onnx")
+            raise RunDirError(
+                f"{path}: ONNX model not found", f"export it with: fruitlens export {path.parent.parent} --format onnx"
+            )
         try:
             sess = onnx_io.session(path, threads)
         except Exception as exc:
@@ -136,8 +162,10 @@ class Predictor:
             pre = Preprocessing.from_dict(json.loads(meta["fruitlens_preprocessing"]))
             trust = Trust.from_saved(json.loads(meta.get("fruitlens_trust") or "{}"))
         except (KeyError, ValueError):
-            raise RunDirError(f"{path}: ONNX model lacks fruitlens metadata (classes, preprocessing)",
-                              "export it with 'fruitlens export RUN --format onnx'") from None
+            raise RunDirError(
+                f"{path}: ONNX model lacks fruitlens metadata (classes, preprocessing)",
+                "export it with 'fruitlens export RUN --format onnx'",
+            ) from None
         name = sess.get_inputs()[0].name
         names = onnx_io.output_names(sess)
         names = ["logits"] + names[1:] if names[0] == "output" else names  # exports before the trust layer
@@ -221,11 +249,24 @@ class Predictor:
         for i, (p, o) in enumerate(zip(probs, order)):
             score = float(p[o[0]])
             ood_i = None if ood is None or self.ood_threshold is None else float(ood[i])
-            reason = "unfamiliar" if ood_i is not None and ood_i > self.ood_threshold else \
-                "not sure" if score < self.unknown_threshold or self.unknown_threshold >= 1 else None
-            preds.append(Prediction(self.classes[o[0]], score, [(self.classes[j], float(p[j])) for j in o],
-                                    reason is not None, reason, ood_i,
-                                    None if maps is None else np.asarray(maps[i][o[0]])))
+            reason = (
+                "unfamiliar"
+                if ood_i is not None and ood_i > self.ood_threshold
+                else "not sure"
+                if score < self.unknown_threshold or self.unknown_threshold >= 1
+                else None
+            )
+            preds.append(
+                Prediction(
+                    self.classes[o[0]],
+                    score,
+                    [(self.classes[j], float(p[j])) for j in o],
+                    reason is not None,
+                    reason,
+                    ood_i,
+                    None if maps is None else np.asarray(maps[i][o[0]]),
+                )
+            )
         return preds
 
     def predict(self, images: Sequence, top_k: int = 3, batch_size: int = 32) -> list[Prediction]:

@@ -6,6 +6,7 @@ decodes as an image, within a count and a size in bytes; its ``labels.csv`` (``p
 ``fruitlens train --add DIR/labels.csv`` reads. ``LabelSession`` holds the photos of one folder (or a to-label.csv)
 and writes the answers given so far to a to-label.csv that ``--add`` reads too; the photos are never touched.
 """
+
 from __future__ import annotations
 
 import csv
@@ -62,8 +63,9 @@ class FeedbackStore:
         try:
             self.photos.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"--feedback {folder}: cannot create the folder ({exc.strerror})",
-                              "pass a folder you can write to") from None
+            raise ConfigError(
+                f"--feedback {folder}: cannot create the folder ({exc.strerror})", "pass a folder you can write to"
+            ) from None
         self._lock = threading.Lock()
 
     def _usage(self) -> tuple[int, int]:
@@ -92,8 +94,11 @@ class FeedbackStore:
             if new:
                 count, used = self._usage()
                 if count >= self.max_photos or used + len(data) > self.max_bytes:
-                    raise FeedbackRefused(f"the feedback store {self.folder} is full ({count} photos, "
-                                          f"{used / 2**20:.0f} MB): train with it, then start a new one", 507)
+                    raise FeedbackRefused(
+                        f"the feedback store {self.folder} is full ({count} photos, "
+                        f"{used / 2**20:.0f} MB): train with it, then start a new one",
+                        507,
+                    )
                 tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
                 tmp.write_bytes(data)
                 tmp.replace(target)
@@ -102,8 +107,15 @@ class FeedbackStore:
                 w = csv.writer(fh)
                 if first:
                     w.writerow(FEEDBACK_FIELDS)
-                w.writerow([f"photos/{name}", label, predicted, "" if score is None else f"{score:.4f}",
-                            time.strftime("%Y-%m-%dT%H:%M:%S")])
+                w.writerow(
+                    [
+                        f"photos/{name}",
+                        label,
+                        predicted,
+                        "" if score is None else f"{score:.4f}",
+                        time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    ]
+                )
             with self.csv.open(newline="") as fh:
                 labelled = sum(1 for _ in fh) - 1
         return Saved(f"photos/{name}", label, labelled, new)
@@ -133,7 +145,9 @@ class LabelSession:
             label = check_label(label)
         with self._lock:
             self.answers[index] = label
-            given = [ToLabel(r.path, r.guess, r.score, r.top_k, r.why, r.near_copies, a or SKIP)
-                     for r, a in zip(self.rows, self.answers)]
+            given = [
+                ToLabel(r.path, r.guess, r.score, r.top_k, r.why, r.near_copies, a or SKIP)
+                for r, a in zip(self.rows, self.answers)
+            ]
             write_to_label(given, self.out)
             return sum(1 for a in self.answers if a and a != SKIP)

@@ -6,6 +6,7 @@ class of the data, a new class name, or ``-`` for "skip this photo". Rows that c
 image, an empty label, a copy of an image of the data) are left out and listed with the reason; nothing is moved or
 changed.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,9 +39,15 @@ class ToLabel:
     label: str = ""  # empty: the guess
 
     def row(self) -> dict[str, str]:
-        return {"path": self.path, "label": self.label or self.guess, "guess": self.guess,
-                "score": f"{self.score:.4f}", "top_k": "; ".join(f"{c} {s:.3f}" for c, s in self.top_k),
-                "why": self.why, "near_copies": str(self.near_copies)}
+        return {
+            "path": self.path,
+            "label": self.label or self.guess,
+            "guess": self.guess,
+            "score": f"{self.score:.4f}",
+            "top_k": "; ".join(f"{c} {s:.3f}" for c, s in self.top_k),
+            "why": self.why,
+            "near_copies": str(self.near_copies),
+        }
 
 
 def write_to_label(rows: list[ToLabel], path: Path) -> Path:
@@ -75,8 +82,17 @@ def read_to_label(path: Path) -> list[ToLabel]:
         guess = (row.get("guess") or "").strip() or (top[0][0] if top else "")
         score = float(row.get("score") or (top[0][1] if top else 0) or 0)
         label = (row.get("label") or "").strip()
-        out.append(ToLabel(str(p), guess, score, tuple(top) or ((guess, score),), (row.get("why") or "").strip(),
-                           int(row.get("near_copies") or 0), "" if label == guess else label))
+        out.append(
+            ToLabel(
+                str(p),
+                guess,
+                score,
+                tuple(top) or ((guess, score),),
+                (row.get("why") or "").strip(),
+                int(row.get("near_copies") or 0),
+                "" if label == guess else label,
+            )
+        )
     return out
 
 
@@ -174,17 +190,22 @@ def read_labels(sources: list[str | Path], workers: int = 0) -> LabelledPhotos:
             out.skipped.append((f"{p.where} {p.path}", f"not a readable image: {f.detail or f.error}"))
     if not out.photos:
         why = f" ({out.skipped_text()})" if out.skipped else ""
-        raise DataError(f"{', '.join(map(str, sources))}: none of its {total} row(s) is a usable labelled photo{why}",
-                        "fill the label column with a class name (or '-' to skip a photo); paths are absolute or "
-                        "relative to the CSV's folder")
+        raise DataError(
+            f"{', '.join(map(str, sources))}: none of its {total} row(s) is a usable labelled photo{why}",
+            "fill the label column with a class name (or '-' to skip a photo); paths are absolute or "
+            "relative to the CSV's folder",
+        )
     for where, why in out.skipped[:10]:
         log.warning("labels: left out %s (%s)", where, why)
     if len(out.skipped) > 10:
         log.warning("labels: ... and %d more rows left out", len(out.skipped) - 10)
     guessed = [p for p in out.photos if p.guess]
     if len(guessed) >= 10 and all(p.label == p.guess for p in guessed):
-        log.warning("labels: every one of the %d labels is the model's own guess: were they checked? A wrong guess "
-                    "kept as a label teaches the model its own mistake (label them on label.html)", len(guessed))
+        log.warning(
+            "labels: every one of the %d labels is the model's own guess: were they checked? A wrong guess "
+            "kept as a label teaches the model its own mistake (label them on label.html)",
+            len(guessed),
+        )
     return out
 
 
@@ -195,19 +216,26 @@ def _rows(path: Path) -> list[tuple[int, dict[str, str]]]:
             fields = reader.fieldnames or []
             rows = [(i, row) for i, row in enumerate(reader, start=2)]
     except FileNotFoundError:
-        raise DataError(f"{path}: labels file not found", "pass the to-label.csv that 'fruitlens suggest' wrote, "
-                        "or any CSV with the columns path,label") from None
+        raise DataError(
+            f"{path}: labels file not found",
+            "pass the to-label.csv that 'fruitlens suggest' wrote, or any CSV with the columns path,label",
+        ) from None
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})", "save it as UTF-8 CSV with the columns path,label") from None
+        raise DataError(
+            f"{path}: not a readable CSV ({exc})", "save it as UTF-8 CSV with the columns path,label"
+        ) from None
     missing = {"path", "label"} - set(fields)
     if missing:
-        raise DataError(f"{path}: lacks the column(s) {', '.join(sorted(missing))}; found {', '.join(fields) or 'none'}",
-                        "a labels CSV needs the columns path,label (paths absolute or relative to the CSV)")
+        raise DataError(
+            f"{path}: lacks the column(s) {', '.join(sorted(missing))}; found {', '.join(fields) or 'none'}",
+            "a labels CSV needs the columns path,label (paths absolute or relative to the CSV)",
+        )
     return rows
 
 
-def refuse_copies(photos: LabelledPhotos, data: Manifest, data_files: list[FileInfo],
-                  distance: int = 4) -> LabelledPhotos:
+def refuse_copies(
+    photos: LabelledPhotos, data: Manifest, data_files: list[FileInfo], distance: int = 4
+) -> LabelledPhotos:
     """The photos without those that are (near) copies of an image of ``data``: one in the test split would
     flatter the test figure, one in train or val is there already. Each is listed with the image it copies."""
     n = len(data_files)
@@ -224,10 +252,16 @@ def refuse_copies(photos: LabelledPhotos, data: Manifest, data_files: list[FileI
         leak = " (it would leak into the test figure)" if split == "test" else ""
         why[p] = f"copy of a {split} image: {data.resolve(record)}{leak}"
     if why:
-        log.warning("labels: %d photo(s) are copies of images of the data and are left out, e.g. %s: %s",
-                    len(why), photos.photos[min(why)].path, why[min(why)])
+        log.warning(
+            "labels: %d photo(s) are copies of images of the data and are left out, e.g. %s: %s",
+            len(why),
+            photos.photos[min(why)].path,
+            why[min(why)],
+        )
     out = photos.without(set(why), why)
     if not out.photos:
-        raise DataError("every labelled photo is a copy of an image of the training data",
-                        "label photos of the setting the model will be used in, not images of DATA")
+        raise DataError(
+            "every labelled photo is a copy of an image of the training data",
+            "label photos of the setting the model will be used in, not images of DATA",
+        )
     return out

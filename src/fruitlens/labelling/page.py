@@ -1,6 +1,7 @@
 """The labelling page (``templates/label.html``): one self-contained HTML file that works from the file system with
 no server (thumbnails embedded, the answers kept in the browser and saved as a CSV), or the same page served by
 ``fruitlens serve --label`` (photos fetched by number, each answer saved on the server)."""
+
 from __future__ import annotations
 
 import base64
@@ -34,27 +35,55 @@ def page_items(rows: list[ToLabel], sources: list[str]) -> list[dict[str, Any]]:
     given so far ("" for none)."""
     items = []
     for i, (r, src) in enumerate(zip(rows, sources)):
-        items.append({"id": i, "path": r.path, "name": Path(r.path).name, "src": src, "guess": r.guess,
-                      "score": r.score, "top": [[c, s] for c, s in r.top_k], "why": r.why,
-                      "near_copies": r.near_copies, "label": r.label})
+        items.append(
+            {
+                "id": i,
+                "path": r.path,
+                "name": Path(r.path).name,
+                "src": src,
+                "guess": r.guess,
+                "score": r.score,
+                "top": [[c, s] for c, s in r.top_k],
+                "why": r.why,
+                "near_copies": r.near_copies,
+                "label": r.label,
+            }
+        )
     return items
 
 
-def label_page(rows: list[ToLabel], classes: list[str], *, sources: list[str] | None = None, mode: str = "file",
-               endpoint: str = "", saved_to: str = "", csv_name: str = "to-label.csv", intro: str = "") -> str:
+def label_page(
+    rows: list[ToLabel],
+    classes: list[str],
+    *,
+    sources: list[str] | None = None,
+    mode: str = "file",
+    endpoint: str = "",
+    saved_to: str = "",
+    csv_name: str = "to-label.csv",
+    intro: str = "",
+) -> str:
     """The page's HTML. ``mode`` "file": thumbnails embedded, a CSV to save; "server": photos from ``sources`` (URLs)
     and each answer POSTed to ``endpoint``."""
     if sources is None:
         sources = [thumbnail_url(r.path) for r in rows]
     items = page_items(rows, sources)
     page_id = hashlib.sha1("|".join(r.path for r in rows).encode()).hexdigest()[:16]
-    data = {"id": page_id, "mode": mode, "endpoint": endpoint, "classes": sorted(classes), "items": items,
-            "csv_name": csv_name, "fields": list(TO_LABEL_FIELDS)}
+    data = {
+        "id": page_id,
+        "mode": mode,
+        "endpoint": endpoint,
+        "classes": sorted(classes),
+        "items": items,
+        "csv_name": csv_name,
+        "fields": list(TO_LABEL_FIELDS),
+    }
     return render("label.html", data=data, items=items, mode=mode, csv_name=csv_name, saved_to=saved_to, intro=intro)
 
 
-def write_label_page(rows: list[ToLabel], classes: list[str], out: Path, *, csv_name: str = "to-label.csv",
-                     intro: str = "") -> Path:
+def write_label_page(
+    rows: list[ToLabel], classes: list[str], out: Path, *, csv_name: str = "to-label.csv", intro: str = ""
+) -> Path:
     """``label.html`` beside ``to-label.csv``; opens from the file system."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ of (smallest margin between its top two classes), one per cluster.
 Near copies (bursts, the same shelf twice) count once: each group of copies is one candidate, its most central
 photo, standing for the whole group.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,8 +53,11 @@ def _kmeans(z: np.ndarray, k: int, weight: np.ndarray, seed: int) -> tuple[np.nd
     """(cluster of each row, the centres)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    km = (KMeans(k, n_init=3, random_state=seed) if len(z) <= 20_000
-          else MiniBatchKMeans(k, n_init=3, random_state=seed, batch_size=4096))
+    km = (
+        KMeans(k, n_init=3, random_state=seed)
+        if len(z) <= 20_000
+        else MiniBatchKMeans(k, n_init=3, random_state=seed, batch_size=4096)
+    )
     labels = km.fit_predict(z, sample_weight=weight)
     return labels, km.cluster_centers_
 
@@ -83,9 +87,16 @@ def _covered(z: np.ndarray, cluster: np.ndarray, centres: np.ndarray, labelled: 
     return out
 
 
-def pick_photos(features: np.ndarray, budget: int, *, groups: np.ndarray | None = None,
-                margins: np.ndarray | None = None, labelled: np.ndarray | None = None,
-                uncertain_share: float = UNCERTAIN_SHARE, seed: int = 0) -> list[Pick]:
+def pick_photos(
+    features: np.ndarray,
+    budget: int,
+    *,
+    groups: np.ndarray | None = None,
+    margins: np.ndarray | None = None,
+    labelled: np.ndarray | None = None,
+    uncertain_share: float = UNCERTAIN_SHARE,
+    seed: int = 0,
+) -> list[Pick]:
     """``budget`` photos to label (fewer when the photos hold fewer distinct ones), most useful first.
 
     ``features``: (n, d) features of the candidate photos; ``groups``: a near-copy group id per photo;
@@ -102,15 +113,17 @@ def pick_photos(features: np.ndarray, budget: int, *, groups: np.ndarray | None 
     reps, sizes = _representatives(z, groups)
     if budget >= len(reps):
         order = np.argsort(-sizes, kind="stable")
-        return [Pick(int(reps[i]), f"one of only {len(reps)} distinct photos", int(sizes[i]), int(sizes[i] - 1))
-                for i in order]
+        return [
+            Pick(int(reps[i]), f"one of only {len(reps)} distinct photos", int(sizes[i]), int(sizes[i] - 1))
+            for i in order
+        ]
     n_unsure = int(round(uncertain_share * budget)) if has_labelled and margins is not None else 0
     if has_labelled:
         rows = np.concatenate([z[reps], z_lab])
         weight = np.concatenate([sizes, np.ones(len(z_lab))]).astype(np.float64)
         k = min(len(rows), budget - n_unsure + len(z_lab))
         cluster, centres = _kmeans(rows, k, weight, seed)
-        cluster = cluster[:len(reps)]
+        cluster = cluster[: len(reps)]
         covered = _covered(z[reps], cluster, centres, z_lab)
     else:
         cluster, centres = _kmeans(z[reps], budget, sizes.astype(np.float64), seed)
@@ -126,8 +139,11 @@ def pick_photos(features: np.ndarray, budget: int, *, groups: np.ndarray | None 
             continue
         best = members[np.argmin(((z[reps[members]] - centres[c]) ** 2).sum(1))]
         taken.add(int(best))
-        picks.append(Pick(int(reps[best]), f"typical of {int(size_of[c])} photo(s) like it", int(size_of[c]),
-                          int(sizes[best] - 1)))
+        picks.append(
+            Pick(
+                int(reps[best]), f"typical of {int(size_of[c])} photo(s) like it", int(size_of[c]), int(sizes[best] - 1)
+            )
+        )
     if len(picks) < budget and margins is not None:  # the least sure photos, one per cluster
         used_clusters: set[int] = set()
         for i in np.argsort(np.asarray(margins)[reps], kind="stable"):
@@ -137,8 +153,14 @@ def pick_photos(features: np.ndarray, budget: int, *, groups: np.ndarray | None 
                 continue
             taken.add(int(i))
             used_clusters.add(int(cluster[i]))
-            picks.append(Pick(int(reps[i]), f"the model is unsure (margin {float(margins[reps[i]]):.2f})",
-                              int(size_of[cluster[i]]), int(sizes[i] - 1)))
+            picks.append(
+                Pick(
+                    int(reps[i]),
+                    f"the model is unsure (margin {float(margins[reps[i]]):.2f})",
+                    int(size_of[cluster[i]]),
+                    int(sizes[i] - 1),
+                )
+            )
     if len(picks) < budget:  # every cluster is covered or picked: the rest by size, then by order
         for i in np.argsort(-size_of[cluster], kind="stable"):
             if len(picks) >= budget:

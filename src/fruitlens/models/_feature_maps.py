@@ -1,6 +1,7 @@
 """The last feature map of each backbone, (N, C, h, w), whose spatial mean is exactly what the backbone's pooling
 gives the head: so the class activation map (``FruitNet.class_maps``) is exact. A test holds every registered model
 to that. Each function takes the torchvision module (its classifier replaced) and the input batch."""
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 It is read with ``torch.load(weights_only=True)``: a run folder someone sent you cannot run code on your machine
 through it (a pickled object in the file is refused, not executed).
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,11 +62,14 @@ def save_model(path: Path, model: FruitNet, classes: list[str], extra: dict[str,
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The raw payload, loaded without unpickling code; a file that needs more than tensors and plain data is refused."""
+    """The raw payload, loaded without unpickling code; a file that needs more than tensors and plain data is
+    refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise RunDirError(f"{path}: checkpoint not found", "train a model first: fruitlens train DATA --out RUN") from None
+        raise RunDirError(
+            f"{path}: checkpoint not found", "train a model first: fruitlens train DATA --out RUN"
+        ) from None
     except pickle.UnpicklingError as exc:
         raise refused(path, exc) from None
     except Exception as exc:
@@ -75,9 +79,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 def refused(path: Path, exc: Exception) -> RunDirError:
     """The error for a checkpoint that ``weights_only`` loading refused: it holds more than tensors and plain data."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return RunDirError(f"{path}: refused to load: the checkpoint holds Python objects that could run code "
-                       f"({first[:160]})",
-                       "only open run folders you trust; retrain, or ask the sender for the run's export/model.onnx")
+    return RunDirError(
+        f"{path}: refused to load: the checkpoint holds Python objects that could run code ({first[:160]})",
+        "only open run folders you trust; retrain, or ask the sender for the run's export/model.onnx",
+    )
 
 
 def load_model(path: Path) -> Checkpoint:
@@ -86,8 +91,14 @@ def load_model(path: Path) -> Checkpoint:
     if not isinstance(ckpt, dict) or "fruitlens_format" not in ckpt:
         raise RunDirError(f"{path}: not a fruitlens checkpoint")
     pre = Preprocessing.from_dict(ckpt["preprocessing"])
-    model = build_model(ckpt["model_name"], ckpt["num_classes"], weights="none", img_size=pre.image_size,
-                        dropout=ckpt.get("dropout", 0.2), feature_layer=ckpt.get("feature_layer", "last"))
+    model = build_model(
+        ckpt["model_name"],
+        ckpt["num_classes"],
+        weights="none",
+        img_size=pre.image_size,
+        dropout=ckpt.get("dropout", 0.2),
+        feature_layer=ckpt.get("feature_layer", "last"),
+    )
     model.preprocessing = pre
     state = ckpt["state_dict"]
     if ckpt["fruitlens_format"] < 3:  # Dropout + Linear: the Linear was head.1; no standardisation (the identity)

@@ -1,4 +1,4 @@
-""""Not a class I know": an out-of-distribution score for each image, computed inside the model (and its ONNX export).
+""" "Not a class I know": an out-of-distribution score for each image, computed inside the model (and its ONNX export).
 
 The score adds two signals, each scaled by how it varies over held-out images of the known classes (the median and
 the 10-90% range: a robust z-score):
@@ -10,6 +10,7 @@ far from every stored image even when the classifier is sure of a wrong class. M
 (benchmarks/RESULTS.md), the sum ranks unknown fruit above known fruit more often than either signal alone, and more
 often than averaging their percentiles (which saturate at 100%).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -68,6 +69,7 @@ def bank_indices(labels: np.ndarray, size: int = MAX_BANK, seed: int = 0) -> np.
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     per = max(1, size // len(classes))
-    picked = [rng.choice(np.flatnonzero(labels == c), min(per, int((labels == c).sum())), replace=False)
-              for c in classes]
+    picked = [
+        rng.choice(np.flatnonzero(labels == c), min(per, int((labels == c).sum())), replace=False) for c in classes
+    ]
     return np.sort(np.concatenate(picked))

@@ -12,6 +12,7 @@ check took. ``Preprocessing`` is made by the model builder, saved in the run and
   is resampled, so the work and memory are bounded by the output size whatever the input's shape.
 - normalisation: ``(x / 255 - mean) / std`` as one multiply and one subtract on whole batches.
 """
+
 from __future__ import annotations
 
 import io
@@ -53,7 +54,9 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        return cls(int(d["image_size"]), int(d["resize_size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
+        return cls(
+            int(d["image_size"]), int(d["resize_size"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"]))
+        )
 
     def with_image_size(self, size: int) -> "Preprocessing":
         """Same normalisation at another input size; the resize keeps the whole image (minimal crop)."""
@@ -145,13 +148,17 @@ def decode(source: ImageSource, *, min_side: int = 0, max_pixels: int = DEFAULT_
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image (expected JPEG, PNG, WebP, BMP, GIF or TIFF)",
-                         "run 'fruitlens check' on the data to list every bad file", "not-an-image") from None
+        raise ImageError(
+            f"{name}: not an image (expected JPEG, PNG, WebP, BMP, GIF or TIFF)",
+            "run 'fruitlens check' on the data to list every bad file",
+            "not-an-image",
+        ) from None
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: too many pixels (decompression bomb guard)", None, "too-many-pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{name}: cannot decode image ({exc})",
-                         "run 'fruitlens check' on the data to list every bad file") from None
+        raise ImageError(
+            f"{name}: cannot decode image ({exc})", "run 'fruitlens check' on the data to list every bad file"
+        ) from None
     return Decoded(shrink(rgb, min_side), width, height, mode, orientation not in (None, 0, 1))
 
 
@@ -172,8 +179,9 @@ def _read(source: ImageSource, name: str) -> bytes:
         except OSError as exc:
             raise ImageError(f"{name}: cannot read file ({exc.strerror or exc})", None, "missing") from None
     else:
-        raise ImageError(f"expected a path, bytes, PIL image or array but received {type(source).__name__}", None,
-                         "not-an-image")
+        raise ImageError(
+            f"expected a path, bytes, PIL image or array but received {type(source).__name__}", None, "not-an-image"
+        )
     if not data:
         raise ImageError(f"{name}: file is empty (0 bytes)", None, "empty")
     return data
@@ -198,24 +206,32 @@ def _to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.floating) and lo >= 0 and hi <= 1:
         return (arr * 255).round().astype(np.uint8)
     if lo < 0 or hi > 255 or not np.isfinite([lo, hi]).all():
-        raise ImageError(f"{name}: pixel values from {lo:g} to {hi:g} ({arr.dtype}); expected 0-255, or 0-1 for "
-                         "floats", "pass uint8 pixels (e.g. np.asarray(PIL.Image.open(path).convert('RGB')))",
-                         "bad-shape")
+        raise ImageError(
+            f"{name}: pixel values from {lo:g} to {hi:g} ({arr.dtype}); expected 0-255, or 0-1 for floats",
+            "pass uint8 pixels (e.g. np.asarray(PIL.Image.open(path).convert('RGB')))",
+            "bad-shape",
+        )
     return arr.round().astype(np.uint8) if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.uint8)
 
 
 def _check_shape(width: int, height: int, max_pixels: int, name: str) -> None:
     """Refuses sizes no photo has, before any pixel is decoded (the header tells the size)."""
     if width * height > max_pixels:
-        raise ImageError(f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels", None,
-                         "too-many-pixels")
+        raise ImageError(
+            f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels", None, "too-many-pixels"
+        )
     short, long = min(width, height), max(width, height)
     if short < MIN_SIDE:
-        raise ImageError(f"{name}: {width}x{height} px is too small to classify (at least {MIN_SIDE} px a side)",
-                         None, "bad-shape")
+        raise ImageError(
+            f"{name}: {width}x{height} px is too small to classify (at least {MIN_SIDE} px a side)", None, "bad-shape"
+        )
     if long > MAX_ASPECT * short:
-        raise ImageError(f"{name}: {width}x{height} px has an aspect ratio of {long / short:.0f}:1, beyond the "
-                         f"{MAX_ASPECT:g}:1 a photo has", "crop it to the fruit first", "bad-shape")
+        raise ImageError(
+            f"{name}: {width}x{height} px has an aspect ratio of {long / short:.0f}:1, beyond the "
+            f"{MAX_ASPECT:g}:1 a photo has",
+            "crop it to the fruit first",
+            "bad-shape",
+        )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -242,8 +258,11 @@ def shrink(img: Image.Image, min_side: int) -> Image.Image:
     """Scales ``img`` down so that its shorter side is ``min_side`` (no-op for small images or ``min_side`` 0)."""
     if min_side and min(img.size) > min_side:
         scale = min_side / min(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                         Image.Resampling.BILINEAR, reducing_gap=2.0)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+            Image.Resampling.BILINEAR,
+            reducing_gap=2.0,
+        )
     return img
 
 
@@ -252,8 +271,11 @@ def crop_box(width: int, height: int, resize_size: int, image_size: int) -> tupl
     resizing the shorter side to ``resize_size`` and cropping the centred ``image_size`` square shows."""
     if resize_size < image_size:
         raise ValueError(f"resize_crop needs resize_size >= image_size, got {resize_size} < {image_size}")
-    nw, nh = (resize_size, int(resize_size * height / width)) if width <= height else \
-        (int(resize_size * width / height), resize_size)
+    nw, nh = (
+        (resize_size, int(resize_size * height / width))
+        if width <= height
+        else (int(resize_size * width / height), resize_size)
+    )
     top, left = int(round((nh - image_size) / 2.0)), int(round((nw - image_size) / 2.0))
     sx, sy = width / nw, height / nh
     return left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy

@@ -1,4 +1,5 @@
 """Probabilities from scores: the one softmax of numpy logits (the model's outputs, held-out heads' logits)."""
+
 from __future__ import annotations
 
 import numpy as np

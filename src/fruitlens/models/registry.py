@@ -3,6 +3,7 @@
 Adding a torchvision classification model takes one entry in ``MODELS`` (and, where its pooling is not a plain mean
 of ``features``, a feature-map function in ``_feature_maps``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,52 +51,153 @@ class ModelSpec:
     skip_weights: tuple[str, ...] = ()  # entries of the enum this build cannot load (another input size)
 
 
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
-    ModelSpec(name="mobilenet_v2", builder=tvm.mobilenet_v2, weights_enum=tvm.MobileNet_V2_Weights,
-              head_attr="classifier", block_attrs=("features",), description="MobileNetV2; the fast default",
-              mid_block=17),
-    ModelSpec(name="mobilenet_v3_large", builder=tvm.mobilenet_v3_large, weights_enum=tvm.MobileNet_V3_Large_Weights,
-              head_attr="classifier", block_attrs=("features",),
-              description="MobileNetV3-Large; the head reads its 960 pooled channels, not the 1280-wide layer"),
-    ModelSpec(name="densenet121", builder=tvm.densenet121, weights_enum=tvm.DenseNet121_Weights,
-              head_attr="classifier", block_attrs=("features",), description="DenseNet-121; slower on a CPU",
-              feature_map=fm.densenet),
-    ModelSpec(name="resnet18", builder=tvm.resnet18, weights_enum=tvm.ResNet18_Weights, head_attr="fc",
-              block_attrs=("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"), description="ResNet-18",
-              feature_map=fm.resnet),
-    ModelSpec(name="resnet50", builder=tvm.resnet50, weights_enum=tvm.ResNet50_Weights, head_attr="fc",
-              block_attrs=("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"), description="ResNet-50",
-              feature_map=fm.resnet),
-    ModelSpec(name="efficientnet_b0", builder=tvm.efficientnet_b0, weights_enum=tvm.EfficientNet_B0_Weights,
-              head_attr="classifier", block_attrs=("features",), description="EfficientNet-B0"),
-    ModelSpec(name="efficientnet_b1", builder=tvm.efficientnet_b1, weights_enum=tvm.EfficientNet_B1_Weights,
-              head_attr="classifier", block_attrs=("features",), description="EfficientNet-B1"),
-    ModelSpec(name="efficientnet_b2", builder=tvm.efficientnet_b2, weights_enum=tvm.EfficientNet_B2_Weights,
-              head_attr="classifier", block_attrs=("features",), description="EfficientNet-B2"),
-    ModelSpec(name="efficientnet_b3", builder=tvm.efficientnet_b3, weights_enum=tvm.EfficientNet_B3_Weights,
-              head_attr="classifier", block_attrs=("features",), description="EfficientNet-B3"),
-    ModelSpec(name="efficientnet_v2_s", builder=tvm.efficientnet_v2_s, weights_enum=tvm.EfficientNet_V2_S_Weights,
-              head_attr="classifier", block_attrs=("features",), description="EfficientNetV2-S"),
-    ModelSpec(name="regnet_y_800mf", builder=tvm.regnet_y_800mf, weights_enum=tvm.RegNet_Y_800MF_Weights,
-              head_attr="fc", block_attrs=("stem", "trunk_output"), description="RegNetY-800MF",
-              feature_map=fm.regnet),
-    ModelSpec(name="regnet_y_1_6gf", builder=tvm.regnet_y_1_6gf, weights_enum=tvm.RegNet_Y_1_6GF_Weights,
-              head_attr="fc", block_attrs=("stem", "trunk_output"), description="RegNetY-1.6GF",
-              feature_map=fm.regnet),
-    # the classifier is LayerNorm2d, Flatten, Linear: only the Linear goes, the head reads the normalised features
-    ModelSpec(name="convnext_tiny", builder=tvm.convnext_tiny, weights_enum=tvm.ConvNeXt_Tiny_Weights,
-              head_attr="classifier.2", block_attrs=("features", "classifier.0"), description="ConvNeXt-Tiny",
-              feature_map=fm.convnext),
-    ModelSpec(name="swin_t", builder=tvm.swin_t, weights_enum=tvm.Swin_T_Weights, head_attr="head",
-              block_attrs=("features", "norm"), description="Swin-T", feature_map=fm.swin),
-    ModelSpec(name="vit_b_16", builder=vit.vit_b_16, weights_enum=tvm.ViT_B_16_Weights, head_attr="heads",
-              block_attrs=("conv_proj", "encoder.layers", "encoder.ln"), min_size=vit.IMAGE_SIZE,
-              description="ViT-B/16; the head reads the mean of its patch tokens, not the class token",
-              feature_map=fm.patch_grid, fixed_size=vit.IMAGE_SIZE, skip_weights=("IMAGENET1K_SWAG_E2E_V1",)),
-    ModelSpec(name="small_cnn", builder=SmallCNN, weights_enum=None, head_attr="classifier",
-              block_attrs=("features",), min_size=16,
-              description="the original's Sequential Conv2D + pooling CNN; trains from scratch"),
-)}
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="mobilenet_v2",
+            builder=tvm.mobilenet_v2,
+            weights_enum=tvm.MobileNet_V2_Weights,
+            head_attr="classifier",
+            block_attrs=("features",),
+            description="MobileNetV2; the fast default",
+            mid_block=17,
+        ),
+        ModelSpec(
+            name="mobilenet_v3_large",
+            builder=tvm.mobilenet_v3_large,
+            weights_enum=tvm.MobileNet_V3_Large_Weights,
+            head_attr="classifier",
+            block_attrs=("features",),
+            description="MobileNetV3-Large; the head reads its 960 pooled channels, not the 1280-wide layer",
+        ),
+        ModelSpec(
+            name="densenet121",
+            builder=tvm.densenet121,
+            weights_enum=tvm.DenseNet121_Weights,
+            head_attr="classifier",
+            block_attrs=("features",),
+            description="DenseNet-121; slower on a CPU",
+            feature_map=fm.densenet,
+        ),
+        ModelSpec(
+            name="resnet18",
+            builder=tvm.resnet18,
+            weights_enum=tvm.ResNet18_Weights,
+            head_attr="fc",
+            block_attrs=("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"),
+            description="ResNet-18",
+            feature_map=fm.resnet,
+        ),
+        ModelSpec(
+            name="resnet50",
+            builder=tvm.resnet50,
+            weights_enum=tvm.ResNet50_Weights,
+            head_attr="fc",
+            block_attrs=("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"),
+            description="ResNet-50",
+            feature_map=fm.resnet,
+        ),
+        ModelSpec(
+            name="efficientnet_b0",
+            builder=tvm.efficientnet_b0,
+            weights_enum=tvm.EfficientNet_B0_Weights,
+            head_attr="classifier",
+            block_attrs=("features",),
+            description="EfficientNet-B0",
+        ),
+        ModelSpec(
+            name="efficientnet_b1",
+            builder=tvm.efficientnet_b1,
+            weights_enum=tvm.EfficientNet_B1_Weights,
+            head_attr="classifier",
+            block_attrs=("features",),
+            description="EfficientNet-B1",
+        ),
+        ModelSpec(
+            name="efficientnet_b2",
+            builder=tvm.efficientnet_b2,
+            weights_enum=tvm.EfficientNet_B2_Weights,
+            head_attr="classifier",
+            block_attrs=("features",),
+            description="EfficientNet-B2",
+        ),
+        ModelSpec(
+            name="efficientnet_b3",
+            builder=tvm.efficientnet_b3,
+            weights_enum=tvm.EfficientNet_B3_Weights,
+            head_attr="classifier",
+            block_attrs=("features",),
+            description="EfficientNet-B3",
+        ),
+        ModelSpec(
+            name="efficientnet_v2_s",
+            builder=tvm.efficientnet_v2_s,
+            weights_enum=tvm.EfficientNet_V2_S_Weights,
+            head_attr="classifier",
+            block_attrs=("features",),
+            description="EfficientNetV2-S",
+        ),
+        ModelSpec(
+            name="regnet_y_800mf",
+            builder=tvm.regnet_y_800mf,
+            weights_enum=tvm.RegNet_Y_800MF_Weights,
+            head_attr="fc",
+            block_attrs=("stem", "trunk_output"),
+            description="RegNetY-800MF",
+            feature_map=fm.regnet,
+        ),
+        ModelSpec(
+            name="regnet_y_1_6gf",
+            builder=tvm.regnet_y_1_6gf,
+            weights_enum=tvm.RegNet_Y_1_6GF_Weights,
+            head_attr="fc",
+            block_attrs=("stem", "trunk_output"),
+            description="RegNetY-1.6GF",
+            feature_map=fm.regnet,
+        ),
+        # the classifier is LayerNorm2d, Flatten, Linear: only the Linear goes, the head reads the normalised features
+        ModelSpec(
+            name="convnext_tiny",
+            builder=tvm.convnext_tiny,
+            weights_enum=tvm.ConvNeXt_Tiny_Weights,
+            head_attr="classifier.2",
+            block_attrs=("features", "classifier.0"),
+            description="ConvNeXt-Tiny",
+            feature_map=fm.convnext,
+        ),
+        ModelSpec(
+            name="swin_t",
+            builder=tvm.swin_t,
+            weights_enum=tvm.Swin_T_Weights,
+            head_attr="head",
+            block_attrs=("features", "norm"),
+            description="Swin-T",
+            feature_map=fm.swin,
+        ),
+        ModelSpec(
+            name="vit_b_16",
+            builder=vit.vit_b_16,
+            weights_enum=tvm.ViT_B_16_Weights,
+            head_attr="heads",
+            block_attrs=("conv_proj", "encoder.layers", "encoder.ln"),
+            min_size=vit.IMAGE_SIZE,
+            description="ViT-B/16; the head reads the mean of its patch tokens, not the class token",
+            feature_map=fm.patch_grid,
+            fixed_size=vit.IMAGE_SIZE,
+            skip_weights=("IMAGENET1K_SWAG_E2E_V1",),
+        ),
+        ModelSpec(
+            name="small_cnn",
+            builder=SmallCNN,
+            weights_enum=None,
+            head_attr="classifier",
+            block_attrs=("features",),
+            min_size=16,
+            description="the original's Sequential Conv2D + pooling CNN; trains from scratch",
+        ),
+    )
+}
 
 
 FEATURE_LAYERS = ("last", "mid")
@@ -137,10 +239,18 @@ class FruitNet(nn.Module):
     the head standardises mid-layer features on the training features (``Standardise.fit``), else passes them on.
     """
 
-    def __init__(self, name: str, backbone: nn.Module, feature_dim: int, num_classes: int, dropout: float,
-                 preprocessing: Preprocessing, blocks: list[nn.Module],
-                 feature_map: FeatureMap = fm.features,
-                 feature_layer: str = "last") -> None:
+    def __init__(
+        self,
+        name: str,
+        backbone: nn.Module,
+        feature_dim: int,
+        num_classes: int,
+        dropout: float,
+        preprocessing: Preprocessing,
+        blocks: list[nn.Module],
+        feature_map: FeatureMap = fm.features,
+        feature_layer: str = "last",
+    ) -> None:
         super().__init__()
         self.name = name
         self.feature_layer = feature_layer
@@ -251,19 +361,24 @@ def check_options(name: str, weights: str, img_size: int = 0) -> None:
     if weights not in ("imagenet", "none", "", None) and not Path(weights).is_file():
         close = did_you_mean(str(weights), ("imagenet", "none"), "weights").split(" Available")[0]
         hint = "use imagenet, none, or the path of a .pth state dict"
-        raise WeightsError(f"--weights {weights}: no such file" + (f" ({close})" if "Did you mean" in close else ""),
-                           hint)
+        raise WeightsError(
+            f"--weights {weights}: no such file" + (f" ({close})" if "Did you mean" in close else ""), hint
+        )
 
 
 def _check_size(spec: ModelSpec, img_size: int) -> None:
     """``img_size`` (0: not given) fits ``spec``."""
     if img_size and spec.fixed_size and img_size != spec.fixed_size:
-        raise ModelError(f"{spec.name} takes {spec.fixed_size} px images only (its position embeddings are for "
-                         f"{spec.fixed_size} px) but received an image size of {img_size} px",
-                         f"use --img-size {spec.fixed_size}, or leave it out")
+        raise ModelError(
+            f"{spec.name} takes {spec.fixed_size} px images only (its position embeddings are for "
+            f"{spec.fixed_size} px) but received an image size of {img_size} px",
+            f"use --img-size {spec.fixed_size}, or leave it out",
+        )
     if img_size and img_size < spec.min_size:
-        raise ModelError(f"image size {img_size} px is too small for {spec.name}: expected at least {spec.min_size} px",
-                         f"use --img-size {max(spec.min_size, 64)} or larger")
+        raise ModelError(
+            f"image size {img_size} px is too small for {spec.name}: expected at least {spec.min_size} px",
+            f"use --img-size {max(spec.min_size, 64)} or larger",
+        )
 
 
 def _preprocessing(spec: ModelSpec, img_size: int) -> Preprocessing:
@@ -276,20 +391,30 @@ def _preprocessing(spec: ModelSpec, img_size: int) -> Preprocessing:
     return pre.with_image_size(img_size) if img_size else pre
 
 
-def build_model(name: str, num_classes: int, *, weights: str = "imagenet", img_size: int = 0,
-                dropout: float = 0.2, feature_layer: str = "last") -> FruitNet:
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    weights: str = "imagenet",
+    img_size: int = 0,
+    dropout: float = 0.2,
+    feature_layer: str = "last",
+) -> FruitNet:
     """Builds ``name`` with ``num_classes`` outputs. ``weights``: imagenet | none | PATH to a state dict.
     ``feature_layer``: "last", or "mid" (the features of an earlier block, ``ModelSpec.mid_block``)."""
     spec = get_spec(name)
     if feature_layer not in FEATURE_LAYERS:
         raise ModelError(f"unknown feature layer {feature_layer!r}", f"use one of: {', '.join(FEATURE_LAYERS)}")
     if feature_layer == "mid" and spec.mid_block is None:
-        raise ModelError(f"{name} has no mid-layer features (feature layer 'mid' is built for "
-                         f"{', '.join(k for k, v in MODELS.items() if v.mid_block is not None)})",
-                         "use --feature-layer last (or auto)")
+        raise ModelError(
+            f"{name} has no mid-layer features (feature layer 'mid' is built for "
+            f"{', '.join(k for k, v in MODELS.items() if v.mid_block is not None)})",
+            "use --feature-layer last (or auto)",
+        )
     if num_classes < 2:
-        raise ModelError(f"a classifier needs at least 2 classes but received {num_classes}",
-                         "add a second class folder to the data")
+        raise ModelError(
+            f"a classifier needs at least 2 classes but received {num_classes}", "add a second class folder to the data"
+        )
     pre = _preprocessing(spec, img_size)
     net = spec.builder(weights=None) if spec.weights_enum is not None else spec.builder()
     if weights == "imagenet":
@@ -300,8 +425,11 @@ def build_model(name: str, num_classes: int, *, weights: str = "imagenet", img_s
     elif weights not in ("none", "", None):
         _load_file(net, Path(weights), spec)
     head = net.get_submodule(spec.head_attr)
-    feature_dim = head.in_features if isinstance(head, nn.Linear) else next(
-        m.in_features for m in head.modules() if isinstance(m, nn.Linear))
+    feature_dim = (
+        head.in_features
+        if isinstance(head, nn.Linear)
+        else next(m.in_features for m in head.modules() if isinstance(m, nn.Linear))
+    )
     parent, _, attr = spec.head_attr.rpartition(".")
     setattr(net.get_submodule(parent), attr, nn.Identity())
     if feature_layer == "mid":  # the blocks above mid_block go; the pooled output is then mid_block's
@@ -334,7 +462,9 @@ def _load_file(net: nn.Module, path: Path, spec: ModelSpec) -> None:
     head = spec.head_attr + "."
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and not k.startswith(head)}
     if not usable:
-        raise WeightsError(f"{path}: none of its tensors fit {spec.name} (expected keys like {next(iter(own))})",
-                           f"pass a torchvision {spec.name} state dict")
+        raise WeightsError(
+            f"{path}: none of its tensors fit {spec.name} (expected keys like {next(iter(own))})",
+            f"pass a torchvision {spec.name} state dict",
+        )
     net.load_state_dict(usable, strict=False)
     log.info("loaded %d of %d tensors from %s", len(usable), len(own), path)

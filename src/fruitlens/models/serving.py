@@ -3,6 +3,7 @@
 One forward gives the calibrated logits (the temperature is folded into the head), the pooled features, the class
 activation maps and the out-of-distribution score, so that the service needs nothing but ONNX Runtime.
 """
+
 from __future__ import annotations
 
 import torch

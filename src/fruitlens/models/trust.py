@@ -1,6 +1,7 @@
 """``Trust``: what a model says about itself and how it was decided (the temperature folded into its head, the
 "not sure" and "unfamiliar" thresholds, and the figures they were fitted on). It travels with the model: in the
 checkpoint, in the exported ONNX model's metadata, and into every ``Predictor``; ``evaluation/trust.py`` fits it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -7,6 +7,7 @@ the head's input from the class token (the ImageNet weights load unchanged; the 
 attention in every layer, only its last output goes unused). Mean-pooled patch tokens are a common input for a new
 linear head on a ViT (MAE, BEiT); how they compare with the class token on fruit is not measured here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,8 @@ class PatchMeanViT(VisionTransformer):
 def vit_b_16(weights: None = None) -> PatchMeanViT:
     """ViT-B/16 with torchvision's ``vit_b_16`` layout (its state dicts load as they are), untrained."""
     if weights is not None:
-        raise ModelError("vit_b_16() builds an untrained model but received weights",
-                         "build it with fruitlens.models.build_model(..., weights='imagenet')")
-    return PatchMeanViT(image_size=IMAGE_SIZE, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768,
-                        mlp_dim=3072)
+        raise ModelError(
+            "vit_b_16() builds an untrained model but received weights",
+            "build it with fruitlens.models.build_model(..., weights='imagenet')",
+        )
+    return PatchMeanViT(image_size=IMAGE_SIZE, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)

@@ -4,6 +4,7 @@ On a connected machine torchvision downloads a weights file into ``$TORCH_HOME/h
 On an offline machine ``fruitlens weights import FILE`` verifies a file against the hash that torchvision's file
 name carries and copies it into that cache, so the normal loader finds it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -87,9 +88,10 @@ def import_weights(path: str | Path, enums: Iterable[type[WeightsEnum]]) -> Path
                 tmp.replace(dest)
                 log.debug("imported %s as %s", path, dest)
                 return dest
-    raise WeightsError(f"{path}: SHA-256 {digest[:12]}... matches none of the known weights files "
-                       f"({', '.join(sorted(set(known)))})",
-                       "download the file named in 'fruitlens weights list' for your model")
+    raise WeightsError(
+        f"{path}: SHA-256 {digest[:12]}... matches none of the known weights files ({', '.join(sorted(set(known)))})",
+        "download the file named in 'fruitlens weights list' for your model",
+    )
 
 
 def pick(enum: type[WeightsEnum], skip: Collection[str] = ()) -> WeightsEnum:
@@ -115,10 +117,13 @@ def load_state_dict(weights: WeightsEnum) -> dict:
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as exc:  # urllib, SSL, socket and hash errors all mean: the file is not usable here
         if dest.is_file():
-            raise WeightsError(f"{dest}: cannot load weights ({exc})",
-                               f"delete it and run 'fruitlens weights import {dest.name}' with a good copy") from None
+            raise WeightsError(
+                f"{dest}: cannot load weights ({exc})",
+                f"delete it and run 'fruitlens weights import {dest.name}' with a good copy",
+            ) from None
         raise WeightsError(
             f"pretrained weights file {dest.name} is not in the cache {dest.parent} and cannot be downloaded "
             f"from {weights.url} ({type(exc).__name__}: {exc})",
             f"on an offline machine, copy {dest.name} here and run 'fruitlens weights import {dest.name}', "
-            "or train from scratch with --weights none") from None
+            "or train from scratch with --weights none",
+        ) from None

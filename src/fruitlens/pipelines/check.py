@@ -1,5 +1,6 @@
 """``check``: every image of DATA read once (findings, near duplicates, class balance) and, on request, its labels
 audited with out-of-fold predictions of pretrained features. Reads files only; changes nothing."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,17 @@ class CheckResult:
         return not self.report.errors
 
 
-def check_data(data: str | Path, *, labels: bool = False, audit_out: str | Path = "label_audit", min_size: int = 32,
-               near_dup_distance: int = 4, img_size: int = 0, folds: int = 5, workers: int = 0) -> CheckResult:
+def check_data(
+    data: str | Path,
+    *,
+    labels: bool = False,
+    audit_out: str | Path = "label_audit",
+    min_size: int = 32,
+    near_dup_distance: int = 4,
+    img_size: int = 0,
+    folds: int = 5,
+    workers: int = 0,
+) -> CheckResult:
     report = check(scan(data), min_size=min_size, near_dup_distance=near_dup_distance, workers=workers)
     audit = audit_data(report, Path(audit_out), img_size=img_size, folds=folds) if labels else None
     return CheckResult(report, audit)

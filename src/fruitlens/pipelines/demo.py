@@ -1,4 +1,5 @@
 """``fruitlens demo``: the whole job on the default data set — fetch, check, split leak-free, train, report, export."""
+
 from __future__ import annotations
 
 import logging
@@ -82,9 +83,17 @@ def demo_config(data: str, overrides: dict[str, str] | None = None) -> TrainConf
     return cfg.validated()
 
 
-def demo(out: str | Path = "runs/demo", *, data: str | None = None, data_url: str | None = None,
-             sha256: str = "", classes: str = str(DEFAULT_CLASSES), overrides: dict[str, str] | None = None,
-             progress: Progress | None = None, int8: bool = True) -> DemoResult:
+def demo(
+    out: str | Path = "runs/demo",
+    *,
+    data: str | None = None,
+    data_url: str | None = None,
+    sha256: str = "",
+    classes: str = str(DEFAULT_CLASSES),
+    overrides: dict[str, str] | None = None,
+    progress: Progress | None = None,
+    int8: bool = True,
+) -> DemoResult:
     """Runs the whole job and returns where everything is plus the headline figures."""
     t0 = time.perf_counter()
     out = Path(out)
@@ -103,8 +112,13 @@ def demo(out: str | Path = "runs/demo", *, data: str | None = None, data_url: st
     # the data's own split (Fruits-360 Training/Test) leaks near duplicates: pool it and split by duplicate groups
     pooled = scanned.with_records(replace(r, split="") for r in scanned)
     chosen = _choose(pooled, classes)
-    log.info("step 2/5: %d of %d classes (%s): %s", len(chosen), len(scanned.classes),
-             "all" if len(chosen) == len(scanned.classes) else f"--classes {classes}", ", ".join(chosen))
+    log.info(
+        "step 2/5: %d of %d classes (%s): %s",
+        len(chosen),
+        len(scanned.classes),
+        "all" if len(chosen) == len(scanned.classes) else f"--classes {classes}",
+        ", ".join(chosen),
+    )
     subset = pooled.with_records(r for r in pooled if r.label in set(chosen))
     out.mkdir(parents=True, exist_ok=True)
     source_csv = out / "source-manifest.csv"
@@ -117,7 +131,6 @@ def demo(out: str | Path = "runs/demo", *, data: str | None = None, data_url: st
     return DemoResult(trained.run, root, chosen, trained.report, exported, time.perf_counter() - t0)
 
 
-
 def _choose(pooled: Manifest, spec: str) -> list[str]:
     """The classes of ``--classes``: a number or ``all`` picks among the classes that the leak-free split gives
     test images (the others are named); names are taken as given, with a warning for those it cannot."""
@@ -128,13 +141,23 @@ def _choose(pooled: Manifest, spec: str) -> list[str]:
         chosen = pick_classes(pooled.classes, spec)
         for c in chosen:
             if c in left_out:
-                log.warning("%s: a leak-free split gives it %d test images (its images are near duplicates of each "
-                            "other); its row of the report will be empty or noisy", c, test.get(c, 0))
+                log.warning(
+                    "%s: a leak-free split gives it %d test images (its images are near duplicates of each "
+                    "other); its row of the report will be empty or noisy",
+                    c,
+                    test.get(c, 0),
+                )
         return chosen
     if left_out:
-        log.info("left out %d class(es) that a leak-free split gives too few test images (their images are near "
-                 "duplicates of each other): %s", len(left_out), ", ".join(left_out))
+        log.info(
+            "left out %d class(es) that a leak-free split gives too few test images (their images are near "
+            "duplicates of each other): %s",
+            len(left_out),
+            ", ".join(left_out),
+        )
     if len(splittable) < 2:
-        raise DataError(f"only {len(splittable)} class(es) of the data can be split leak-free with test images",
-                        "pass --classes with names, or use other data")
+        raise DataError(
+            f"only {len(splittable)} class(es) of the data can be split leak-free with test images",
+            "pass --classes with names, or use other data",
+        )
     return pick_classes(splittable, spec)

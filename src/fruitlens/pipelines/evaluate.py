@@ -2,6 +2,7 @@
 
 Composes: the run's context (what ``train`` holds, or its folder read once), the target images, scoring and the
 report (``evaluation/scoring.py``), and writing it (``evaluation/writer.py``, the model card)."""
+
 from __future__ import annotations
 
 import logging
@@ -55,13 +56,24 @@ def run_context(run: RunDir) -> RunContext:
         history=read_history(run.history),
         audit=read_json(run.label_audit, LabelAudit) if run.label_audit.is_file() else None,
         photos=read_json(run.photos_json, PhotoNote) if run.photos_json.is_file() else None,
-        parameters=load_model(run.best_ckpt).parameters, checkpoint_mb=round(run.best_ckpt.stat().st_size / 2**20, 2))
+        parameters=load_model(run.best_ckpt).parameters,
+        checkpoint_mb=round(run.best_ckpt.stat().st_size / 2**20, 2),
+    )
 
 
-def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = "test", class_map: str | None = None,
-             batch_size: int = 64, gallery_size: int = 12, context: RunContext | None = None,
-             predictor: Predictor | None = None, write: bool = True,
-             reference: DomainFigure | None = None) -> Report:
+def evaluate(
+    run: RunDir | str | Path,
+    data: str | None = None,
+    *,
+    split: str = "test",
+    class_map: str | None = None,
+    batch_size: int = 64,
+    gallery_size: int = 12,
+    context: RunContext | None = None,
+    predictor: Predictor | None = None,
+    write: bool = True,
+    reference: DomainFigure | None = None,
+) -> Report:
     """Evaluates the run's model and writes report.json, report.html and plots/ (for other data under
     ``RUN/eval/<name>/``, leaving the run's own report as it is; ``write=False``: the caller writes it with
     ``write_run_report``). ``context``: what the caller (``train``) holds of the run; else its folder is read. A
@@ -75,20 +87,46 @@ def evaluate(run: RunDir | str | Path, data: str | None = None, *, split: str = 
     mapping = ClassMapping.load(class_map, predictor.classes)
     scored = score(predictor, target.manifest, mapping, batch_size)
     metrics = compute_metrics(scored.y, scored.probs, mapping.columns, scored.groups, scored.pred)
-    report = build_report(str(run.path), str(target.out), target.name, target.data, target.data is None, mapping,
-                          scored, metrics, predictor, context)
+    report = build_report(
+        str(run.path),
+        str(target.out),
+        target.name,
+        target.data,
+        target.data is None,
+        mapping,
+        scored,
+        metrics,
+        predictor,
+        context,
+    )
     report.timing.eval_seconds = round(time.perf_counter() - t0, 2)
-    report.gallery = gallery(scored.paths, scored.y, scored.probs, mapping.columns, gallery_size, scored.groups,
-                             scored.class_maps, predictor.preprocessing, scored.pred)
+    report.gallery = gallery(
+        scored.paths,
+        scored.y,
+        scored.probs,
+        mapping.columns,
+        gallery_size,
+        scored.groups,
+        scored.class_maps,
+        predictor.preprocessing,
+        scored.pred,
+    )
     if target.data is None:  # the run's evaluations on other data so far, next to its own figures
         with_other_data(run, report, _earlier_evaluations(run))
     else:
-        reference = reference or (DomainFigure.of(Report.from_json(run.report_json)) if run.report_json.is_file()
-                                  else None)
+        reference = reference or (
+            DomainFigure.of(Report.from_json(run.report_json)) if run.report_json.is_file() else None
+        )
         if reference is not None:
             report.domain.figures.append(replace(reference, folder=os.path.relpath(run.path, target.out)))
-    log.info("evaluated %d images (%s) in %.1fs: accuracy %.4f, macro F1 %.4f", metrics.n, target.name,
-             report.timing.eval_seconds, metrics.accuracy, metrics.macro_f1)
+    log.info(
+        "evaluated %d images (%s) in %.1fs: accuracy %.4f, macro F1 %.4f",
+        metrics.n,
+        target.name,
+        report.timing.eval_seconds,
+        metrics.accuracy,
+        metrics.macro_f1,
+    )
     if write:
         write_run_report(run, report)
     return report
@@ -137,7 +175,9 @@ def eval_target(run: RunDir, data: str | None, split: str) -> EvalTarget:
             if split == "test" and len(m.split("val")):
                 log.warning("the run has no test images: evaluating on the validation split (an optimistic figure)")
                 return EvalTarget(m.split("val"), "val", run.path)
-            raise DataError(f"{run.path}: the run's manifest has no '{split}' images", "pass --split val or a DATA folder")
+            raise DataError(
+                f"{run.path}: the run's manifest has no '{split}' images", "pass --split val or a DATA folder"
+            )
         return EvalTarget(part, split, run.path)
     m = scan(data).manifest
     name = Path(data).stem if Path(data).is_file() else Path(data).name

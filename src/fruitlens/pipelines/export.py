@@ -4,6 +4,7 @@ The model is written to a temporary file and moved into place only after its top
 the run's validation images, preprocessed by the predictor's own path (decode, geometry, normalisation). A failed
 export leaves no ``model.onnx`` that predict, evaluate or serve would pick.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,8 +46,9 @@ class ExportResult:
     speed: dict[str, dict[str, float]] = field(default_factory=dict)  # engine -> img/s at batch 32, ms at batch 1
 
 
-def export(run: RunDir | str | Path, *, int8: bool = False, opset: int = 17, check_images: int = 512,
-           bench: bool = True) -> ExportResult:
+def export(
+    run: RunDir | str | Path, *, int8: bool = False, opset: int = 17, check_images: int = 512, bench: bool = True
+) -> ExportResult:
     """Exports, checks parity (ExportError below 99.5% top-1 agreement, nothing written), optionally quantises to
     int8 (kept with a warning below 99%), measures speed; writes ``export/export.json``."""
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
@@ -56,23 +58,33 @@ def export(run: RunDir | str | Path, *, int8: bool = False, opset: int = 17, che
     manifest = Manifest.from_csv(run.manifest)
     held_out = manifest.split("val") if len(manifest.split("val")) else manifest.split("train")
     # at most ~256 MB of preprocessed images (512 at 96 px, about 100 at 448 px)
-    check_images = int(min(check_images, max(32, 256 * 2**20 // (3 * 4 * pre.image_size ** 2))))
+    check_images = int(min(check_images, max(32, 256 * 2**20 // (3 * 4 * pre.image_size**2))))
     batch = model_inputs(held_out, pre, check_images)
     result = ExportResult(str(run.onnx), opset, len(ckpt.classes), pre.image_size, sha256_file(run.best_ckpt))
     earlier = _current_export(run, result)
     if earlier is not None:  # made from this checkpoint with this opset, and its parity held: not made again
-        log.info("%s is the export of this checkpoint (top-1 agreement %.2f%%): kept", run.onnx,
-                 100 * earlier.parity["fp32"].top1_agreement)
+        log.info(
+            "%s is the export of this checkpoint (top-1 agreement %.2f%%): kept",
+            run.onnx,
+            100 * earlier.parity["fp32"].top1_agreement,
+        )
         result.parity["fp32"] = earlier.parity["fp32"]
     else:
-        meta = {"fruitlens_classes": ckpt.classes, "fruitlens_preprocessing": pre.to_dict(),
-                "fruitlens_model": model.name, "fruitlens_checkpoint_sha256": result.checkpoint_sha256,
-                "fruitlens_trust": ckpt.extra.get("trust") or {}}
+        meta = {
+            "fruitlens_classes": ckpt.classes,
+            "fruitlens_preprocessing": pre.to_dict(),
+            "fruitlens_model": model.name,
+            "fruitlens_checkpoint_sha256": result.checkpoint_sha256,
+            "fruitlens_trust": ckpt.extra.get("trust") or {},
+        }
         result.parity["fp32"] = _export_checked(model, run.onnx, pre.image_size, opset, meta, batch)
     (run.export / "labels.txt").write_text("\n".join(ckpt.classes) + "\n")
     qpath = run.export / "model.int8.onnx"
-    if not int8 and qpath.is_file() and \
-            onnx_io.file_metadata(qpath).get("fruitlens_checkpoint_sha256") != result.checkpoint_sha256:
+    if (
+        not int8
+        and qpath.is_file()
+        and onnx_io.file_metadata(qpath).get("fruitlens_checkpoint_sha256") != result.checkpoint_sha256
+    ):
         qpath.unlink()  # an int8 model of an earlier checkpoint (a resumed run) would answer for the old model
         log.info("removed %s: made from an earlier checkpoint (export --int8 makes a new one)", qpath)
     if int8:
@@ -82,11 +94,14 @@ def export(run: RunDir | str | Path, *, int8: bool = False, opset: int = 17, che
         tmp.replace(qpath)
         result.int8 = str(qpath)
         if result.parity["int8"].top1_agreement < MIN_AGREEMENT_INT8:
-            log.warning("int8 model agrees with PyTorch on only %.2f%% of top-1 answers; keep using the fp32 model",
-                        100 * result.parity["int8"].top1_agreement)
+            log.warning(
+                "int8 model agrees with PyTorch on only %.2f%% of top-1 answers; keep using the fp32 model",
+                100 * result.parity["int8"].top1_agreement,
+            )
     if bench:
-        result.speed = onnx_io.benchmark(model, [run.onnx] + ([Path(result.int8)] if result.int8 else []),
-                                         pre.image_size)
+        result.speed = onnx_io.benchmark(
+            model, [run.onnx] + ([Path(result.int8)] if result.int8 else []), pre.image_size
+        )
     write_json(run.export / "export.json", result)
     return result
 
@@ -101,14 +116,18 @@ def _current_export(run: RunDir, wanted: ExportResult) -> ExportResult | None:
         earlier = read_json(path, ExportResult)
     except (ValueError, TypeError, KeyError):
         return None
-    same = (earlier.checkpoint_sha256 == wanted.checkpoint_sha256 and earlier.opset == wanted.opset
-            and "fp32" in earlier.parity
-            and onnx_io.file_metadata(run.onnx).get("fruitlens_checkpoint_sha256") == wanted.checkpoint_sha256)
+    same = (
+        earlier.checkpoint_sha256 == wanted.checkpoint_sha256
+        and earlier.opset == wanted.opset
+        and "fp32" in earlier.parity
+        and onnx_io.file_metadata(run.onnx).get("fruitlens_checkpoint_sha256") == wanted.checkpoint_sha256
+    )
     return earlier if same else None
 
 
-def _export_checked(model: torch.nn.Module, dest: Path, image_size: int, opset: int, meta: dict,
-                    batch: np.ndarray) -> dict[str, float]:
+def _export_checked(
+    model: torch.nn.Module, dest: Path, image_size: int, opset: int, meta: dict, batch: np.ndarray
+) -> dict[str, float]:
     """Exports to a temporary file beside ``dest``; moves it into place only when parity holds."""
     tmp = dest.with_name(dest.stem + ".partial.onnx")
     try:
@@ -116,14 +135,18 @@ def _export_checked(model: torch.nn.Module, dest: Path, image_size: int, opset: 
         onnx_io.write_metadata(tmp, meta)
         figures = onnx_io.parity(model, tmp, batch)
         if figures.top1_agreement < MIN_AGREEMENT_FP32:
-            raise ExportError(f"ONNX export disagrees with PyTorch: top-1 agreement {figures.top1_agreement:.2%} "
-                              f"< {MIN_AGREEMENT_FP32:.1%} on {figures['images']} images; no model.onnx was written",
-                              "try another --opset, and report the model and versions")
+            raise ExportError(
+                f"ONNX export disagrees with PyTorch: top-1 agreement {figures.top1_agreement:.2%} "
+                f"< {MIN_AGREEMENT_FP32:.1%} on {figures['images']} images; no model.onnx was written",
+                "try another --opset, and report the model and versions",
+            )
         if (figures.max_abs_ood_diff or 0.0) > MAX_OOD_DIFF_FP32:  # serve decides "unfamiliar" on it
-            raise ExportError(f"ONNX export's ood_score differs from PyTorch's by up to "
-                              f"{figures.max_abs_ood_diff:.3g} (> {MAX_OOD_DIFF_FP32}) on {figures.images} "
-                              "images; no model.onnx was written",
-                              "try another --opset, and report the model and versions")
+            raise ExportError(
+                f"ONNX export's ood_score differs from PyTorch's by up to "
+                f"{figures.max_abs_ood_diff:.3g} (> {MAX_OOD_DIFF_FP32}) on {figures.images} "
+                "images; no model.onnx was written",
+                "try another --opset, and report the model and versions",
+            )
         tmp.replace(dest)
         return figures
     finally:
@@ -140,6 +163,8 @@ def model_inputs(manifest: Manifest, pre: Preprocessing, limit: int) -> np.ndarr
         except ImageError as exc:  # a file that vanished since training: check on the rest
             log.warning("parity check skips %s (%s)", r.path, exc.message)
     if not arrays:
-        raise ExportError("no images in the run's manifest to check the export with",
-                          "the run's training images must still be where manifest.csv says")
+        raise ExportError(
+            "no images in the run's manifest to check the export with",
+            "the run's training images must still be where manifest.csv says",
+        )
     return pre.inputs(np.stack(arrays))

@@ -1,4 +1,5 @@
 """From DATA to a checked, split manifest ready for training: scan -> check -> split -> what the run must know."""
+
 from __future__ import annotations
 
 import logging
@@ -41,15 +42,22 @@ def prepare(cfg: TrainConfig) -> PreparedData:
     d = cfg.data
     report = check(scan(d.path), min_size=d.min_size, near_dup_distance=d.near_dup_distance)
     if report.summary.usable == 0:
-        raise DataError(f"{d.path}: none of the {report.summary.images} images can be used",
-                        f"run 'fruitlens check {d.path}' to see why")
+        raise DataError(
+            f"{d.path}: none of the {report.summary.images} images can be used",
+            f"run 'fruitlens check {d.path}' to see why",
+        )
     result = split(report, val=d.val, test=d.test, seed=d.seed, group=d.group, group_pattern=d.group_pattern)
     _refuse_unusable_split(result, d.path)
     _log_split(result)
     sides = [min(f.width, f.height) for f in report.files if f.ok]
-    facts = DataFacts(data=str(d.path), check=report.summary, check_findings=report.finding_counts(),
-                      split=result.facts(), leak_free=not any(v["images"] for v in result.leaks.values()),
-                      median_side=int(statistics.median(sides)) if sides else 224)
+    facts = DataFacts(
+        data=str(d.path),
+        check=report.summary,
+        check_findings=report.finding_counts(),
+        split=result.facts(),
+        leak_free=not any(v["images"] for v in result.leaks.values()),
+        median_side=int(statistics.median(sides)) if sides else 224,
+    )
     manifest = _prune(result.manifest, report, d.keep_share, facts)
     return PreparedData(manifest, facts, report)
 
@@ -68,9 +76,11 @@ def _prune(manifest: Manifest, report: CheckReport, keep_share: float, facts: Da
     pruned, moved = representatives(manifest, files, share)
     facts.covered = moved
     if moved:
-        note = (f"{moved:,} of {len(train):,} training images are near copies (frames of one fruit turning) that "
-                f"{len(train) - moved:,} representatives stand for: trained on the representatives "
-                f"({100 * share:.0f}% of each near-copy group, picked to cover it; data.keep_share)")
+        note = (
+            f"{moved:,} of {len(train):,} training images are near copies (frames of one fruit turning) that "
+            f"{len(train) - moved:,} representatives stand for: trained on the representatives "
+            f"({100 * share:.0f}% of each near-copy group, picked to cover it; data.keep_share)"
+        )
         facts.split.notes.append(note)
         log.info("%s", note)
     return pruned
@@ -79,13 +89,17 @@ def _prune(manifest: Manifest, report: CheckReport, keep_share: float, facts: Da
 def _refuse_unusable_split(result: SplitResult, path: str) -> None:
     classes = result.manifest.classes
     if len(classes) < 2:
-        raise DataError(f"{path}: found only the class '{classes[0]}'; a classifier needs at least two",
-                        "add a folder per class: DATA/<class>/<images>")
+        raise DataError(
+            f"{path}: found only the class '{classes[0]}'; a classifier needs at least two",
+            "add a folder per class: DATA/<class>/<images>",
+        )
     counts = result.manifest.counts()
     missing_train = [c for c in classes if not counts.get("train", {}).get(c)]
     if missing_train:
-        raise DataError(f"class(es) {', '.join(missing_train)} have no training images after the split",
-                        "add images to those classes or remove their folders")
+        raise DataError(
+            f"class(es) {', '.join(missing_train)} have no training images after the split",
+            "add images to those classes or remove their folders",
+        )
     if not counts.get("val"):
         raise DataError("the validation split is empty", "use --val 0.15 (or more images per class)")
 
@@ -97,9 +111,13 @@ def _log_split(result: SplitResult) -> None:
         log.warning("left out %d unusable image(s), e.g. %s: %s", len(result.excluded), *result.excluded[0])
     leak = result.leaks.get("test<-train", {})
     if leak.get("images"):
-        log.warning("LEAK: %d of the test images (%.1f%%) have a near duplicate in train (%s). Test accuracy will "
-                    "overstate accuracy on new photos.", leak["images"], 100 * leak["share"],
-                    "the data's own split" if result.kept_existing else "linked groups")
+        log.warning(
+            "LEAK: %d of the test images (%.1f%%) have a near duplicate in train (%s). Test accuracy will "
+            "overstate accuracy on new photos.",
+            leak["images"],
+            100 * leak["share"],
+            "the data's own split" if result.kept_existing else "linked groups",
+        )
 
 
 def with_data_path(cfg: TrainConfig) -> TrainConfig:
@@ -107,22 +125,46 @@ def with_data_path(cfg: TrainConfig) -> TrainConfig:
     folder."""
     d = cfg.data
     absolute = lambda p: str(Path(p).resolve()) if p else p
-    return replace(cfg, data=replace(d, path=resolve_data_path(d.path), eval_data=absolute(d.eval_data),
-                                     eval_class_map=absolute(d.eval_class_map),
-                                     adapt_to=absolute(d.adapt_to),
-                                     add=tuple(absolute(p) for p in d.add))).validated()
+    return replace(
+        cfg,
+        data=replace(
+            d,
+            path=resolve_data_path(d.path),
+            eval_data=absolute(d.eval_data),
+            eval_class_map=absolute(d.eval_class_map),
+            adapt_to=absolute(d.adapt_to),
+            add=tuple(absolute(p) for p in d.add),
+        ),
+    ).validated()
 
 
-def split_data(data: str | Path, out: str | Path, *, val: float = 0.15, test: float = 0.15, seed: int = 0,
-               group: str = "near-duplicates", group_pattern: str = "", near_dup_distance: int = 4) -> SplitResult:
+def split_data(
+    data: str | Path,
+    out: str | Path,
+    *,
+    val: float = 0.15,
+    test: float = 0.15,
+    seed: int = 0,
+    group: str = "near-duplicates",
+    group_pattern: str = "",
+    near_dup_distance: int = 4,
+) -> SplitResult:
     """``fruitlens split``: scan -> check -> leak-free split -> the manifest CSV at ``out``. A file at ``out`` that is
     not a manifest (another program's CSV, a user's notes) is never overwritten."""
     out = Path(out)
     if out.exists() and not _is_manifest(out):
-        raise ConfigError(f"--out {out} exists and is not a fruitlens manifest: it would be overwritten",
-                          "pick another --out (an earlier manifest of fruitlens split is replaced)")
-    result = split(check(scan(data), near_dup_distance=near_dup_distance), val=val, test=test, seed=seed,
-                   group="pattern" if group_pattern else group, group_pattern=group_pattern)
+        raise ConfigError(
+            f"--out {out} exists and is not a fruitlens manifest: it would be overwritten",
+            "pick another --out (an earlier manifest of fruitlens split is replaced)",
+        )
+    result = split(
+        check(scan(data), near_dup_distance=near_dup_distance),
+        val=val,
+        test=test,
+        seed=seed,
+        group="pattern" if group_pattern else group,
+        group_pattern=group_pattern,
+    )
     result.manifest.to_csv(out)
     return result
 

@@ -1,5 +1,6 @@
 """``fruitlens relabel``: the label audit's decisions applied to a data set, as a copy or a manifest (the originals
 are never touched)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,9 @@ from fruitlens.data.relabel import RelabelResult, apply_decisions, copy_tree, re
 from fruitlens.data.scan import scan
 
 
-def relabel(data: str | Path, decisions: str | Path, *, out: str | Path | None = None,
-            manifest: str | Path | None = None) -> RelabelResult:
+def relabel(
+    data: str | Path, decisions: str | Path, *, out: str | Path | None = None, manifest: str | Path | None = None
+) -> RelabelResult:
     """Applies ``decisions`` (label_issues.csv with its new_label column filled in) to ``data``: copies the kept
     images under their new labels into ``out`` (with its manifest.csv), or writes ``manifest`` pointing at the
     originals."""

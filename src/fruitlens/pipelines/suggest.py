@@ -3,6 +3,7 @@
 find the photos -> decode them once (bad files listed) -> near-copy groups -> the run's model scores them (features,
 calibrated top-k) -> ``labelling.select`` picks -> the CSV and the labelling page. Nothing is moved or changed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,8 +46,16 @@ class SuggestResult:
         return len(self.picks) < self.budget
 
 
-def suggest(run: str | Path, photos: str | Path, *, budget: int = 90, out: str | Path = "to-label",
-            labelled: list[str | Path] | None = None, seed: int = 0, batch_size: int = 16) -> SuggestResult:
+def suggest(
+    run: str | Path,
+    photos: str | Path,
+    *,
+    budget: int = 90,
+    out: str | Path = "to-label",
+    labelled: list[str | Path] | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> SuggestResult:
     """Picks ``budget`` photos of ``photos`` (a folder, searched to any depth, or a file listing paths) worth labelling
     for the model in ``run``; writes ``out/to-label.csv`` and ``out/label.html``. ``labelled``: labels CSVs of photos of
     the same setting labelled already (the run's own ``--add`` photos count too)."""
@@ -57,29 +66,44 @@ def suggest(run: str | Path, photos: str | Path, *, budget: int = 90, out: str |
     known = _labelled_paths(run, labelled or [])
     candidates = [p for p in find_photos(photos, "suggest") if str(Path(p).resolve()) not in known]
     if not candidates:
-        raise ConfigError(f"suggest {photos}: every photo there is labelled already",
-                          "pass a folder of photos that are not in the labels CSVs yet")
+        raise ConfigError(
+            f"suggest {photos}: every photo there is labelled already",
+            "pass a folder of photos that are not in the labels CSVs yet",
+        )
     found = read_photos(candidates, what="suggest")
     groups = near_copy_groups(found.files)
     feats, probs, usable = _score(predictor, found.paths, batch_size)
-    skipped = list(found.skipped) + [(p, "cannot be decoded at the model's size") for p, ok in
-                                      zip(found.paths, usable) if not ok]
+    skipped = list(found.skipped) + [
+        (p, "cannot be decoded at the model's size") for p, ok in zip(found.paths, usable) if not ok
+    ]
     keep = np.flatnonzero(usable)
     paths = [found.paths[i] for i in keep]
     lab_feats = _features_of(predictor, sorted(known), batch_size) if known else None
     top2 = np.sort(probs, axis=1)[:, -2:] if probs.shape[1] > 1 else np.c_[np.zeros(len(probs)), probs]
-    picks = pick_photos(feats, budget, groups=groups[keep], margins=top2[:, 1] - top2[:, 0], labelled=lab_feats,
-                        seed=seed)
+    picks = pick_photos(
+        feats, budget, groups=groups[keep], margins=top2[:, 1] - top2[:, 0], labelled=lab_feats, seed=seed
+    )
     rows = [_row(paths[p.index], probs[p.index], predictor.classes, p.why, p.near_copies) for p in picks]
     out = Path(out)
-    result = SuggestResult(write_to_label(rows, out / "to-label.csv"), out / "label.html", rows, len(paths),
-                           len(np.unique(groups[keep])), skipped, len(known), budget)
-    intro = (f"These {len(rows)} photos of {result.photos} were picked for {Path(run).name}: the most typical "
-             "photo of each kind of photo in the folder first.")
+    result = SuggestResult(
+        write_to_label(rows, out / "to-label.csv"),
+        out / "label.html",
+        rows,
+        len(paths),
+        len(np.unique(groups[keep])),
+        skipped,
+        len(known),
+        budget,
+    )
+    intro = (
+        f"These {len(rows)} photos of {result.photos} were picked for {Path(run).name}: the most typical "
+        "photo of each kind of photo in the folder first."
+    )
     write_label_page(rows, predictor.classes, result.page, intro=intro)
     result.seconds = round(time.perf_counter() - t0, 2)
-    log.info("suggest: %d of %d photos (%d distinct) to label -> %s", len(rows), result.photos, result.distinct,
-             result.csv)
+    log.info(
+        "suggest: %d of %d photos (%d distinct) to label -> %s", len(rows), result.photos, result.distinct, result.csv
+    )
     return result
 
 
@@ -109,8 +133,12 @@ def _score(predictor: Predictor, paths: list[str], batch_size: int) -> tuple[np.
 
 
 def _features_of(predictor: Predictor, paths: list[str], batch_size: int) -> np.ndarray | None:
-    feats = [row["features"] for batch in predictor.outputs_many([p for p in paths if Path(p).is_file()], batch_size)
-             for _, row in batch if not isinstance(row, ImageError)]
+    feats = [
+        row["features"]
+        for batch in predictor.outputs_many([p for p in paths if Path(p).is_file()], batch_size)
+        for _, row in batch
+        if not isinstance(row, ImageError)
+    ]
     return np.stack(feats) if feats else None
 
 
@@ -128,8 +156,9 @@ def rows_for_labelling(predictor: Predictor, source: str | Path, batch_size: int
         return [r for r in read_to_label(src) if Path(r.path).is_file()]
     found = read_photos(find_photos(src, "--label"), what="--label")
     rows = []
-    for path, (_, row) in zip(found.paths, (item for batch in predictor.outputs_many(found.paths, batch_size)
-                                            for item in batch)):
+    for path, (_, row) in zip(
+        found.paths, (item for batch in predictor.outputs_many(found.paths, batch_size) for item in batch)
+    ):
         if not isinstance(row, ImageError):
             rows.append(_row(path, softmax(row["logits"][None])[0], predictor.classes, "", 0))
     if not rows:

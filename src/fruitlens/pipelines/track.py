@@ -1,6 +1,7 @@
 """The end of a tracked run: the resolved config as params, the test figures (with their 95% interval) as metrics,
 and report.html, the plots and model.onnx as artifacts, sent to the run's trackers (``--logger``). The per-epoch
 figures went to them during training (``training.callbacks.EpochSummary``)."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,13 @@ log = logging.getLogger(__name__)
 def result_metrics(report: Report) -> dict[str, float]:
     """``test_accuracy`` with ``test_accuracy_ci95_low/high`` and the other headline figures of the report."""
     m = report.metrics
-    out = {"test_accuracy": m.accuracy, "test_balanced_accuracy": m.balanced_accuracy, "test_macro_f1": m.macro_f1,
-           "test_ece": m.ece, "test_images": float(m.n)}
+    out = {
+        "test_accuracy": m.accuracy,
+        "test_balanced_accuracy": m.balanced_accuracy,
+        "test_macro_f1": m.macro_f1,
+        "test_ece": m.ece,
+        "test_images": float(m.n),
+    }
     if m.accuracy_ci95:
         out["test_accuracy_ci95_low"], out["test_accuracy_ci95_high"] = m.accuracy_ci95
     if m.log_loss is not None:
@@ -32,9 +38,16 @@ def result_metrics(report: Report) -> dict[str, float]:
 
 def result_params(cfg: TrainConfig, run: RunDir, report: Report) -> dict[str, object]:
     """The resolved config (nested: the loggers flatten it to ``fit/lr`` ...) and what the run is."""
-    return {**cfg.to_dict(), "run": {"folder": str(run.path.resolve()), "classes": len(report.classes),
-                                     "parameters": report.model.parameters, "size_mb": report.model.checkpoint_mb,
-                                     "evaluated_on": report.evaluated_on}}
+    return {
+        **cfg.to_dict(),
+        "run": {
+            "folder": str(run.path.resolve()),
+            "classes": len(report.classes),
+            "parameters": report.model.parameters,
+            "size_mb": report.model.checkpoint_mb,
+            "evaluated_on": report.evaluated_on,
+        },
+    }
 
 
 def log_results(cfg: TrainConfig, run: RunDir, report: Report) -> None:

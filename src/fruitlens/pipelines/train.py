@@ -3,6 +3,7 @@
 prepare data -> resolve the auto settings (logged once) -> write the run's inputs -> build the model -> fit -> save
 -> export -> evaluate. Each step is a named function; the orchestrators read top to bottom.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,15 @@ def train(cfg: TrainConfig, out: str | Path) -> TrainResult:
     run = RunDir(Path(out))
     check_available(cfg)  # a missing tracker package fails now, not after training
     if is_ddp_child():  # a process that Lightning's DDP launcher started: rank zero prepared the run already
-        return _fit_and_ship(run, TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest),
-                             read_json(run.facts, DataFacts), [], t0, photos=_saved_photos(run))
+        return _fit_and_ship(
+            run,
+            TrainConfig.from_yaml(run.config),
+            Manifest.from_csv(run.manifest),
+            read_json(run.facts, DataFacts),
+            [],
+            t0,
+            photos=_saved_photos(run),
+        )
     # a typo in --model or --weights, or a size the model cannot take, fails before the data is read
     check_options(cfg.model.name, cfg.model.weights, cfg.model.img_size)
     _check_out_beside_data(run, cfg)
@@ -95,8 +103,11 @@ def resume(path: str | Path) -> TrainResult:
     """Continues an interrupted run from its last finished epoch (its config, split and history)."""
     t0 = time.perf_counter()
     run = RunDir(Path(path)).require("config.yaml", "manifest.csv", "facts.json")
-    cfg, manifest, facts = TrainConfig.from_yaml(run.config), Manifest.from_csv(run.manifest), read_json(run.facts,
-                                                                                                        DataFacts)
+    cfg, manifest, facts = (
+        TrainConfig.from_yaml(run.config),
+        Manifest.from_csv(run.manifest),
+        read_json(run.facts, DataFacts),
+    )
     photos = _saved_photos(run)
     if is_ddp_child():
         return _fit_and_ship(run, cfg, manifest, facts, [], t0, photos=photos)
@@ -110,9 +121,11 @@ def _check_out_beside_data(run: RunDir, cfg: TrainConfig) -> None:
     """A run folder inside the data folder would become a class of it (its plots are images) on the next scan."""
     data = Path(cfg.data.path) if cfg.data.path else None
     if data is not None and data.is_dir() and run.path.resolve().is_relative_to(data.resolve()):
-        raise ConfigError(f"--out {run.path} is inside the data folder {data}: its plots and previews would be read as "
-                          "images of a class the next time the data is scanned",
-                          f"put the run beside the data, e.g. --out {data.resolve().parent / 'runs' / run.path.name}")
+        raise ConfigError(
+            f"--out {run.path} is inside the data folder {data}: its plots and previews would be read as "
+            "images of a class the next time the data is scanned",
+            f"put the run beside the data, e.g. --out {data.resolve().parent / 'runs' / run.path.name}",
+        )
 
 
 @contextmanager
@@ -123,14 +136,18 @@ def _new_run(run: RunDir) -> Iterator[None]:
     try:
         with run.lock():
             if run.best_ckpt.exists():
-                raise RunDirError(f"{run.path} already holds a trained run",
-                                  f"pick another --out, or continue it with 'fruitlens train --resume {run.path}'")
+                raise RunDirError(
+                    f"{run.path} already holds a trained run",
+                    f"pick another --out, or continue it with 'fruitlens train --resume {run.path}'",
+                )
             # an interrupted or failed run's files (its config, cached features, phase checkpoints) would be read
             # back by this run's feature pass and phases as if they were its own
             earlier = [p.name for p in (run.config, run.checkpoints, run.cache) if p.exists()]
             if earlier:
-                raise RunDirError(f"{run.path} holds an unfinished run ({', '.join(earlier)})",
-                                  f"continue it with 'fruitlens train --resume {run.path}', or pick another --out")
+                raise RunDirError(
+                    f"{run.path} holds an unfinished run ({', '.join(earlier)})",
+                    f"continue it with 'fruitlens train --resume {run.path}', or pick another --out",
+                )
             yield
     except BaseException:
         if made and [p.name for p in run.path.iterdir()] == [".lock"]:
@@ -147,15 +164,21 @@ def _check_other_data(cfg: TrainConfig, classes: list[str]) -> None:
     d = cfg.data
     if d.adapt_to:
         if not (auto.pretrained(cfg) and cfg.fit.feature_cache):
-            raise ConfigError("--adapt-to adapts the head trained on cached features of a pretrained backbone",
-                              "drop --no-feature-cache / --weights none, or drop --adapt-to")
+            raise ConfigError(
+                "--adapt-to adapts the head trained on cached features of a pretrained backbone",
+                "drop --no-feature-cache / --weights none, or drop --adapt-to",
+            )
         find_photos(d.adapt_to)  # raises DataError when there is no such folder or no image in it
     if d.add and not (auto.pretrained(cfg) and cfg.fit.feature_cache and not cfg.fit.fine_tune_blocks):
-        raise ConfigError("--add trains the head on cached features of a pretrained backbone with the photos beside "
-                          "the data", "drop --no-feature-cache / --weights none / --fine-tune-blocks, or drop --add")
+        raise ConfigError(
+            "--add trains the head on cached features of a pretrained backbone with the photos beside the data",
+            "drop --no-feature-cache / --weights none / --fine-tune-blocks, or drop --add",
+        )
     if d.eval_data and not Path(d.eval_data).exists():
-        raise DataError(f"--eval-data {d.eval_data}: no such file or folder",
-                        "pass a folder of class folders (or a manifest CSV) of the photos to measure on")
+        raise DataError(
+            f"--eval-data {d.eval_data}: no such file or folder",
+            "pass a folder of class folders (or a manifest CSV) of the photos to measure on",
+        )
     if d.eval_class_map:
         if not d.eval_data:
             raise ConfigError("--class-map without --eval-data", "pass the data it maps: --eval-data PHOTOS/")
@@ -178,11 +201,20 @@ def _added_photos(cfg: TrainConfig, prepared: PreparedData) -> Manifest | None:
     groups = near_copy_groups(labelled.files)
     photos = Manifest(tuple(replace(r, group=f"p{g}") for r, g in zip(labelled.manifest().records, groups)))
     known = set(prepared.manifest.classes)
-    prepared.facts.added = AddedFacts([str(s) for s in labelled.sources], len(photos), dict(sorted(labelled.counts().items())),
-                                      sorted(set(photos.classes) - known), [list(s) for s in labelled.skipped])
-    log.info("--add: %d labelled photos of your setting (%d classes%s)%s", len(photos), len(photos.classes),
-             f", new: {', '.join(prepared.facts.added.new_classes)}" if prepared.facts.added.new_classes else "",
-             f"; {len(labelled.skipped)} row(s) left out: {labelled.skipped_text()}" if labelled.skipped else "")
+    prepared.facts.added = AddedFacts(
+        [str(s) for s in labelled.sources],
+        len(photos),
+        dict(sorted(labelled.counts().items())),
+        sorted(set(photos.classes) - known),
+        [list(s) for s in labelled.skipped],
+    )
+    log.info(
+        "--add: %d labelled photos of your setting (%d classes%s)%s",
+        len(photos),
+        len(photos.classes),
+        f", new: {', '.join(prepared.facts.added.new_classes)}" if prepared.facts.added.new_classes else "",
+        f"; {len(labelled.skipped)} row(s) left out: {labelled.skipped_text()}" if labelled.skipped else "",
+    )
     return photos
 
 
@@ -212,8 +244,16 @@ def _write_inputs(run: RunDir, cfg: TrainConfig, prepared: PreparedData, photos:
         photos.to_csv(run.photos)
 
 
-def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: DataFacts, history: list[HistoryRow],
-                  t0: float, model: FruitNet | None = None, photos: Manifest | None = None) -> TrainResult:
+def _fit_and_ship(
+    run: RunDir,
+    cfg: TrainConfig,
+    manifest: Manifest,
+    facts: DataFacts,
+    history: list[HistoryRow],
+    t0: float,
+    model: FruitNet | None = None,
+    photos: Manifest | None = None,
+) -> TrainResult:
     """Fits, calibrates, audits, exports and evaluates; ``model``: built by a new run's checks; ``photos``: the
     labelled photos of ``--add``."""
     limit_heap_growth()  # else large image batches fragment glibc's heaps (GiBs at 448 px)
@@ -235,17 +275,37 @@ def _fit_and_ship(run: RunDir, cfg: TrainConfig, manifest: Manifest, facts: Data
     with STAGES("export"):
         result.export, result.export_error = _export_for_serving(run)
     with STAGES("evaluation"):
-        context = RunContext(cfg, facts, result.info, fitted.history, result.audit, result.photos,
-                             model_parameters(model), round(run.best_ckpt.stat().st_size / 2**20, 2))
+        context = RunContext(
+            cfg,
+            facts,
+            result.info,
+            fitted.history,
+            result.audit,
+            result.photos,
+            model_parameters(model),
+            round(run.best_ckpt.stat().st_size / 2**20, 2),
+        )
         result.report = evaluate(run, context=context, write=False)
         if cfg.data.eval_data:  # the figure on the user's other data next to the test split's
             try:
-                result.other = [evaluate(run, cfg.data.eval_data, class_map=cfg.data.eval_class_map or None,
-                                         context=context, reference=DomainFigure.of(result.report))]
+                result.other = [
+                    evaluate(
+                        run,
+                        cfg.data.eval_data,
+                        class_map=cfg.data.eval_class_map or None,
+                        context=context,
+                        reference=DomainFigure.of(result.report),
+                    )
+                ]
             except FruitlensError as exc:  # the trained run and its own report stay; the user reruns evaluate
                 result.other_error = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-                log.error("--eval-data %s: %s; the run is complete without it (then: fruitlens evaluate %s %s)",
-                          cfg.data.eval_data, result.other_error, run.path, cfg.data.eval_data)
+                log.error(
+                    "--eval-data %s: %s; the run is complete without it (then: fruitlens evaluate %s %s)",
+                    cfg.data.eval_data,
+                    result.other_error,
+                    run.path,
+                    cfg.data.eval_data,
+                )
             with_other_data(run, result.report, result.other)
         write_run_report(run, result.report)
     with STAGES("tracking"):
@@ -261,11 +321,18 @@ def _build(cfg: TrainConfig, classes: list[str]) -> FruitNet:
     """Seeds every generator (the head's initialisation and all that follows draw from it), then builds the model."""
     L.seed_everything(cfg.data.seed, workers=True, verbose=False)
     layer = "last" if cfg.model.feature_layer == "auto" else cfg.model.feature_layer
-    model = build_model(cfg.model.name, len(classes), weights=cfg.model.weights, img_size=cfg.model.img_size,
-                        dropout=cfg.model.dropout, feature_layer=layer)
+    model = build_model(
+        cfg.model.name,
+        len(classes),
+        weights=cfg.model.weights,
+        img_size=cfg.model.img_size,
+        dropout=cfg.model.dropout,
+        feature_layer=layer,
+    )
     if cfg.model.weights == "none" and has_pretrained_weights(cfg.model.name):
-        log.warning("%s trains from scratch (--weights none): expect far lower accuracy than with ImageNet weights",
-                    model.name)
+        log.warning(
+            "%s trains from scratch (--weights none): expect far lower accuracy than with ImageNet weights", model.name
+        )
     return model
 
 
@@ -277,22 +344,39 @@ def _with_facts(note: PhotoNote, added: AddedFacts | None) -> PhotoNote:
     return note
 
 
-def _fit(model: FruitNet, manifest: Manifest, classes: list[str], cfg: TrainConfig, run: RunDir,
-         history: list[HistoryRow], photos: Manifest | None = None) -> FitResult:
+def _fit(
+    model: FruitNet,
+    manifest: Manifest,
+    classes: list[str],
+    cfg: TrainConfig,
+    run: RunDir,
+    history: list[HistoryRow],
+    photos: Manifest | None = None,
+) -> FitResult:
     """``training.fit``; on Ctrl-C the best model so far is saved and the run can be resumed."""
     t0 = time.perf_counter()
     try:
         return fit(model, manifest.by_split(), classes, cfg, run, history, photos)
     except KeyboardInterrupt:
         _save(run, model, classes, cfg, FitResult(history, time.perf_counter() - t0), None)
-        raise Interrupted(f"training interrupted: {run.path} keeps the best model so far",
-                          f"continue with 'fruitlens train --resume {run.path}'") from None
+        raise Interrupted(
+            f"training interrupted: {run.path} keeps the best model so far",
+            f"continue with 'fruitlens train --resume {run.path}'",
+        ) from None
 
 
-def _save(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, fitted: FitResult,
-          train_seconds: float | None, trust: Trust | None = None) -> TrainInfo:
-    info = TrainInfo.here(train_seconds if train_seconds is not None else fitted.seconds, fitted.seconds,
-                          fitted.phases, fitted.world_size)
+def _save(
+    run: RunDir,
+    model: FruitNet,
+    classes: list[str],
+    cfg: TrainConfig,
+    fitted: FitResult,
+    train_seconds: float | None,
+    trust: Trust | None = None,
+) -> TrainInfo:
+    info = TrainInfo.here(
+        train_seconds if train_seconds is not None else fitted.seconds, fitted.seconds, fitted.phases, fitted.world_size
+    )
     info.feature_pass, info.adaptation = fitted.feature_pass, fitted.adaptation
     extra = {"config": cfg.to_dict(), "fit_seconds": round(fitted.seconds, 2)}
     if trust is not None:
@@ -303,8 +387,9 @@ def _save(run: RunDir, model: FruitNet, classes: list[str], cfg: TrainConfig, fi
     return info
 
 
-def _audit_labels(run: RunDir, manifest: Manifest, classes: list[str], heldout: HeldOut,
-                  temperature: float) -> LabelAudit:
+def _audit_labels(
+    run: RunDir, manifest: Manifest, classes: list[str], heldout: HeldOut, temperature: float
+) -> LabelAudit:
     """The label audit on the held-out predictions that calibration made anyway: seconds, no extra forward pass.
     Their probabilities take the model's temperature, so that the audit's thresholds, which ``evaluate`` applies
     to the (calibrated) test predictions, are on the scale of those predictions; each image's near copies are the
@@ -312,8 +397,15 @@ def _audit_labels(run: RunDir, manifest: Manifest, classes: list[str], heldout: 
     splits = manifest.by_split()
     records = list(splits["train"]) + list(splits["val"])
     paths = [str(manifest.resolve(r)) for r in records]
-    audit = audit_heldout(paths, heldout.labels, softmax(heldout.logits / temperature), heldout.held, classes,
-                          [r.split for r in records], neighbours_from_groups([r.group for r in records]))
+    audit = audit_heldout(
+        paths,
+        heldout.labels,
+        softmax(heldout.logits / temperature),
+        heldout.held,
+        classes,
+        [r.split for r in records],
+        neighbours_from_groups([r.group for r in records]),
+    )
     write_audit(audit, run.path, classes)
     if audit.issues or audit.lookalike:
         log.info("label audit: %s -> %s", audit.text(), audit.html)
@@ -327,7 +419,7 @@ def _export_for_serving(run: RunDir) -> tuple[ExportResult | None, str | None]:
     except ExportError as exc:
         log.warning("no ONNX export (%s); evaluation runs on PyTorch", exc.message)
         return None, exc.message
-    log.info("exported %s (top-1 agreement with PyTorch %.2f%%)", result.onnx,
-             100 * result.parity["fp32"].top1_agreement)
+    log.info(
+        "exported %s (top-1 agreement with PyTorch %.2f%%)", result.onnx, 100 * result.parity["fp32"].top1_agreement
+    )
     return result, None
-

@@ -5,6 +5,7 @@ Routes (``routes.py``): ``GET /`` upload page, ``POST /predict``, ``GET /labels`
 ``--label PHOTOS``. Nothing from a /predict request is written to disk: bodies are read into memory up to the upload
 limit; /feedback keeps the photo a user labelled, named by its content hash, in DIR.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,7 @@ async def lifespan(app: FastAPI):
     if settings.label:
         rows = await asyncio.to_thread(rows_for_labelling, pred, settings.label)
         app.state.labelling = LabelSession(rows, settings.label_out)
-        log.info("labelling %d photos of %s on /label; answers go to %s", len(rows), settings.label,
-                 settings.label_out)
+        log.info("labelling %d photos of %s on /label; answers go to %s", len(rows), settings.label, settings.label_out)
     yield
     for batcher in app.state.batchers.values():
         await batcher.stop()
@@ -50,8 +50,12 @@ async def lifespan(app: FastAPI):
 def create_app(settings: ServeSettings, predictor: Predictor | None = None) -> FastAPI:
     """The service for ``settings.model`` (or an already loaded ``predictor``)."""
     # the API docs' scripts come with the package (fastapi-offline): a CDN is out of reach on an offline machine
-    app = FastAPIOffline(title="fruitlens", version=__version__, lifespan=lifespan,
-                         description="Classify fruit photos. POST an image to /predict; the upload page is at /.")
+    app = FastAPIOffline(
+        title="fruitlens",
+        version=__version__,
+        lifespan=lifespan,
+        description="Classify fruit photos. POST an image to /predict; the upload page is at /.",
+    )
     app.state.settings = settings.validated()
     app.state.predictor = predictor
     app.state.batchers = {}

@@ -1,4 +1,5 @@
 """Groups concurrent requests into one model call when several are waiting; never delays a lone request much."""
+
 from __future__ import annotations
 
 import asyncio
@@ -43,7 +44,7 @@ class Batcher:
         return await fut
 
     def _run(self, batch: np.ndarray) -> Outputs:
-        parts = [self.forward(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+        parts = [self.forward(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
         self.batches += len(parts)
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -57,7 +58,9 @@ class Batcher:
             while n < self.max_batch:
                 timeout = deadline - loop.time()
                 try:
-                    item = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout)
+                    item = (
+                        self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout)
+                    )
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):
                     break
                 items.append(item)

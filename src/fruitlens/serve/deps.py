@@ -2,6 +2,7 @@
 
 Tests replace them with ``app.dependency_overrides[get_predictor] = ...``; the batcher follows the predictor.
 """
+
 from __future__ import annotations
 
 from fastapi import Depends, Request
@@ -20,8 +21,9 @@ def get_predictor(request: Request) -> Predictor:
     return request.app.state.predictor
 
 
-def get_batcher(request: Request, predictor: Predictor = Depends(get_predictor),
-                settings: ServeSettings = Depends(get_settings)) -> Batcher:
+def get_batcher(
+    request: Request, predictor: Predictor = Depends(get_predictor), settings: ServeSettings = Depends(get_settings)
+) -> Batcher:
     """The batcher of ``predictor`` (one per predictor, so that an overridden predictor gets its own)."""
     batchers: dict[int, Batcher] = request.app.state.batchers
     if id(predictor) not in batchers:

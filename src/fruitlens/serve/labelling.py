@@ -2,6 +2,7 @@
 right fruit") and ``GET /label``, ``GET /label/photo/{i}``, ``POST /label/answer`` (``serve --label PHOTOS``: the
 labelling page for a folder of photos). A photo is only ever named by its number or its content hash, never by a
 path from the client."""
+
 from __future__ import annotations
 
 import asyncio
@@ -44,8 +45,11 @@ def _refused(exc: FeedbackRefused) -> HTTPException:
 
 
 @router.post("/feedback", response_model=FeedbackOut)
-async def feedback(request: Request, store: FeedbackStore | None = Depends(get_feedback),
-                   settings: ServeSettings = Depends(get_settings)):
+async def feedback(
+    request: Request,
+    store: FeedbackStore | None = Depends(get_feedback),
+    settings: ServeSettings = Depends(get_settings),
+):
     """The right label for a photo (multipart: ``file`` and ``label``, optionally ``predicted`` and ``score``): the
     photo is kept once, named by its content hash, and the label appended to the store's labels.csv, which
     ``fruitlens train --add DIR/labels.csv`` reads. Off unless the service was started with ``--feedback DIR``."""
@@ -84,9 +88,15 @@ def label(session: LabelSession | None = Depends(get_label_session), pred: Predi
     s = _session(session)
     rows = [r.__class__(r.path, r.guess, r.score, r.top_k, r.why, r.near_copies, a) for r, a in zip(s.rows, s.answers)]
     classes = sorted(set(pred.classes) | {a for a in s.answers if a and a != "-"})
-    return label_page(rows, classes, sources=[f"label/photo/{i}" for i in range(len(rows))], mode="server",
-                      endpoint="label/answer", saved_to=str(s.out),
-                      intro=f"{len(rows)} photos to label for the model this service runs.")
+    return label_page(
+        rows,
+        classes,
+        sources=[f"label/photo/{i}" for i in range(len(rows))],
+        mode="server",
+        endpoint="label/answer",
+        saved_to=str(s.out),
+        intro=f"{len(rows)} photos to label for the model this service runs.",
+    )
 
 
 @router.get("/label/photo/{index}", include_in_schema=False)
@@ -99,8 +109,11 @@ async def label_photo(index: int, session: LabelSession | None = Depends(get_lab
         raise HTTPException(410, f"photo number {index} can no longer be read")
     import base64
 
-    return Response(base64.b64decode(url.split(",", 1)[1]), media_type="image/jpeg",
-                    headers={"Cache-Control": "private, max-age=3600"})
+    return Response(
+        base64.b64decode(url.split(",", 1)[1]),
+        media_type="image/jpeg",
+        headers={"Cache-Control": "private, max-age=3600"},
+    )
 
 
 @router.post("/label/answer", response_model=AnswerOut)

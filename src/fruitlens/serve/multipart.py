@@ -1,4 +1,5 @@
 """Parses a multipart/form-data body that is already in memory, so that no upload is spooled to disk."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,12 +44,26 @@ def parse_multipart(body: bytes, content_type: str) -> list[Part]:
         disp, opts = parse_options_header(state["headers"].get("content-disposition", b""))
         name = opts.get(b"name", b"").decode("utf-8", "replace")
         filename = opts.get(b"filename")
-        parts.append(Part(name, filename.decode("utf-8", "replace") if filename is not None else None,
-                          state["headers"].get("content-type", b"").decode("latin-1"), bytes(state["data"])))
+        parts.append(
+            Part(
+                name,
+                filename.decode("utf-8", "replace") if filename is not None else None,
+                state["headers"].get("content-type", b"").decode("latin-1"),
+                bytes(state["data"]),
+            )
+        )
 
-    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
-                                        "on_header_value": on_header_value, "on_header_end": on_header_end,
-                                        "on_part_data": on_part_data, "on_part_end": on_part_end})
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
     parser.write(body)
     parser.finalize()
     return parts

@@ -1,4 +1,5 @@
 """The service's routes: ``GET /`` upload page, ``POST /predict``, ``GET /labels``, ``GET /health``."""
+
 from __future__ import annotations
 
 import asyncio
@@ -57,9 +58,17 @@ def index() -> str:
 
 @router.get("/health")
 def health(request: Request, pred: Predictor = Depends(get_predictor)) -> dict:
-    return {"status": "ok", "model_loaded": pred is not None, "version": __version__, "engine": pred.engine,
-            "classes": len(pred.classes), "image_size": pred.preprocessing.image_size, "worker_pid": os.getpid(),
-            "feedback": request.app.state.feedback is not None, "label": request.app.state.labelling is not None}
+    return {
+        "status": "ok",
+        "model_loaded": pred is not None,
+        "version": __version__,
+        "engine": pred.engine,
+        "classes": len(pred.classes),
+        "image_size": pred.preprocessing.image_size,
+        "worker_pid": os.getpid(),
+        "feedback": request.app.state.feedback is not None,
+        "label": request.app.state.labelling is not None,
+    }
 
 
 @router.get("/labels")
@@ -67,17 +76,33 @@ def labels(pred: Predictor = Depends(get_predictor)) -> dict:
     return {"labels": pred.classes}
 
 
-_BODY = {"requestBody": {"content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "string", "format": "binary"},
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-    "application/json": {"schema": Base64In.model_json_schema()}}}}
+_BODY = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    },
+                }
+            },
+            "application/json": {"schema": Base64In.model_json_schema()},
+        }
+    }
+}
 
 
 @router.post("/predict", response_model=PredictionOut | PredictionsOut, openapi_extra=_BODY)
-async def predict(request: Request, top_k: int | None = Query(None, ge=1), explain: bool = False,
-                  pred: Predictor = Depends(get_predictor), batcher: Batcher = Depends(get_batcher),
-                  settings: ServeSettings = Depends(get_settings)):
+async def predict(
+    request: Request,
+    top_k: int | None = Query(None, ge=1),
+    explain: bool = False,
+    pred: Predictor = Depends(get_predictor),
+    batcher: Batcher = Depends(get_batcher),
+    settings: ServeSettings = Depends(get_settings),
+):
     """One image as multipart ``file`` (or several as ``files``), or JSON ``{"image": base64}`` /
     ``{"images": [base64, ...]}``. Answers the top-k labels with calibrated probabilities, whether the model abstains
     (``unknown``, ``reason``: "not sure" or "unfamiliar") and the ``ood_score``; ``explain=true`` adds ``heatmap``,

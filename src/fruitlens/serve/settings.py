@@ -1,5 +1,6 @@
 """``ServeSettings``: everything the service is told at start-up, in one object; worker processes get it through one
 environment variable (``FRUITLENS_SERVE``, JSON), so the contract lives here and nowhere else."""
+
 from __future__ import annotations
 
 import json
@@ -30,12 +31,20 @@ class ServeSettings:
     label_out: str = ""  # where /label's answers go (a to-label.csv for train --add)
 
     def validated(self) -> "ServeSettings":
-        for name, low in (("top_k", 1), ("threads", 0), ("max_images", 1), ("max_pixels", 1), ("max_batch", 1),
-                          ("feedback_max_photos", 1)):
+        for name, low in (
+            ("top_k", 1),
+            ("threads", 0),
+            ("max_images", 1),
+            ("max_pixels", 1),
+            ("max_batch", 1),
+            ("feedback_max_photos", 1),
+        ):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if self.unknown_threshold != "auto" and not 0 <= float(self.unknown_threshold) <= 1:
-            raise ConfigError(f"--unknown-threshold must be auto or a probability in [0, 1], got {self.unknown_threshold}")
+            raise ConfigError(
+                f"--unknown-threshold must be auto or a probability in [0, 1], got {self.unknown_threshold}"
+            )
         if self.max_upload_mb <= 0:
             raise ConfigError(f"--max-upload-mb must be above 0, got {self.max_upload_mb:g}")
         if self.feedback_max_mb <= 0:

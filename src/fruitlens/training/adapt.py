@@ -13,6 +13,7 @@ photos a Fruits-360 head gained from class-balanced pseudo-labels on both the he
 the backbone's BatchNorm statistics on the photos (AdaBN) lost badly, and aligning feature statistics (CORAL,
 per-dimension mean and spread) gained on 62 held-out photos and lost on all 812.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,9 +45,11 @@ class Adaptation:
 
     def text(self) -> str:
         skipped = f" ({len(self.skipped)} unreadable file(s) left out)" if self.skipped else ""
-        return (f"adapted to {self.images:,} unlabeled photos from {self.source}{skipped} by {self.method}: "
-                f"the {100 * self.share:.0f}% of each class's photos the model was surest of ({self.used:,} photos) "
-                f"joined the training data in the last of {len(self.rounds)} round(s)")
+        return (
+            f"adapted to {self.images:,} unlabeled photos from {self.source}{skipped} by {self.method}: "
+            f"the {100 * self.share:.0f}% of each class's photos the model was surest of ({self.used:,} photos) "
+            f"joined the training data in the last of {len(self.rounds)} round(s)"
+        )
 
 
 def shares(last: float, rounds: int) -> list[float]:
@@ -60,12 +63,12 @@ def confident(head: torch.nn.Module, features: torch.Tensor, share: float) -> tu
     it gave that class with the highest scores (at least one). The head runs in eval mode."""
     was = head.training
     head.eval()
-    probs = torch.cat([torch.softmax(head(features[i:i + 4096].float()), 1) for i in range(0, len(features), 4096)])
+    probs = torch.cat([torch.softmax(head(features[i : i + 4096].float()), 1) for i in range(0, len(features), 4096)])
     head.train(was)
     score, label = probs.max(1)
     keep = []
     for c in label.unique():
         mine = torch.nonzero(label == c).flatten()
-        keep.append(mine[score[mine].argsort(descending=True)[:max(1, round(share * len(mine)))]])
+        keep.append(mine[score[mine].argsort(descending=True)[: max(1, round(share * len(mine)))]])
     idx = torch.sort(torch.cat(keep)).values if keep else torch.zeros(0, dtype=torch.long)
     return idx, label[idx]

@@ -3,6 +3,7 @@ image (``affine_grid`` + ``grid_sample``), plus crop and colour jitter, for a wh
 
 This is what makes augmented feature views cheap: no image is decoded twice.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> to
         tx = tx + _uniform(n, -1, 1, g) * (1 - wx) * (1 - 1 / w)
         ty = ty + _uniform(n, -1, 1, g) * (1 - wy) * (1 - 1 / h)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos * flip * wx, -sin * wy, tx], 1),
-                         torch.stack([sin * flip * wx, cos * wy, ty], 1)], 1).to(dev)
+    theta = torch.stack(
+        [torch.stack([cos * flip * wx, -sin * wy, tx], 1), torch.stack([sin * flip * wx, cos * wy, ty], 1)], 1
+    ).to(dev)
     grid = F.affine_grid(theta, list(img.shape), align_corners=False)
     img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # v - 1
     if not aug.color_jitter:

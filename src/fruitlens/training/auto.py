@@ -1,5 +1,6 @@
 """The settings that the data decides where the config says "auto" (0 or -1): input size, augmented views, crop range,
 epochs, and the head's weight decay and accuracy stop."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -115,10 +116,14 @@ def resolve(cfg: TrainConfig, median_side: int, studio: bool = False) -> tuple[T
         notes.append(f"input size {fixed} px: the only size {model.name} takes")
     elif not model.img_size:
         model = replace(model, img_size=auto_image_size(median_side, studio, model.fast))
-        why = (" for photos: studio shots on white, upscaled (--fast keeps their own size: quicker, far worse on "
-               "photos)" if studio and median_side <= STUDIO_MAX_SIDE and not model.fast else "")
-        notes.append(f"input size {model.img_size} px, picked from the data (median shorter side {median_side} px)"
-                     f"{why}")
+        why = (
+            " for photos: studio shots on white, upscaled (--fast keeps their own size: quicker, far worse on photos)"
+            if studio and median_side <= STUDIO_MAX_SIDE and not model.fast
+            else ""
+        )
+        notes.append(
+            f"input size {model.img_size} px, picked from the data (median shorter side {median_side} px){why}"
+        )
     photo_size = studio and median_side <= STUDIO_MAX_SIDE and model.img_size >= STUDIO_PHOTO_SIZE
     if fit.feature_views < 0:
         fit = replace(fit, feature_views=auto_feature_views(photo_size))
@@ -127,17 +132,24 @@ def resolve(cfg: TrainConfig, median_side: int, studio: bool = False) -> tuple[T
     head_only = photo_size and pretrained(cfg) and fit.feature_cache and not fit.fine_tune_blocks
     decay, target = auto_head_recipe(head_only)
     if fit.weight_decay < 0 or fit.target_acc < 0:
-        fit = replace(fit, weight_decay=decay if fit.weight_decay < 0 else fit.weight_decay,
-                      target_acc=target if fit.target_acc < 0 else fit.target_acc)
+        fit = replace(
+            fit,
+            weight_decay=decay if fit.weight_decay < 0 else fit.weight_decay,
+            target_acc=target if fit.target_acc < 0 else fit.target_acc,
+        )
         if head_only:
-            notes.append(f"weight decay {fit.weight_decay:g}, accuracy stop "
-                         f"{'off' if not fit.target_acc else f'at {fit.target_acc:.0%}'}: a head that fits studio shots "
-                         "to convergence reads photos better")
+            notes.append(
+                f"weight decay {fit.weight_decay:g}, accuracy stop "
+                f"{'off' if not fit.target_acc else f'at {fit.target_acc:.0%}'}: a head that fits studio shots "
+                "to convergence reads photos better"
+            )
     if model.feature_layer == "auto":
         model = replace(model, feature_layer=auto_feature_layer(head_only, model.name))
         if model.feature_layer == "mid":
-            notes.append("features of a mid-level block, standardised: a head on studio shots reads photos better "
-                         "from them than from the last layer (--feature-layer last for the last layer)")
+            notes.append(
+                "features of a mid-level block, standardised: a head on studio shots reads photos better "
+                "from them than from the last layer (--feature-layer last for the last layer)"
+            )
     if not augment.crop_scale:
         augment = replace(augment, crop_scale=auto_crop_scale(median_side))
         notes.append(f"random crops of {100 * augment.crop_scale:.0f}-100% of the image area")

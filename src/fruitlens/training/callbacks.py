@@ -1,4 +1,5 @@
 """Callbacks: the original's 98% stop, freezing/fine-tuning as a callback, one summary line + history per epoch."""
+
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class TargetAccuracy(Callback):
-    """Stops training once ``monitor`` (``val/acc`` or ``train/acc``) reaches ``target``, like the original's callback."""
+    """Stops training once ``monitor`` (``val/acc`` or ``train/acc``) reaches ``target``, like the original's
+    callback."""
 
     def __init__(self, target: float, monitor: str = "val/acc") -> None:
         self.target, self.monitor = target, monitor
@@ -51,7 +53,7 @@ class FreezeBackbone(BaseFinetuning):
     def _frozen_and_trained(self, pl_module) -> tuple[list[nn.Module], list[nn.Module]]:
         blocks = pl_module.net.blocks()
         n = min(self.train_blocks, len(blocks))
-        return (blocks[: len(blocks) - n], blocks[len(blocks) - n:]) if n else (blocks, [])
+        return (blocks[: len(blocks) - n], blocks[len(blocks) - n :]) if n else (blocks, [])
 
     def freeze_before_training(self, pl_module) -> None:
         self.freeze(pl_module.net.backbone, train_bn=False)
@@ -86,20 +88,42 @@ class EpochSummary(Callback):
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
-        row = HistoryRow(self.phase, trainer.current_epoch + 1, m.get("train/loss"), m.get("train/acc"),
-                         m.get("val/loss"), m.get("val/acc"), lr, round(time.perf_counter() - self._t0, 2))
+        row = HistoryRow(
+            self.phase,
+            trainer.current_epoch + 1,
+            m.get("train/loss"),
+            m.get("train/acc"),
+            m.get("val/loss"),
+            m.get("val/acc"),
+            lr,
+            round(time.perf_counter() - self._t0, 2),
+        )
         self.rows.append(row)
         if self.path is not None:
             write_history(self.path, self.rows)
         _log_keras_names(trainer, row, len(self.rows))
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
-        log.info("[%s] epoch %d: train loss %s acc %s | val loss %s acc %s | lr %.2g | %.1fs", self.phase, row.epoch,
-                 fmt(row.train_loss), fmt(row.train_acc), fmt(row.val_loss), fmt(row.val_acc), lr, row.seconds)
+        log.info(
+            "[%s] epoch %d: train loss %s acc %s | val loss %s acc %s | lr %.2g | %.1fs",
+            self.phase,
+            row.epoch,
+            fmt(row.train_loss),
+            fmt(row.train_acc),
+            fmt(row.val_loss),
+            fmt(row.val_acc),
+            lr,
+            row.seconds,
+        )
 
 
 # the original notebook's (Keras's) names for the per-epoch figures, as trackers show them
-KERAS_NAMES = {"train_loss": "loss", "train_acc": "accuracy", "val_loss": "val_loss", "val_acc": "val_accuracy",
-               "lr": "learning_rate"}
+KERAS_NAMES = {
+    "train_loss": "loss",
+    "train_acc": "accuracy",
+    "val_loss": "val_loss",
+    "val_acc": "val_accuracy",
+    "lr": "learning_rate",
+}
 PHASE_NUMBER = {"head": 1, "full": 1, "fine-tune": 2}
 
 

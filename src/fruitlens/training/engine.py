@@ -1,5 +1,6 @@
 """``Engine``: a frozen backbone run on batches of images: on the GPU if asked and present, else through ONNX Runtime
 (several times faster than PyTorch eager on a CPU), else PyTorch channels_last."""
+
 from __future__ import annotations
 
 import copy
@@ -23,8 +24,9 @@ class Engine:
     ``device`` is where the input batches should be (augmentation runs there too).
     """
 
-    def __init__(self, backbone: nn.Module, image_size: int, prefer_onnx: bool = True, gpu: bool = False,
-                 threads: int = 0) -> None:
+    def __init__(
+        self, backbone: nn.Module, image_size: int, prefer_onnx: bool = True, gpu: bool = False, threads: int = 0
+    ) -> None:
         self.device = torch.device("cpu")
         if gpu and torch.cuda.is_available():  # under DDP each process takes its own GPU
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())

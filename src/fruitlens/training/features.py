@@ -5,6 +5,7 @@ and the augmented views (batched warps, see ``augment.py``) then go through the 
 processes each takes every N-th batch and the shards are merged into the single-process result. The cache
 (``RUN/cache/features.pt``) is read back memory-mapped; the head trains on it in about a second per epoch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,8 +68,10 @@ class FeaturePass:
 
     def text(self) -> str:
         plus = lambda xs, f: " + ".join(f.format(x) for x in xs)
-        return (f"features: {self.world_size} process(es), {plus(self.images_per_rank, '{:,}')} images, "
-                f"{plus(self.seconds_per_rank, '{:.1f}')} s, cache {self.cache_bytes / 2**20:.1f} MiB")
+        return (
+            f"features: {self.world_size} process(es), {plus(self.images_per_rank, '{:,}')} images, "
+            f"{plus(self.seconds_per_rank, '{:.1f}')} s, cache {self.cache_bytes / 2**20:.1f} MiB"
+        )
 
 
 def shard_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -91,9 +94,19 @@ def _batch_generator(seed: int, name: str, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + batch) % 2**63)
 
 
-def extract(engine: Engine, ds: Dataset, batches: list[list[int]], batch_size: int, pre: Preprocessing, name: str,
-            views: int = 0, aug: AugmentConfig | None = None, seed: int = 0, known_clean: torch.Tensor | None = None,
-            workers: int = 0) -> dict[str, torch.Tensor]:
+def extract(
+    engine: Engine,
+    ds: Dataset,
+    batches: list[list[int]],
+    batch_size: int,
+    pre: Preprocessing,
+    name: str,
+    views: int = 0,
+    aug: AugmentConfig | None = None,
+    seed: int = 0,
+    known_clean: torch.Tensor | None = None,
+    workers: int = 0,
+) -> dict[str, torch.Tensor]:
     """This process's rows of split ``name``: ``idx`` and ``clean`` (the clean view of each image in ``batches``), and
     with ``views``, ``aug`` (the augmented views) with ``aug_idx`` (their image) and ``aug_key`` (their place in the
     single-process order: batch, view, position). ``known_clean``: every image's clean features already (only the
@@ -115,8 +128,8 @@ def extract(engine: Engine, ds: Dataset, batches: list[list[int]], batch_size: i
             out["clean"] = torch.empty(n, f.shape[1])
             if views:
                 out["aug"] = torch.empty(n * views, f.shape[1])
-        out["clean"][at:at + len(rows)] = f
-        out["idx"][at:at + len(rows)] = rows_t
+        out["clean"][at : at + len(rows)] = f
+        out["idx"][at : at + len(rows)] = rows_t
         b = rows[0] // batch_size
         g = _batch_generator(seed, name, b)
         for v in range(views):
@@ -127,8 +140,16 @@ def extract(engine: Engine, ds: Dataset, batches: list[list[int]], batch_size: i
         at += len(rows)
     passes = views + (known_clean is None)
     dt = time.perf_counter() - t0
-    log.info("features: %s, %d images x %d view(s) in %.1fs (%.0f img/s, %s)%s", name, n, passes, dt,
-             n * passes / max(dt, 1e-9), engine.name, "; clean view from the feature store" if passes == views else "")
+    log.info(
+        "features: %s, %d images x %d view(s) in %.1fs (%.0f img/s, %s)%s",
+        name,
+        n,
+        passes,
+        dt,
+        n * passes / max(dt, 1e-9),
+        engine.name,
+        "; clean view from the feature store" if passes == views else "",
+    )
     if "clean" not in out:  # no batch for this process
         out["clean"] = torch.zeros((0, 1))
         if views:
@@ -136,8 +157,9 @@ def extract(engine: Engine, ds: Dataset, batches: list[list[int]], batch_size: i
     return out
 
 
-def _merge(parts: list[dict[str, dict[str, torch.Tensor]]], name: str, targets: torch.Tensor,
-           known: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, ...]]:
+def _merge(
+    parts: list[dict[str, dict[str, torch.Tensor]]], name: str, targets: torch.Tensor, known: torch.Tensor | None
+) -> dict[str, tuple[torch.Tensor, ...]]:
     """The shards of split ``name`` in the single-process order: ``{name: (features, targets)}`` and, with views,
     ``{name_aug: (features, targets, image index)}``."""
     rows = [p[name] for p in parts if p.get(name) is not None and len(p[name]["idx"])]  # a process may get no batch
@@ -157,17 +179,25 @@ def _merge(parts: list[dict[str, dict[str, torch.Tensor]]], name: str, targets: 
     return out
 
 
-def cached_features(backbone: nn.Module, pre: Preprocessing, datasets: dict[str, Dataset], views: Views = Views(), *,
-                    batch_size: int = 32, cache_file: Path | None = None, store: FeatureStore | None = None,
-                    place: Placement = Placement()) -> tuple[dict[str, tuple[torch.Tensor, ...]], FeaturePass]:
+def cached_features(
+    backbone: nn.Module,
+    pre: Preprocessing,
+    datasets: dict[str, Dataset],
+    views: Views = Views(),
+    *,
+    batch_size: int = 32,
+    cache_file: Path | None = None,
+    store: FeatureStore | None = None,
+    place: Placement = Placement(),
+) -> tuple[dict[str, tuple[torch.Tensor, ...]], FeaturePass]:
     """Features for ``datasets`` (uint8 images, ``ImageDataset``); those ``views.of`` names also get ``views.count``
     augmented views (``<name>_aug``).
 
     Process ``place.rank`` of ``place.world`` (DDP) decodes and forwards every ``world``-th batch and writes its shard
     beside ``cache_file``; after ``place.barrier`` every process merges the shards into the single-process result (the
-    same tensors, views included). ``place.gpu``: run on the GPU (if there is one). With ``cache_file`` the result is saved, and
-    reused when present (so ``--resume`` skips the pass). ``store``: clean features already computed for these files
-    (``check --labels``) are taken from it, and new ones added to it.
+    same tensors, views included). ``place.gpu``: run on the GPU (if there is one). With ``cache_file`` the result is
+    saved, and reused when present (so ``--resume`` skips the pass). ``store``: clean features already computed for
+    these files (``check --labels``) are taken from it, and new ones added to it.
     """
     if cache_file is not None and cache_file.is_file():
         log.info("features: reusing %s", cache_file)
@@ -189,10 +219,16 @@ def cached_features(backbone: nn.Module, pre: Preprocessing, datasets: dict[str,
             mine[name] = None
             continue
         batches = shard_batches(len(ds), batch_size, rank, world)
-        engine = engine or Engine(backbone, pre.image_size, place.prefer_onnx, place.gpu,
-                                  threads=max(1, (os.cpu_count() or 1) // world) if world > 1 else 0)
-        mine[name] = extract(engine, ds, batches, batch_size, pre, name, n_views, views.aug, views.seed, known,
-                             place.workers)
+        engine = engine or Engine(
+            backbone,
+            pre.image_size,
+            place.prefer_onnx,
+            place.gpu,
+            threads=max(1, (os.cpu_count() or 1) // world) if world > 1 else 0,
+        )
+        mine[name] = extract(
+            engine, ds, batches, batch_size, pre, name, n_views, views.aug, views.seed, known, place.workers
+        )
         images += sum(len(b) for b in batches)
     part = {"rows": mine, "images": images, "seconds": round(time.perf_counter() - t0, 2)}
     if engine is not None:
@@ -207,8 +243,12 @@ def cached_features(backbone: nn.Module, pre: Preprocessing, datasets: dict[str,
     out: dict[str, tuple[torch.Tensor, ...]] = {}
     for name, ds in datasets.items():
         out.update(_merge([p["rows"] for p in parts], name, torch.tensor(ds.targets), known_of[name]))
-    fp = FeaturePass(world, [p["images"] for p in parts], [p["seconds"] for p in parts],
-                     sum(t.numel() * t.element_size() for v in out.values() for t in v))
+    fp = FeaturePass(
+        world,
+        [p["images"] for p in parts],
+        [p["seconds"] for p in parts],
+        sum(t.numel() * t.element_size() for v in out.values() for t in v),
+    )
     if rank == 0:
         if store is not None:
             for name, ds in datasets.items():

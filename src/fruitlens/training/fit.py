@@ -3,6 +3,7 @@
 Training only: it fills the history and leaves the best weights in the model. Saving the run, exporting and evaluating
 are the pipeline's (``fruitlens.pipelines.train``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +61,15 @@ class FitResult:
     adapted_labels: torch.Tensor | None = None  # and their pseudo-labels
 
 
-def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
-        history: list[HistoryRow], photos: Manifest | None = None) -> FitResult:
+def fit(
+    model: FruitNet,
+    splits: dict[str, Manifest],
+    classes: list[str],
+    cfg: TrainConfig,
+    run: RunDir,
+    history: list[HistoryRow],
+    photos: Manifest | None = None,
+) -> FitResult:
     """Trains ``model`` in place on the train split, validating on val; ``history`` gets a row per epoch (a resumed
     run passes the rows so far). ``photos``: labelled photos of the user's setting (``--add``), trained with the
     train split at ``fit.photo_share`` of the weight (the cached-feature path). KeyboardInterrupt (Ctrl-C) leaves the
@@ -69,20 +77,38 @@ def fit(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: T
     t0 = time.perf_counter()
     result = FitResult(history, backbone_frozen=pretrained(cfg))
     if pretrained(cfg) and cfg.fit.feature_cache:
-        trainer, result.feature_pass, adapted = _fit_head_on_features(model, splits, classes, cfg, run, history,
-                                                                      photos)
+        trainer, result.feature_pass, adapted = _fit_head_on_features(model, splits, classes, cfg, run, history, photos)
         result.adaptation, result.adapted, result.adapted_labels = adapted if adapted is not None else (None,) * 3
         result.phases.append("head")
         result.phases += [f"adapt-{r + 1}" for r in range(len(result.adaptation.rounds) if result.adaptation else 0)]
     else:
         phase = "head" if pretrained(cfg) else "full"
-        trainer, _ = _fit_images(model, splits, classes, cfg, run, history, phase,
-                                 train_blocks=0 if pretrained(cfg) else -1, lr=cfg.fit.lr, epochs=cfg.fit.epochs)
+        trainer, _ = _fit_images(
+            model,
+            splits,
+            classes,
+            cfg,
+            run,
+            history,
+            phase,
+            train_blocks=0 if pretrained(cfg) else -1,
+            lr=cfg.fit.lr,
+            epochs=cfg.fit.epochs,
+        )
         result.phases.append(phase)
     if pretrained(cfg) and cfg.fit.fine_tune_blocks and not _target_reached(history, cfg):
-        trainer, kept = _fit_images(model, splits, classes, cfg, run, history, "fine-tune",
-                                    train_blocks=cfg.fit.fine_tune_blocks, lr=cfg.fit.fine_tune_lr,
-                                    epochs=cfg.fit.fine_tune_epochs)
+        trainer, kept = _fit_images(
+            model,
+            splits,
+            classes,
+            cfg,
+            run,
+            history,
+            "fine-tune",
+            train_blocks=cfg.fit.fine_tune_blocks,
+            lr=cfg.fit.fine_tune_lr,
+            epochs=cfg.fit.fine_tune_epochs,
+        )
         result.phases.append("fine-tune")
         result.backbone_frozen = not kept
     result.is_global_zero, result.world_size = trainer.is_global_zero, trainer.world_size
@@ -99,27 +125,54 @@ def _target_reached(history: list[HistoryRow], cfg: TrainConfig) -> bool:
     return cfg.fit.target_acc > 0 and any((getattr(r, key) or 0) >= cfg.fit.target_acc for r in history)
 
 
-def _trainer(cfg: TrainConfig, run: RunDir, phase: str, epochs: int, history: list[HistoryRow], monitor_train: bool,
-             progress: bool) -> tuple[L.Trainer, ModelCheckpoint]:
+def _trainer(
+    cfg: TrainConfig,
+    run: RunDir,
+    phase: str,
+    epochs: int,
+    history: list[HistoryRow],
+    monitor_train: bool,
+    progress: bool,
+) -> tuple[L.Trainer, ModelCheckpoint]:
     f = cfg.fit
-    ckpt = ModelCheckpoint(dirpath=run.checkpoints / phase, filename="best", monitor="val/loss", mode="min",
-                           enable_version_counter=False)
+    ckpt = ModelCheckpoint(
+        dirpath=run.checkpoints / phase, filename="best", monitor="val/loss", mode="min", enable_version_counter=False
+    )
     # every epoch, for --resume (Lightning's save_last=True writes last.ckpt only when the best one improves)
-    last = ModelCheckpoint(dirpath=run.checkpoints / phase, filename="last", monitor=None, save_top_k=1,
-                           enable_version_counter=False)
-    callbacks = [ckpt, last, EarlyStopping("val/loss", patience=f.early_stopping_patience, mode="min"),
-                 LearningRateMonitor("epoch"), EpochSummary(phase, history, run.history)]
+    last = ModelCheckpoint(
+        dirpath=run.checkpoints / phase, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+    )
+    callbacks = [
+        ckpt,
+        last,
+        EarlyStopping("val/loss", patience=f.early_stopping_patience, mode="min"),
+        LearningRateMonitor("epoch"),
+        EpochSummary(phase, history, run.history),
+    ]
     if f.target_acc > 0:
         callbacks.append(TargetAccuracy(f.target_acc, "train/acc" if monitor_train else "val/acc"))
     precision = f.precision if f.precision != "auto" else ("16-mixed" if use_gpu(cfg) else "32-true")
     devices: int | str = int(f.devices) if f.devices.isdigit() else f.devices
     limit = f.limit_batches if f.limit_batches <= 1 else int(f.limit_batches)
-    trainer = L.Trainer(max_epochs=epochs, accelerator=f.accelerator, devices=devices, num_nodes=f.num_nodes,
-                        strategy=f.strategy, precision=precision, deterministic=f.deterministic, callbacks=callbacks,
-                        logger=phase_loggers(cfg, run, phase, mlflow_run(cfg, run)), enable_model_summary=False,
-                        # a bar only on a terminal: in a log file its redraws bury the one summary line per epoch
-                        enable_progress_bar=progress and sys.stdout.isatty(), limit_train_batches=limit,
-                        limit_val_batches=limit, num_sanity_val_steps=0, log_every_n_steps=10, default_root_dir=run.path)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator=f.accelerator,
+        devices=devices,
+        num_nodes=f.num_nodes,
+        strategy=f.strategy,
+        precision=precision,
+        deterministic=f.deterministic,
+        callbacks=callbacks,
+        logger=phase_loggers(cfg, run, phase, mlflow_run(cfg, run)),
+        enable_model_summary=False,
+        # a bar only on a terminal: in a log file its redraws bury the one summary line per epoch
+        enable_progress_bar=progress and sys.stdout.isatty(),
+        limit_train_batches=limit,
+        limit_val_batches=limit,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        default_root_dir=run.path,
+    )
     return trainer, ckpt
 
 
@@ -131,9 +184,15 @@ def _load_state(module: ClassifierModule, path: Path) -> None:
         raise refused(path, exc) from None
 
 
-def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModule,
-               data: tuple[DataLoader, DataLoader] | L.LightningDataModule, run: RunDir, phase: str,
-               history: list[HistoryRow]) -> L.Trainer:
+def _run_phase(
+    trainer: L.Trainer,
+    ckpt: ModelCheckpoint,
+    module: ClassifierModule,
+    data: tuple[DataLoader, DataLoader] | L.LightningDataModule,
+    run: RunDir,
+    phase: str,
+    history: list[HistoryRow],
+) -> L.Trainer:
     """Fits (resuming from the phase's last.ckpt if present) and loads the best weights back into the module."""
     done = run.checkpoints / phase / "done"
     last = run.checkpoints / phase / "last.ckpt"
@@ -148,8 +207,11 @@ def _run_phase(trainer: L.Trainer, ckpt: ModelCheckpoint, module: ClassifierModu
 
     _prune_history(history, last, phase)
     try:
-        loaders_or_data = {"datamodule": data} if isinstance(data, L.LightningDataModule) else dict(
-            zip(("train_dataloaders", "val_dataloaders"), data))
+        loaders_or_data = (
+            {"datamodule": data}
+            if isinstance(data, L.LightningDataModule)
+            else dict(zip(("train_dataloaders", "val_dataloaders"), data))
+        )
         trainer.fit(module, **loaders_or_data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     except pickle.UnpicklingError as exc:  # resume reads Lightning's checkpoint as tensors and plain data only
         raise refused(last, exc) from None
@@ -188,21 +250,40 @@ def _prune_history(history: list[HistoryRow], last: Path, phase: str) -> None:
     history[:] = [r for r in history if r.phase != phase or r.epoch <= done]
 
 
-def _module(net, cfg: TrainConfig, targets: list[int], n_classes: int, lr: float, channels_last: bool,
-            batch_input: BatchInput | None = None) -> ClassifierModule:
+def _module(
+    net,
+    cfg: TrainConfig,
+    targets: list[int],
+    n_classes: int,
+    lr: float,
+    channels_last: bool,
+    batch_input: BatchInput | None = None,
+) -> ClassifierModule:
     f = cfg.fit
     weights = class_weights(targets, n_classes) if f.balance == "weights" else None
-    return ClassifierModule(net, batch_input=batch_input, lr=lr, weight_decay=f.weight_decay,
-                            label_smoothing=f.label_smoothing, class_weights=weights, plateau_patience=f.plateau_patience,
-                            plateau_factor=f.plateau_factor, channels_last=channels_last)
+    return ClassifierModule(
+        net,
+        batch_input=batch_input,
+        lr=lr,
+        weight_decay=f.weight_decay,
+        label_smoothing=f.label_smoothing,
+        class_weights=weights,
+        plateau_patience=f.plateau_patience,
+        plateau_factor=f.plateau_factor,
+        channels_last=channels_last,
+    )
 
 
 class FeatureData(L.LightningDataModule):
     """The head's data, cached backbone features. The feature pass runs in ``setup``: on every process of the run
     once they all exist (DDP), each on its share of the images, merged before the head trains."""
 
-    def __init__(self, compute: Callable[[int, int, Callable[[], None]], tuple[dict, FeaturePass]], cfg: TrainConfig,
-                 n_classes: int) -> None:
+    def __init__(
+        self,
+        compute: Callable[[int, int, Callable[[], None]], tuple[dict, FeaturePass]],
+        cfg: TrainConfig,
+        n_classes: int,
+    ) -> None:
         super().__init__()
         self.compute, self.cfg, self.n_classes = compute, cfg, n_classes
         self.feats: dict | None = None
@@ -220,8 +301,11 @@ class FeatureData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         feats, f = self.feats, self.cfg.fit
-        parts = [feats["train"]] + ([feats["train_aug"]] if "train_aug" in feats else []) + \
-            ([self.extra] if self.extra is not None else [])
+        parts = (
+            [feats["train"]]
+            + ([feats["train_aug"]] if "train_aug" in feats else [])
+            + ([self.extra] if self.extra is not None else [])
+        )
         photos = [feats[k] for k in ("photos", "photos_aug") if k in feats]
         # the labelled photos of the user's setting carry photo_share of the rows, however few they are
         parts += photos * photo_repeats(sum(len(p[0]) for p in parts), sum(len(p[0]) for p in photos), self.photo_share)
@@ -231,17 +315,24 @@ class FeatureData(L.LightningDataModule):
         if f.balance == "sampler":
             targets = torch.cat([p[1] for p in parts])
             w = class_weights(targets.tolist(), self.n_classes)[targets]
-            return DataLoader(ds, batch_size=max(f.batch_size, 256),
-                              sampler=WeightedRandomSampler(w.double(), len(ds), generator=gen))
+            return DataLoader(
+                ds, batch_size=max(f.batch_size, 256), sampler=WeightedRandomSampler(w.double(), len(ds), generator=gen)
+            )
         return DataLoader(ds, batch_size=max(f.batch_size, 256), shuffle=True, generator=gen)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(*self.feats["val"]), batch_size=1024)
 
 
-def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig,
-                          run: RunDir, history: list[HistoryRow], photos: Manifest | None = None
-                          ) -> tuple[L.Trainer, FeaturePass | None, tuple[Adaptation, torch.Tensor, torch.Tensor] | None]:
+def _fit_head_on_features(
+    model: FruitNet,
+    splits: dict[str, Manifest],
+    classes: list[str],
+    cfg: TrainConfig,
+    run: RunDir,
+    history: list[HistoryRow],
+    photos: Manifest | None = None,
+) -> tuple[L.Trainer, FeaturePass | None, tuple[Adaptation, torch.Tensor, torch.Tensor] | None]:
     """Phase 1 fast path: features of a clean view + ``feature_views`` augmented views, then the head alone; with
     ``--add``, the labelled photos' clean view and ``photo_views`` views beside them (``photo_features.pt``); with
     ``--adapt-to``, the rounds of pseudo-labels after it."""
@@ -253,34 +344,62 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     # bottleneck (one process: 170 images/s at 448 px on an H200), so all workers, and larger batches
     batch = 64 if gpu else batch_for(pre.image_size)
     datasets = {split: loaders.dataset(splits[split], classes, pre, cfg) for split in ("train", "val")}
-    store = FeatureStore(model.name, cfg.model.weights, pre, layer=model.feature_layer) \
-        if cfg.model.weights == "imagenet" else None
+    store = (
+        FeatureStore(model.name, cfg.model.weights, pre, layer=model.feature_layer)
+        if cfg.model.weights == "imagenet"
+        else None
+    )
 
     workers = loaders.workers(cfg) if gpu else min(1, loaders.workers(cfg))
     photo_ds = loaders.dataset(photos, classes, pre, cfg) if photos is not None and len(photos) else None
 
     def compute(rank: int, world: int, barrier: Callable[[], None]) -> tuple[dict, FeaturePass]:
         place = Placement(rank, world, barrier, gpu, workers)
-        feats, fp = cached_features(model.backbone, pre, datasets, Views(views, cfg.augment, cfg.data.seed),
-                                    batch_size=batch, cache_file=run.cache / "features.pt", store=store, place=place)
+        feats, fp = cached_features(
+            model.backbone,
+            pre,
+            datasets,
+            Views(views, cfg.augment, cfg.data.seed),
+            batch_size=batch,
+            cache_file=run.cache / "features.pt",
+            store=store,
+            place=place,
+        )
         if photo_ds is not None:  # photos get torchvision's crops, whatever the data's crop range
-            photo_views = Views(f.photo_views if cfg.augment.enabled else 0,
-                                replace(cfg.augment, crop_scale=RRC_MIN_AREA), cfg.data.seed + 1, ("photos",))
-            more, _ = cached_features(model.backbone, pre, {"photos": photo_ds}, photo_views, batch_size=batch,
-                                      cache_file=run.cache / "photo_features.pt", store=store, place=place)
+            photo_views = Views(
+                f.photo_views if cfg.augment.enabled else 0,
+                replace(cfg.augment, crop_scale=RRC_MIN_AREA),
+                cfg.data.seed + 1,
+                ("photos",),
+            )
+            more, _ = cached_features(
+                model.backbone,
+                pre,
+                {"photos": photo_ds},
+                photo_views,
+                batch_size=batch,
+                cache_file=run.cache / "photo_features.pt",
+                store=store,
+                place=place,
+            )
             feats = {**feats, **more}
         if model.feature_layer == "mid":  # the head reads them standardised on every training row (views included)
-            model.standardise.set(Rows(*[feats[k][0] for k in ("train", "train_aug", "photos", "photos_aug")
-                                         if k in feats]).mean_std())
+            model.standardise.set(
+                Rows(*[feats[k][0] for k in ("train", "train_aug", "photos", "photos_aug") if k in feats]).mean_std()
+            )
         return feats, fp
 
     data = FeatureData(compute, cfg, len(classes))
     module = _module(model.head, cfg, datasets["train"].targets, len(classes), f.lr, channels_last=False)
     trainer, ckpt = _trainer(cfg, run, "head", f.epochs, history, f.target_monitor == "train", progress=False)
-    log.info("[head] training the classifier head on %d cached feature vectors (%d classes)%s",
-             len(datasets["train"]) * (1 + views), len(classes),
-             f" and {len(photo_ds)} labelled photos x {1 + f.photo_views} views at {100 * f.photo_share:.0f}% of the "
-             "weight" if photo_ds is not None else "")
+    log.info(
+        "[head] training the classifier head on %d cached feature vectors (%d classes)%s",
+        len(datasets["train"]) * (1 + views),
+        len(classes),
+        f" and {len(photo_ds)} labelled photos x {1 + f.photo_views} views at {100 * f.photo_share:.0f}% of the weight"
+        if photo_ds is not None
+        else "",
+    )
     t0 = time.perf_counter()
     trainer = _run_phase(trainer, ckpt, module, data, run, "head", history)
     STAGES.add("features", data.seconds)
@@ -288,32 +407,55 @@ def _fit_head_on_features(model: FruitNet, splits: dict[str, Manifest], classes:
     adaptation = None
     if cfg.data.adapt_to:
         with STAGES("adaptation"):
-            trainer, adaptation = _adapt(trainer, model, data, datasets["train"].targets, classes, cfg, run, history,
-                                         batch, gpu, store)
+            trainer, adaptation = _adapt(
+                trainer, model, data, datasets["train"].targets, classes, cfg, run, history, batch, gpu, store
+            )
     return trainer, data.feature_pass, adaptation
 
 
-def _adapt(trainer: L.Trainer, model: FruitNet, data: FeatureData, targets: list[int], classes: list[str],
-           cfg: TrainConfig, run: RunDir, history: list[HistoryRow], batch: int, gpu: bool,
-           store: FeatureStore | None) -> tuple[L.Trainer, tuple[Adaptation, torch.Tensor]]:
+def _adapt(
+    trainer: L.Trainer,
+    model: FruitNet,
+    data: FeatureData,
+    targets: list[int],
+    classes: list[str],
+    cfg: TrainConfig,
+    run: RunDir,
+    history: list[HistoryRow],
+    batch: int,
+    gpu: bool,
+    store: FeatureStore | None,
+) -> tuple[L.Trainer, tuple[Adaptation, torch.Tensor]]:
     """``--adapt-to``: the photos' clean features once, then ``fit.adapt_rounds`` rounds of pseudo-labels, each
     retraining the head from scratch on the training features plus the photos it is sure of (``training/adapt.py``)."""
     f = cfg.fit
     paths, skipped = readable(find_photos(cfg.data.adapt_to), workers=loaders.workers(cfg) or 1)
     manifest = Manifest(tuple(Record(p, classes[0]) for p in paths))  # the label is never read
     ds = loaders.dataset(manifest, classes, model.preprocessing, cfg)
-    feats, _ = cached_features(model.backbone, model.preprocessing, {"adapt": ds}, batch_size=batch,
-                               cache_file=run.cache / "adapt_features.pt", store=store,
-                               place=Placement(gpu=gpu, workers=min(1, loaders.workers(cfg))))
+    feats, _ = cached_features(
+        model.backbone,
+        model.preprocessing,
+        {"adapt": ds},
+        batch_size=batch,
+        cache_file=run.cache / "adapt_features.pt",
+        store=store,
+        place=Placement(gpu=gpu, workers=min(1, loaders.workers(cfg))),
+    )
     photos = feats["adapt"][0]
     result = Adaptation(METHOD, cfg.data.adapt_to, len(paths), skipped, f.adapt_share)
     for r, share in enumerate(shares(f.adapt_share, f.adapt_rounds)):
         keep, labels = confident(model.head, photos, share)
         result.rounds.append(len(keep))
-        result.per_class = {classes[c]: n for c, n in enumerate(torch.bincount(labels, minlength=len(classes)).tolist())
-                            if n}
-        log.info("[adapt-%d] the surest %.0f%% of each class's photos: %d of %d, retraining the head with them",
-                 r + 1, 100 * share, len(keep), len(photos))
+        result.per_class = {
+            classes[c]: n for c, n in enumerate(torch.bincount(labels, minlength=len(classes)).tolist()) if n
+        }
+        log.info(
+            "[adapt-%d] the surest %.0f%% of each class's photos: %d of %d, retraining the head with them",
+            r + 1,
+            100 * share,
+            len(keep),
+            len(photos),
+        )
         data.extra = (photos[keep], labels)
         model.linear.reset_parameters()
         module = _module(model.head, cfg, targets, len(classes), f.lr, channels_last=False)
@@ -324,9 +466,19 @@ def _adapt(trainer: L.Trainer, model: FruitNet, data: FeatureData, targets: list
     return trainer, (result, data.extra[0], data.extra[1])
 
 
-def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str], cfg: TrainConfig, run: RunDir,
-                history: list[HistoryRow], phase: str, *, train_blocks: int, lr: float,
-                epochs: int) -> tuple[L.Trainer, bool]:
+def _fit_images(
+    model: FruitNet,
+    splits: dict[str, Manifest],
+    classes: list[str],
+    cfg: TrainConfig,
+    run: RunDir,
+    history: list[HistoryRow],
+    phase: str,
+    *,
+    train_blocks: int,
+    lr: float,
+    epochs: int,
+) -> tuple[L.Trainer, bool]:
     """A phase on images with augmentation: the head alone, the top blocks (fine-tune), or everything (-1).
     Returns the trainer and whether the phase's weights were kept (not when validation loss got worse)."""
     pre, f = model.preprocessing, cfg.fit
@@ -334,23 +486,40 @@ def _fit_images(model: FruitNet, splits: dict[str, Manifest], classes: list[str]
     train_dl = loaders.loader(train_ds, cfg, shuffle=True, balance=f.balance == "sampler")
     val_dl = loaders.loader(val_ds, cfg, shuffle=False)
     model.to(memory_format=torch.channels_last)
-    module = _module(model, cfg, train_ds.targets, len(classes), lr, channels_last=True,
-                     batch_input=BatchInput(pre, cfg.augment, cfg.data.seed))
+    module = _module(
+        model,
+        cfg,
+        train_ds.targets,
+        len(classes),
+        lr,
+        channels_last=True,
+        batch_input=BatchInput(pre, cfg.augment, cfg.data.seed),
+    )
     trainer, ckpt = _trainer(cfg, run, phase, epochs, history, f.target_monitor == "train", progress=True)
     if train_blocks >= 0:
         trainer.callbacks.append(FreezeBackbone(train_blocks))
     before = _val_loss(history)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     what = {0: "the head", -1: "all layers"}.get(train_blocks, f"the head and the top {train_blocks} blocks")
-    log.info("[%s] training %s on %d images (%d px, augmentation %s)", phase, what, len(train_ds), pre.image_size,
-             "on" if cfg.augment.enabled else "off")
+    log.info(
+        "[%s] training %s on %d images (%d px, augmentation %s)",
+        phase,
+        what,
+        len(train_ds),
+        pre.image_size,
+        "on" if cfg.augment.enabled else "off",
+    )
     with STAGES(phase):
         _run_phase(trainer, ckpt, module, (train_dl, val_dl), run, phase, history)
     # a phase finished before a resume is not fitted again: its best value comes from its done file
     after = ckpt.best_model_score if ckpt.best_model_score is not None else _phase_best(run, phase)
     if before is not None and after is not None and float(after) > before:
-        log.info("[%s] did not improve the validation loss (%.4f vs %.4f): keeping the earlier weights",
-                 phase, float(after), before)
+        log.info(
+            "[%s] did not improve the validation loss (%.4f vs %.4f): keeping the earlier weights",
+            phase,
+            float(after),
+            before,
+        )
         model.load_state_dict(state)
         return trainer, False
     return trainer, True

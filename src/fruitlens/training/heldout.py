@@ -8,6 +8,7 @@ neighbour. The calibration temperature, the "not sure" threshold, the out-of-dis
 audit are all chosen on these predictions. A solver, not epochs: five heads on Fruits-360's 44,000 cached vectors
 take seconds, not a minute.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,14 +35,23 @@ class HeadRecipe:
     stats: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std; None: the features as they are
 
 
-def train_head(x: torch.Tensor | Rows, y: torch.Tensor, n_classes: int, recipe: HeadRecipe,
-               init: LinearFit | None = None) -> LinearFit:
+def train_head(
+    x: torch.Tensor | Rows, y: torch.Tensor, n_classes: int, recipe: HeadRecipe, init: LinearFit | None = None
+) -> LinearFit:
     """The recipe's linear head on features ``x`` (n, d; or ``Rows``) with labels ``y`` (n,), started from ``init``."""
     y = y.long()
     dim = x.dim if isinstance(x, Rows) else x.shape[1]
     stats = recipe.stats if recipe.stats is not None else (torch.zeros(dim), torch.ones(dim))
-    return fit_linear(x, y, n_classes, weight=class_weights(y, n_classes)[y] if recipe.balance else None,
-                      l2=recipe.weight_decay, init=init, stats=stats, label_smoothing=recipe.label_smoothing)
+    return fit_linear(
+        x,
+        y,
+        n_classes,
+        weight=class_weights(y, n_classes)[y] if recipe.balance else None,
+        l2=recipe.weight_decay,
+        init=init,
+        stats=stats,
+        label_smoothing=recipe.label_smoothing,
+    )
 
 
 def group_folds(y: np.ndarray, groups: np.ndarray, k: int = 5, seed: int = 0) -> np.ndarray:
@@ -67,9 +77,15 @@ def group_folds(y: np.ndarray, groups: np.ndarray, k: int = 5, seed: int = 0) ->
     return folds
 
 
-def out_of_fold_logits(x: torch.Tensor, y: torch.Tensor, folds: np.ndarray, n_classes: int, recipe: HeadRecipe,
-                       extra: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None,
-                       init: LinearFit | None = None) -> np.ndarray:
+def out_of_fold_logits(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    folds: np.ndarray,
+    n_classes: int,
+    recipe: HeadRecipe,
+    extra: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None,
+    init: LinearFit | None = None,
+) -> np.ndarray:
     """(n, classes) logits of each of ``x``'s items from the head that did not train on its fold.
 
     ``extra``: more training rows (augmented views) with the fold of the image each came from; they train the heads
@@ -88,10 +104,14 @@ def out_of_fold_logits(x: torch.Tensor, y: torch.Tensor, folds: np.ndarray, n_cl
         head = train_head(Rows(*parts), torch.cat(ys), n_classes, recipe, init)
         with torch.inference_mode():
             for s in range(0, len(held), CHUNK):
-                rows = torch.from_numpy(held[s:s + CHUNK])
-                out[held[s:s + CHUNK]] = head(x[rows].float()).numpy()
-    log.debug("out-of-fold logits of %d images over %d folds in %.1fs", len(x), len(np.unique(folds)),
-              time.perf_counter() - t0)
+                rows = torch.from_numpy(held[s : s + CHUNK])
+                out[held[s : s + CHUNK]] = head(x[rows].float()).numpy()
+    log.debug(
+        "out-of-fold logits of %d images over %d folds in %.1fs",
+        len(x),
+        len(np.unique(folds)),
+        time.perf_counter() - t0,
+    )
     return out
 
 
@@ -106,17 +126,18 @@ def _projected(x: torch.Tensor, seed: int) -> np.ndarray:
     12.6k images: 5.7 s -> 2.1 s)."""
     norm = lambda rows: torch.nn.functional.normalize(rows.float(), dim=1).numpy()
     if x.shape[1] <= KMEANS_DIMS or len(x) <= KMEANS_DIMS:
-        return norm(x[0:len(x)])
+        return norm(x[0 : len(x)])
     from sklearn.decomposition import PCA
 
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(x), min(len(x), PCA_SAMPLE), replace=False))
     pca = PCA(KMEANS_DIMS, svd_solver="randomized", random_state=seed).fit(norm(x[torch.from_numpy(sample)]))
-    return np.concatenate([pca.transform(norm(x[s:s + 16_384])) for s in range(0, len(x), 16_384)])
+    return np.concatenate([pca.transform(norm(x[s : s + 16_384])) for s in range(0, len(x), 16_384)])
 
 
-def visual_groups(near_duplicate_groups: np.ndarray, x: torch.Tensor, y: np.ndarray, images_per_group: int = 8,
-                  seed: int = 0) -> np.ndarray:
+def visual_groups(
+    near_duplicate_groups: np.ndarray, x: torch.Tensor, y: np.ndarray, images_per_group: int = 8, seed: int = 0
+) -> np.ndarray:
     """Groups of similar images, coarser than near copies: within each class, k-means clusters of about
     ``images_per_group`` images in feature space (photos of one display, one session), joined with the near-duplicate
     groups (frames of one fruit turning) into connected components. Held-out folds of these groups predict new photos

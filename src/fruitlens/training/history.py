@@ -1,5 +1,6 @@
 """``history.csv``: one ``HistoryRow`` per epoch of every phase (phase, epoch, train/val loss and accuracy, lr,
 seconds)."""
+
 from __future__ import annotations
 
 import csv
@@ -42,8 +43,14 @@ def read_history(path: Path) -> list[HistoryRow]:
     if not path.is_file():
         return []
     with path.open(newline="") as fh:
-        return [HistoryRow(phase=row.get("phase") or "", epoch=int(float(row.get("epoch") or 0)),
-                           **{k: _num(row.get(k)) for k in FIELDS[2:]}) for row in csv.DictReader(fh)]
+        return [
+            HistoryRow(
+                phase=row.get("phase") or "",
+                epoch=int(float(row.get("epoch") or 0)),
+                **{k: _num(row.get(k)) for k in FIELDS[2:]},
+            )
+            for row in csv.DictReader(fh)
+        ]
 
 
 def _num(v: str | None) -> float | None:

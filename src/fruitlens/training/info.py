@@ -1,4 +1,5 @@
 """``TrainInfo`` (the run's ``train_info.json``): how long training took and on what."""
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,14 @@ class TrainInfo:
 
     @classmethod
     def here(cls, train_seconds: float, fit_seconds: float, phases: list[str], world_size: int = 1) -> "TrainInfo":
-        return cls(round(train_seconds, 2), round(fit_seconds, 2), list(phases), world_size, torch.__version__,
-                   L.__version__,
-                   platform.python_version(), f"{platform.machine()}, {os.cpu_count()} CPUs",
-                   torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+        return cls(
+            round(train_seconds, 2),
+            round(fit_seconds, 2),
+            list(phases),
+            world_size,
+            torch.__version__,
+            L.__version__,
+            platform.python_version(),
+            f"{platform.machine()}, {os.cpu_count()} CPUs",
+            torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        )

@@ -1,4 +1,5 @@
 """The loaders of the training phases: uint8 images of a split (``ImageDataset``), batched per phase."""
+
 from __future__ import annotations
 
 import os
@@ -22,5 +23,6 @@ def dataset(m: Manifest, classes: list[str], pre: Preprocessing, cfg: TrainConfi
 
 
 def loader(ds: ImageDataset, cfg: TrainConfig, *, shuffle: bool, balance: bool = False) -> DataLoader:
-    return make_loader(ds, cfg.fit.batch_size, shuffle=shuffle, workers=workers(cfg), balance=balance,
-                       seed=cfg.data.seed)
+    return make_loader(
+        ds, cfg.fit.batch_size, shuffle=shuffle, workers=workers(cfg), balance=balance, seed=cfg.data.seed
+    )

@@ -4,6 +4,7 @@ The tracker packages are optional (``pip install 'fruitlens[tracking]'``); askin
 ConfigError that names the extra. MLflow's store is whatever its URI says; by default a SQLite file beside the run
 folder, with the artifacts next to it, so that nothing but the URI is needed (no server).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,16 +25,21 @@ EXTRA = "pip install 'fruitlens[tracking]'"
 
 def mlflow_uri(cfg: TrainConfig, run: RunDir) -> str:
     """``track.mlflow_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<folder of the run>/mlflow.db``."""
-    return (cfg.track.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{run.path.resolve().parent / 'mlflow.db'}")
+    return (
+        cfg.track.mlflow_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{run.path.resolve().parent / 'mlflow.db'}"
+    )
 
 
 def _require(module: str, what: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"--logger {what} needs the {module} package, which is not installed",
-                          f"install the tracking extra: {EXTRA}")
+        raise ConfigError(
+            f"--logger {what} needs the {module} package, which is not installed",
+            f"install the tracking extra: {EXTRA}",
+        )
 
 
 def check_available(cfg: TrainConfig) -> None:
@@ -80,8 +86,9 @@ def phase_loggers(cfg: TrainConfig, run: RunDir, phase: str, mlflow_run_id: str 
     if "mlflow" in cfg.track.names and mlflow_run_id:
         from lightning.pytorch.loggers import MLFlowLogger
 
-        loggers.append(MLFlowLogger(experiment_name=cfg.track.experiment, tracking_uri=mlflow_uri(cfg, run),
-                                    run_id=mlflow_run_id))
+        loggers.append(
+            MLFlowLogger(experiment_name=cfg.track.experiment, tracking_uri=mlflow_uri(cfg, run), run_id=mlflow_run_id)
+        )
     return loggers
 
 

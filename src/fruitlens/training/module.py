@@ -1,4 +1,5 @@
 """A generic classifier LightningModule: the network is injected (a whole FruitNet, or only its head on features)."""
+
 from __future__ import annotations
 
 import lightning as L
@@ -14,9 +15,19 @@ class ClassifierModule(L.LightningModule):
     With ``batch_input`` the loaders deliver uint8 images, turned into (augmented) model input on the device.
     """
 
-    def __init__(self, net: nn.Module, *, batch_input: BatchInput | None = None, lr: float = 1e-3,
-                 weight_decay: float = 0.0, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
-                 plateau_patience: int = 2, plateau_factor: float = 0.2, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        batch_input: BatchInput | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        label_smoothing: float = 0.0,
+        class_weights: torch.Tensor | None = None,
+        plateau_patience: int = 2,
+        plateau_factor: float = 0.2,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         self.net = net
         self.batch_input = batch_input
@@ -54,6 +65,7 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=self.plateau_factor,
-                                                           patience=self.plateau_patience)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=self.plateau_factor, patience=self.plateau_patience
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss"}}

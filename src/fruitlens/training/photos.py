@@ -11,6 +11,7 @@ from the head the epochs trained; the same solver, started from it, gives the ou
 cross-validation (``photo_cross_validation``): their held-out predictions are what the model will meet, so they set
 the temperature and the thresholds, and estimate the accuracy on the user's photos with its learning curve.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,14 +67,27 @@ class PhotoRows:
         return torch.cat([self.x[idx], self.aug_x[keep]]).float(), torch.cat([self.y[idx], self.aug_y[keep]])
 
 
-def fit_with_photos(studio: tuple[torch.Tensor | Rows, torch.Tensor], photos: tuple[torch.Tensor, torch.Tensor],
-                    n_classes: int, share: float, l2: float, stats: tuple[torch.Tensor, torch.Tensor],
-                    init: LinearFit | None = None) -> LinearFit:
+def fit_with_photos(
+    studio: tuple[torch.Tensor | Rows, torch.Tensor],
+    photos: tuple[torch.Tensor, torch.Tensor],
+    n_classes: int,
+    share: float,
+    l2: float,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    init: LinearFit | None = None,
+) -> LinearFit:
     """The head on the studio rows and the photos' rows, the photos carrying ``share`` of the weight."""
     (xs, ys), (xp, yp) = studio, photos
     rows = (xs if isinstance(xs, Rows) else Rows(xs)) + Rows(xp)
-    return fit_linear(rows, torch.cat([ys.long(), yp.long()]), n_classes, weight=row_weights(len(ys), len(xp), share),
-                      l2=l2, init=init, stats=stats)
+    return fit_linear(
+        rows,
+        torch.cat([ys.long(), yp.long()]),
+        n_classes,
+        weight=row_weights(len(ys), len(xp), share),
+        l2=l2,
+        init=init,
+        stats=stats,
+    )
 
 
 @dataclass
@@ -103,9 +117,19 @@ def _sample(y: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
     return torch.sort(torch.randperm(len(y), generator=g)[:limit]).values
 
 
-def photo_cross_validation(studio: tuple[torch.Tensor | Rows, torch.Tensor], photos: PhotoRows, fold: np.ndarray,
-                           n_classes: int, *, share: float, l2: float, stats: tuple[torch.Tensor, torch.Tensor],
-                           init: LinearFit, curve: tuple[float, ...] = CURVE, seed: int = 0) -> PhotoCV:
+def photo_cross_validation(
+    studio: tuple[torch.Tensor | Rows, torch.Tensor],
+    photos: PhotoRows,
+    fold: np.ndarray,
+    n_classes: int,
+    *,
+    share: float,
+    l2: float,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    init: LinearFit,
+    curve: tuple[float, ...] = CURVE,
+    seed: int = 0,
+) -> PhotoCV:
     """Out-of-fold logits of every photo (``fold``: a fold per photo, whole groups), each head trained on the studio
     rows and the photos of the other folds (as the real head, started from it). ``curve``: shares of the other
     folds' photos (whole groups, the same draw for every share) for the learning curve; 0 means the studio rows
@@ -128,7 +152,7 @@ def photo_cross_validation(studio: tuple[torch.Tensor | Rows, torch.Tensor], pho
                 base = base or fit_linear(xs, ys, n_classes, l2=l2, init=init, stats=stats)
                 head, part = base, np.zeros(0, dtype=int)
             else:
-                chosen = order[:max(1, int(round(s * len(order))))]
+                chosen = order[: max(1, int(round(s * len(order))))]
                 part = others[np.isin(photos.groups[others], chosen)]
                 head = fit_with_photos((xs, ys), photos.rows(part), n_classes, share, l2, stats, init)
             with torch.inference_mode():
@@ -137,6 +161,11 @@ def photo_cross_validation(studio: tuple[torch.Tensor | Rows, torch.Tensor], pho
     out = PhotoCV(logits[1.0], int(len(np.unique(fold))), int(len(np.unique(photos.groups))))
     out.curve = [(s, float(np.mean(trained[s])), logits[s]) for s in sorted(logits)]
     out.seconds = round(time.perf_counter() - t0, 2)
-    log.info("your photos: out-of-fold predictions of %d photos over %d folds (%d groups) in %.1fs", n, out.folds,
-             out.groups, out.seconds)
+    log.info(
+        "your photos: out-of-fold predictions of %d photos over %d folds (%d groups) in %.1fs",
+        n,
+        out.folds,
+        out.groups,
+        out.seconds,
+    )
     return out

@@ -6,6 +6,7 @@ convex), so that the out-of-fold heads of cross-validation can start from the re
 dozen steps. The features are read a chunk at a time from where they are (the memory-mapped feature cache, by row
 index): memory stays that of one chunk, however many images there are.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ class Rows:
         for x, idx in self.parts:
             n = len(x) if idx is None else len(idx)
             for s in range(0, n, size):
-                rows = x[s:s + size] if idx is None else x[idx[s:s + size]]
+                rows = x[s : s + size] if idx is None else x[idx[s : s + size]]
                 yield slice(at + s, at + s + len(rows)), rows.float()
             at += n
 
@@ -85,13 +86,23 @@ class Rows:
             square += (x.double() ** 2).sum(0)
             n += len(x)
         mean = total / max(1, n)
-        var = (square - n * mean ** 2) / max(1, n - 1)
+        var = (square - n * mean**2) / max(1, n - 1)
         return mean.float(), var.clamp(min=0).sqrt().float() + 1e-3
 
 
-def fit_linear(x: torch.Tensor | Rows, y: torch.Tensor, n_classes: int, *, weight: torch.Tensor | None = None,
-               l2: float = 1e-3, standardise: bool = True, init: LinearFit | None = None, max_iter: int = 200,
-               stats: tuple[torch.Tensor, torch.Tensor] | None = None, label_smoothing: float = 0.0) -> LinearFit:
+def fit_linear(
+    x: torch.Tensor | Rows,
+    y: torch.Tensor,
+    n_classes: int,
+    *,
+    weight: torch.Tensor | None = None,
+    l2: float = 1e-3,
+    standardise: bool = True,
+    init: LinearFit | None = None,
+    max_iter: int = 200,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    label_smoothing: float = 0.0,
+) -> LinearFit:
     """Minimises ``sum_i w_i CE(x_i, y_i) / sum_i w_i + l2 / 2 * |W|^2`` over ``(W, b)`` (CE with
     ``label_smoothing`` where given). ``x``: a tensor, or ``Rows`` read a chunk at a time.
 
@@ -108,21 +119,31 @@ def fit_linear(x: torch.Tensor | Rows, y: torch.Tensor, n_classes: int, *, weigh
     y = y.long()
     w = torch.ones(len(rows)) if weight is None else weight.float()
     w = w / w.sum()
-    if init is not None:  # the same logits under this standardisation: W' = W * std / std0, b' = b + W (mean - mean0) / std0
+    if (
+        init is not None
+    ):  # the same logits under this standardisation: W' = W * std / std0, b' = b + W (mean - mean0) / std0
         W0 = init.weight * (std / init.std)
         b0 = init.bias + (init.weight * ((mean - init.mean) / init.std)).sum(1)
     else:
         W0, b0 = torch.zeros(n_classes, rows.dim), torch.zeros(n_classes)
     W, b = W0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-9)
+    opt = torch.optim.LBFGS(
+        [W, b],
+        lr=1,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
         total = 0.0
         for where, chunk in rows.chunks():
-            ce = F.cross_entropy(((chunk - mean) / std) @ W.T + b, y[where], reduction="none",
-                                 label_smoothing=label_smoothing)
+            ce = F.cross_entropy(
+                ((chunk - mean) / std) @ W.T + b, y[where], reduction="none", label_smoothing=label_smoothing
+            )
             loss = (w[where] * ce).sum()
             loss.backward()  # gradients add up over the chunks
             total += loss.item()

@@ -1,5 +1,6 @@
 """``FeatureStore``: clean-view backbone features per image file under ``~/.cache/fruitlens/features``, shared by
 the commands that read the same files (``check --labels`` and a following ``train``)."""
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,9 @@ class FeatureStore:
     them too.
     """
 
-    def __init__(self, model: str, weights: str, pre: Preprocessing, cache: Path | None = None,
-                 layer: str = "last") -> None:
+    def __init__(
+        self, model: str, weights: str, pre: Preprocessing, cache: Path | None = None, layer: str = "last"
+    ) -> None:
         import hashlib
         import json
 
