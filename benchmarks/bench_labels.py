@@ -330,7 +330,10 @@ def curves() -> dict:
     for how in ("two rounds, typical", "two rounds, with unsure", "two rounds, random"):
         rows.append(
             b.measure(
-                f"45 suggested, then 45 more ({how.split(', ')[1]}) with the first 45 labelled", budget=90, how=how
+                f"{BUDGET // 2} suggested, then {BUDGET - BUDGET // 2} more ({how.split(', ')[1]}) with the first "
+                f"{BUDGET // 2} labelled",
+                budget=BUDGET,
+                how=how,
             )
         )
     reverse = Reverse(f).rows()
