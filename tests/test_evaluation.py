@@ -94,10 +94,12 @@ def test_gallery_shows_one_image_per_near_duplicate_group(tmp_path):
 
 
 def test_validation_gap_when_validation_photos_resemble_training():
+    from fruitlens.training.history import HistoryRow
+
     hist = [
-        {"phase": "head", "val_loss": 0.3, "val_acc": 0.90},
-        {"phase": "head", "val_loss": 0.07, "val_acc": 0.99},
-        {"phase": "fine-tune", "val_loss": 0.2, "val_acc": 0.95},
+        HistoryRow(phase="head", val_loss=0.3, val_acc=0.90),
+        HistoryRow(phase="head", val_loss=0.07, val_acc=0.99),
+        HistoryRow(phase="fine-tune", val_loss=0.2, val_acc=0.95),
     ]  # the kept model: best validation loss
     m = compute_metrics(np.array([0] * 83 + [1] * 28), np.eye(2)[[0] * 83 + [0] * 28], ["a", "b"])  # 74.8% of 111
     gap = validation_gap(hist, m, n_val=171)
@@ -105,7 +107,7 @@ def test_validation_gap_when_validation_photos_resemble_training():
     assert gap_text(gap, "test").startswith("validation accuracy 99.0% is far above this test accuracy (74.8%)")
     # 10 validation images: 99% of them is no evidence (intervals overlap); nor is a gap within the noise
     assert not validation_gap(hist, m, n_val=10).significant and gap_text(None, "test") == ""
-    assert not validation_gap([{"val_loss": 0.1, "val_acc": 0.80}], m, n_val=171).significant
+    assert not validation_gap([HistoryRow(val_loss=0.1, val_acc=0.80)], m, n_val=171).significant
     assert validation_gap([], m, n_val=171) is None and validation_gap(hist, m, n_val=0) is None
 
 

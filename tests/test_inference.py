@@ -8,6 +8,7 @@ import torch
 
 from fruitlens.cli.main import main
 from fruitlens.errors import ExportError, ImageError
+from fruitlens.inference.onnx import Parity
 from fruitlens.inference.predictor import Predictor
 from fruitlens.pipelines import export as ex
 from conftest import fruit_image
@@ -188,7 +189,7 @@ def test_onnx_predictor_matches_pytorch(exported):
 def test_failed_parity_writes_no_model_and_nothing_uses_one(run_copy, monkeypatch, capsys):
     (run_copy / "export" / "model.onnx").unlink()
     monkeypatch.setattr(
-        ex.onnx_io, "parity", lambda model, path, batch: {"images": 1, "top1_agreement": 0.5, "max_abs_logit_diff": 9.0}
+        ex.onnx_io, "parity", lambda model, path, batch: Parity(images=1, top1_agreement=0.5, max_abs_logit_diff=9.0)
     )
     with pytest.raises(ExportError, match="agreement 50.00%"):
         ex.export(run_copy, bench=False)

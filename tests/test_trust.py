@@ -131,8 +131,10 @@ def test_trained_run_folds_the_temperature_and_onnx_matches(trained_run):
     from fruitlens.models.serving import ServingModel
 
     ckpt = load_model(trained_run / "checkpoints" / "best.ckpt")
-    trust = ckpt.extra["trust"]
-    assert trust["temperature"] > 0 and "validation split" in trust["source"]  # small_cnn trained its backbone
+    from fruitlens.models.trust import Trust
+
+    trust = Trust.from_saved(ckpt.extra["trust"])  # stored as JSON, read back through its type
+    assert trust.temperature > 0 and "validation split" in trust.source  # small_cnn trained its backbone
     assert ckpt.model.ood is not None
     onnx_p, torch_p = Predictor.load(trained_run), Predictor.load(trained_run, engine="torch")
     assert onnx_p.engine == "onnxruntime" and onnx_p.trust == torch_p.trust == trust

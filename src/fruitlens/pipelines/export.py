@@ -137,7 +137,7 @@ def _export_checked(
         if figures.top1_agreement < MIN_AGREEMENT_FP32:
             raise ExportError(
                 f"ONNX export disagrees with PyTorch: top-1 agreement {figures.top1_agreement:.2%} "
-                f"< {MIN_AGREEMENT_FP32:.1%} on {figures['images']} images; no model.onnx was written",
+                f"< {MIN_AGREEMENT_FP32:.1%} on {figures.images} images; no model.onnx was written",
                 "try another --opset, and report the model and versions",
             )
         if (figures.max_abs_ood_diff or 0.0) > MAX_OOD_DIFF_FP32:  # serve decides "unfamiliar" on it
