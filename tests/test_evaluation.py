@@ -153,6 +153,7 @@ def test_heatmap_and_html_for_2_and_100_classes(tmp_path, n):
     png = plots.confusion_heatmap(np.array(m.confusion_matrix), classes, tmp_path / "cm.png", True, "cm")
     assert png.stat().st_size > 1000
     from fruitlens.evaluation.report import LeakNote, ModelNote
+    from fruitlens.models.preprocessing import Preprocessing
 
     report = Report(
         run="r",
@@ -161,9 +162,7 @@ def test_heatmap_and_html_for_2_and_100_classes(tmp_path, n):
         classes=classes,
         metrics=m,
         leak=LeakNote(leak_free=True),
-        model=ModelNote(
-            "x", "pytorch", {"image_size": 32, "resize_size": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}, 1, 1
-        ),
+        model=ModelNote("x", "pytorch", Preprocessing(32, 32, (0, 0, 0), (1, 1, 1)), 1, 1),
     )
     page = render_html(report, {"confusion_normalised": "data:image/png;base64,AAAA"})
     assert "class &lt;1&gt;" in page and "<1>" not in page  # labels are escaped

@@ -139,15 +139,19 @@ def test_int8_below_the_agreement_threshold_warns_and_keeps_fp32(run_copy, monke
     from dataclasses import replace
 
     real = ex.onnx_io.parity
+    references = {}
 
-    def parity(model, path, batch):
-        got = real(model, path, batch)
+    def parity(model, path, batch, reference=None):
+        references[path.name] = reference
+        got = real(model, path, batch, reference=reference)
         return replace(got, top1_agreement=0.5) if "int8" in path.name else got
 
     monkeypatch.setattr(ex.onnx_io, "parity", parity)
     with caplog.at_level(logging.WARNING):
         res = ex.export(run_copy, int8=True, bench=False)
     assert "keep using the fp32 model" in caplog.text and res.parity["fp32"].top1_agreement == 1.0
+    # the int8 model is checked against the fp32 export that passed parity with PyTorch on the same batch
+    assert references["model.int8.partial.onnx"] == run_copy / "export" / "model.onnx"
     assert (run_copy / "export" / "model.onnx").is_file()
 
 

@@ -83,7 +83,7 @@ def compare_runs(paths: list[str | Path], chart: Path | None = None) -> list[Com
                 rep.model.name,
                 rep.model.parameters,
                 rep.model.checkpoint_mb,
-                int(rep.model.preprocessing.get("image_size", 0)),
+                rep.model.preprocessing.image_size,
                 rep.evaluated_on,
                 m.accuracy,
                 m.accuracy_ci95,

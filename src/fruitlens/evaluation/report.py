@@ -50,7 +50,7 @@ class DatasetNote:
 class ModelNote:
     name: str | None = None
     engine: str = ""
-    preprocessing: dict[str, Any] = field(default_factory=dict)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     parameters: int = 0
     checkpoint_mb: float = 0.0
 

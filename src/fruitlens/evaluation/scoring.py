@@ -228,9 +228,7 @@ def build_report(
             facts.check_findings,
             {k: v for k, v in vars(facts.check).items() if k not in ("counts", "class_totals")},
         ),
-        model=ModelNote(
-            cfg.model.name, predictor.engine, predictor.preprocessing.to_dict(), ctx.parameters, ctx.checkpoint_mb
-        ),
+        model=ModelNote(cfg.model.name, predictor.engine, predictor.preprocessing, ctx.parameters, ctx.checkpoint_mb),
         config=cfg,
         history=ctx.history,
         timing=Timing(None, info.train_seconds, info.fit_seconds),
