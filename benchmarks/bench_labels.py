@@ -512,8 +512,14 @@ def _fill_labels(csv_in: Path, csv_out: Path, label_of) -> int:
 
 
 def _accuracy(report: Path) -> str:
-    m = json.loads(report.read_text())["metrics"]
-    return f"{100 * m['accuracy']:.1f}% (balanced {100 * m['balanced_accuracy']:.1f}%) on {m['n']} photos"
+    rep = json.loads(report.read_text())
+    m, t = rep["metrics"], rep.get("trust") or {}
+    trust = (
+        f"; unfamiliar {100 * t['unfamiliar']:.0f}%, not sure {100 * t['not_sure']:.0f}%"
+        if t.get("unfamiliar") is not None
+        else ""
+    )
+    return f"{100 * m['accuracy']:.1f}% (balanced {100 * m['balanced_accuracy']:.1f}%) on {m['n']} photos{trust}"
 
 
 def cli() -> list[dict]:

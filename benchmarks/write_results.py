@@ -44,7 +44,7 @@ def main() -> None:
         f"Python {m.get('python', '?')}, torch {m.get('torch', '?')} (CPU only). "
         "Each figure names the command that produced it (`python -m fruitlens` = `fruitlens`). "
         "Rerun with `make bench`; memory is the peak proportional set size (PSS: shared pages split fairly) of the "
-        "whole process tree, sampled every 0.1 s.",
+        "whole process tree, sampled every 0.1 s (less often where a sample would take over 5% of a core).",
         "",
         "Each part's start: "
         + ", ".join(
