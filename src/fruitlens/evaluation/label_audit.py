@@ -94,7 +94,7 @@ class LabelAudit:
 
 
 RULE = (
-    f"listed: an image whose near copies mostly carry another label (with one or two such copies, the heads that "
+    f"an image is listed where its near copies mostly carry another label (with one or two such copies, the heads that "
     f"never saw its group must side with them), or an image without copies whose label the heads that never saw it "
     f"give at most {100 * ALPHA:.0f}% and another class more than {100 * SURE:.0f}%"
 )
