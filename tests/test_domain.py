@@ -89,6 +89,8 @@ def test_train_info_has_the_time_of_each_stage(trained_run):
     for stage in ("check and split", "full", "calibration", "export", "evaluation"):
         assert stage in stages and stages[stage] >= 0, stage
     assert info["command_seconds"] >= sum(v for k, v in stages.items() if ": " not in k) * 0.99
+    peaks = info["stage_peak_mib"]  # the process's peak memory as each stage ended
+    assert list(peaks) == list(stages) and all(v > 0 for v in peaks.values())
 
 
 def test_stage_text_puts_parts_inside_their_stage():
@@ -333,14 +335,15 @@ def test_the_head_s_training_data_holds_the_pseudo_labelled_photos():
     import torch
 
     from fruitlens.config import TrainConfig
+    from fruitlens.training.features import FeaturePass
     from fruitlens.training.fit import FeatureData
 
-    data = FeatureData(lambda *a: None, TrainConfig(), 3)
-    data.feats = {
+    feats = {
         "train": (torch.zeros(10, 4), torch.zeros(10, dtype=torch.long)),
         "train_aug": (torch.zeros(20, 4), torch.zeros(20, dtype=torch.long), torch.zeros(20, dtype=torch.long)),
         "val": (torch.zeros(5, 4), torch.zeros(5, dtype=torch.long)),
     }
+    data = FeatureData(feats, FeaturePass(), TrainConfig(), 3)
     assert len(data.train_dataloader().dataset) == 30
     data.extra = (torch.ones(7, 4), torch.full((7,), 2))
     rows = data.train_dataloader().dataset

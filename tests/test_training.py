@@ -318,7 +318,8 @@ def test_ddp_shards_the_feature_pass_and_merges_to_the_single_process_cache(tmp_
         "--accelerator",
         "cpu",
     ]
-    for name, extra in (("single", []), ("ddp", ["--devices", "2", "--strategy", "ddp"])):
+    two = ["--devices", "2", "--strategy"]
+    for name, extra in (("single", []), ("ddp", [*two, "ddp"]), ("spawn", [*two, "ddp_spawn"])):
         # a feature store of its own: each run computes every feature itself
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "FRUITLENS_CACHE": str(tmp_path / f"cache-{name}")}
         proc = subprocess.run(
@@ -330,11 +331,12 @@ def test_ddp_shards_the_feature_pass_and_merges_to_the_single_process_cache(tmp_
             cwd=tmp_path,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-    single, ddp = _features_of(tmp_path / "single"), _features_of(tmp_path / "ddp")
-    for key in ("train", "val", "train_aug"):  # the merged shards are the single-process pass, views included
-        assert len(single[key]) == len(ddp[key])
-        for a, b in zip(single[key], ddp[key]):
-            assert torch.equal(a, b), key
+    single = _features_of(tmp_path / "single")
+    for ddp in (_features_of(tmp_path / "ddp"), _features_of(tmp_path / "spawn")):
+        for key in ("train", "val", "train_aug"):  # the merged shards are the single-process pass, views included
+            assert len(single[key]) == len(ddp[key])
+            for a, b in zip(single[key], ddp[key]):
+                assert torch.equal(a, b), key
     fp = json.loads((tmp_path / "ddp" / "train_info.json").read_text())["feature_pass"]
     n_train, n_val = len(single["train"][0]), len(single["val"][0])
     assert fp["world_size"] == 2 and sum(fp["images_per_rank"]) == n_train + n_val  # each image once, not twice

@@ -1,23 +1,29 @@
 """The fast path's feature cache: run the frozen backbone once per image (and per augmented view) and keep the features.
 
 Each image is decoded once (in DataLoader workers) into a uint8 tensor at the model's input size; the clean view
-and the augmented views (batched warps, see ``augment.py``) then go through the backbone (``engine.py``). Over DDP
-processes each takes every N-th batch and the shards are merged into the single-process result. The cache
+and the augmented views (batched warps, see ``augment.py``) then go through the backbone (``engine.py``). The pass is
+Lightning's ``Trainer.predict``: under DDP its distributed sampler deals out whole batches (every N-th to each process),
+a ``BasePredictionWriter`` writes each process's shard, and the shards merge into the single-process result. The cache
 (``RUN/cache/features.pt``) is read back memory-mapped; the head trains on it in about a second per epoch.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -45,13 +51,14 @@ class Views:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a feature pass runs: process ``rank`` of ``world`` (DDP; ``barrier`` waits for all), on the GPU or not,
-    with ``workers`` decoding processes; ``prefer_onnx``: ONNX Runtime on a CPU."""
+    """Where a feature pass runs, in Lightning's terms: ``accelerator``, ``devices``, ``strategy`` and ``num_nodes``
+    (a DDP strategy deals the batches out over its processes), with ``workers`` decoding processes each;
+    ``prefer_onnx``: ONNX Runtime on a CPU."""
 
-    rank: int = 0
-    world: int = 1
-    barrier: Callable[[], None] | None = None
-    gpu: bool = False
+    accelerator: str = "cpu"
+    devices: int | str | list[int] = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
     workers: int = 0
     prefer_onnx: bool = True
 
@@ -80,81 +87,202 @@ def shard_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> lis
     return [list(range(s, min(s + batch_size, n))) for b, s in enumerate(range(0, n, batch_size)) if b % world == rank]
 
 
-def _progress(loader: DataLoader, name: str, passes: int):
-    """A bar on a terminal (the feature pass is the longest step of a default run), nothing in a log file."""
-    if not sys.stderr.isatty():
-        return loader
-    from tqdm import tqdm
-
-    return tqdm(loader, desc=f"features: {name} x{passes}", unit="batch", leave=False, dynamic_ncols=True)
-
-
 def _batch_generator(seed: int, name: str, batch: int) -> torch.Generator:
     """The augmentation draws of a batch depend on the seed, the split and the batch's place, not on the process."""
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + batch) % 2**63)
 
 
-def extract(
-    engine: Engine,
-    ds: Dataset,
-    batches: list[list[int]],
-    batch_size: int,
-    pre: Preprocessing,
-    name: str,
-    views: int = 0,
-    aug: AugmentConfig | None = None,
-    seed: int = 0,
-    known_clean: torch.Tensor | None = None,
-    workers: int = 0,
-) -> dict[str, torch.Tensor]:
-    """This process's rows of split ``name``: ``idx`` and ``clean`` (the clean view of each image in ``batches``), and
-    with ``views``, ``aug`` (the augmented views) with ``aug_idx`` (their image) and ``aug_key`` (their place in the
-    single-process order: batch, view, position). ``known_clean``: every image's clean features already (only the
-    views run)."""
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=workers)
-    n = sum(len(r) for r in batches)
-    # written in place into tensors of the final size: a list of batches and its concatenation would hold the
-    # features twice (gigabytes at 100,000 images)
-    out: dict[str, torch.Tensor] = {"idx": torch.zeros(n, dtype=torch.long)}
-    if views:
-        out.update(aug_idx=torch.zeros(n * views, dtype=torch.long), aug_key=torch.zeros(n * views, dtype=torch.long))
-    at = 0
-    t0 = time.perf_counter()
-    for rows, (x, _) in zip(batches, _progress(loader, name, views + (known_clean is None))):
-        rows_t = torch.tensor(rows)
+@dataclass(frozen=True)
+class _Job:
+    """One dataset of a feature pass: its ``name``, ``views`` per image, and ``known`` clean features (only the views
+    run)."""
+
+    name: str
+    size: int
+    views: int
+    known: torch.Tensor | None
+
+
+class _Batches(Dataset):
+    """Item ``b`` is batch ``b`` of the single-process batching of ``ds``: ``(uint8 images, their indices, b)``.
+
+    Lightning's distributed sampler deals these items out (process r of N: batches r, r + N, ...), so every process
+    computes whole batches of the single-process pass, with the same augmentation draws, and the shards merge into
+    that pass exactly. (The augmented views are made by the process that runs the backbone: made here, in the
+    decoding process, they slowed the backbone down more than they saved on 2 CPU cores.)"""
+
+    def __init__(self, ds: Dataset, batch_size: int, least: int = 1) -> None:
+        self.ds, self.batch_size, self.least = ds, batch_size, least
+
+    def __len__(self) -> int:  # at least one item per process (Lightning's sampler asks it): the last ones empty
+        return max(self.least, -(-len(self.ds) // self.batch_size))
+
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        rows = range(b * self.batch_size, min((b + 1) * self.batch_size, len(self.ds)))
+        if not rows:
+            return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), b
+        return torch.stack([self.ds[i][0] for i in rows]), torch.tensor(rows), b
+
+
+class _FeatureModule(L.LightningModule):
+    """``predict_step``: a batch's clean features (or the known ones) and its augmented views, through the ``Engine``
+    made for this process when the pass starts."""
+
+    def __init__(
+        self, backbone: nn.Module, pre: Preprocessing, jobs: list[_Job], views: Views, prefer_onnx: bool
+    ) -> None:
+        super().__init__()
+        self.frozen, self.pre, self.jobs, self.views, self.prefer_onnx = [backbone], pre, jobs, views, prefer_onnx
+        self.engine: Engine | None = None
+
+    def on_predict_start(self) -> None:
+        world = self.trainer.world_size
+        self.engine = Engine(
+            self.frozen[0],
+            self.pre.image_size,
+            self.prefer_onnx,
+            self.trainer.strategy.root_device.type == "cuda",
+            threads=max(1, (os.cpu_count() or 1) // world) if world > 1 else 0,
+        )
+
+    def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor] | None:
+        x, rows, b = batch
+        if not len(rows):  # a process with no batch of this dataset
+            return None
+        job, engine = self.jobs[dataloader_idx], self.engine
         x = x.to(engine.device, non_blocking=True)
-        f = engine(pre.normalise(x)) if known_clean is None else known_clean[rows_t]
-        if "clean" not in out:
-            out["clean"] = torch.empty(n, f.shape[1])
+        out = {"rows": rows.cpu(), "batch": torch.tensor(int(b))}
+        out["clean"] = engine(self.pre.normalise(x)) if job.known is None else job.known[rows.cpu()]
+        if job.views:
+            g = _batch_generator(self.views.seed, job.name, int(b))
+            out["aug"] = torch.cat(
+                [engine(self.pre.normalise(augment_batch(x, self.views.aug, g))) for _ in range(job.views)]
+            )
+        return out
+
+
+class _ShardWriter(BasePredictionWriter):
+    """Writes each batch's features into this process's shard, tensors of their final size allocated at the first
+    batch (a list of batches and its concatenation would hold the features twice: gigabytes at 100,000 images).
+    A shard holds, per dataset, ``idx`` and ``clean`` (the clean view of each image) and with views ``aug`` with
+    ``aug_idx`` (their image) and ``aug_key`` (their place in the single-process order: batch, view, position)."""
+
+    def __init__(self, jobs: list[_Job], batch_size: int, shard: Callable[[int], Path] | None) -> None:
+        super().__init__("batch")
+        self.jobs, self.batch_size, self.shard = jobs, batch_size, shard
+        self.rows: dict[str, dict[str, torch.Tensor] | None] = {}
+        self.at: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}  # of each dataset: the time up to each of its batches' end
+        self.images = 0
+        self.t0 = self.last = 0.0
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.t0 = self.last = time.perf_counter()
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last = time.perf_counter()  # the engine is built (its ONNX export is not a dataset's time)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if prediction is None:
+            return
+        job = self.jobs[dataloader_idx]
+        rows, clean, views = prediction["rows"], prediction["clean"], job.views
+        now = time.perf_counter()
+        self.seconds[job.name] = self.seconds.get(job.name, 0.0) + now - self.last
+        self.last = now
+        if self.rows.get(job.name) is None:
+            n = sum(len(r) for r in shard_batches(job.size, self.batch_size, trainer.global_rank, trainer.world_size))
+            out = {"idx": torch.zeros(n, dtype=torch.long), "clean": torch.empty(n, clean.shape[1])}
             if views:
-                out["aug"] = torch.empty(n * views, f.shape[1])
-        out["clean"][at : at + len(rows)] = f
-        out["idx"][at : at + len(rows)] = rows_t
-        b = rows[0] // batch_size
-        g = _batch_generator(seed, name, b)
-        for v in range(views):
-            place = slice(views * at + v * len(rows), views * at + (v + 1) * len(rows))
-            out["aug"][place] = engine(pre.normalise(augment_batch(x, aug, g)))
-            out["aug_idx"][place] = rows_t
-            out["aug_key"][place] = (b * (views + 1) + v) * batch_size + torch.arange(len(rows))
-        at += len(rows)
-    passes = views + (known_clean is None)
-    dt = time.perf_counter() - t0
-    log.info(
-        "features: %s, %d images x %d view(s) in %.1fs (%.0f img/s, %s)%s",
-        name,
-        n,
-        passes,
-        dt,
-        n * passes / max(dt, 1e-9),
-        engine.name,
-        "; clean view from the feature store" if passes == views else "",
-    )
-    if "clean" not in out:  # no batch for this process
-        out["clean"] = torch.zeros((0, 1))
+                out |= {
+                    "aug": torch.empty(n * views, clean.shape[1]),
+                    "aug_idx": torch.zeros(n * views, dtype=torch.long),
+                    "aug_key": torch.zeros(n * views, dtype=torch.long),
+                }
+            self.rows[job.name], self.at[job.name] = out, 0
+        out, at, k = self.rows[job.name], self.at[job.name], len(rows)
+        out["clean"][at : at + k] = clean
+        out["idx"][at : at + k] = rows
         if views:
-            out["aug"] = torch.zeros((0, 1))
-    return out
+            b = int(prediction["batch"])
+            place = slice(views * at, views * (at + k))
+            out["aug"][place] = prediction["aug"]
+            out["aug_idx"][place] = rows.repeat(views)
+            out["aug_key"][place] = torch.cat(
+                [(b * (views + 1) + v) * self.batch_size + torch.arange(k) for v in range(views)]
+            )
+        self.at[job.name] = at + k
+        self.images += k
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for job in self.jobs:
+            if job.name in self.seconds:
+                dt, passes = self.seconds[job.name], job.views + (job.known is None)
+                n = self.at[job.name]
+                log.info(
+                    "features: %s, %d images x %d view(s) in %.1fs (%.0f img/s, %s)%s",
+                    job.name,
+                    n,
+                    passes,
+                    dt,
+                    n * passes / max(dt, 1e-9),
+                    pl_module.engine.name,
+                    "; clean view from the feature store" if passes == job.views else "",
+                )
+            else:  # no batch for this process
+                self.rows[job.name] = None
+        STAGES.add("features: backbone", pl_module.engine.seconds)
+        if trainer.world_size > 1:
+            if self.shard is None:
+                raise ValueError("a feature pass over several processes needs a cache file")
+            path = self.shard(trainer.global_rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.part(), path)
+            trainer.strategy.barrier()
+
+    def part(self) -> dict:
+        return {"rows": self.rows, "images": self.images, "seconds": round(time.perf_counter() - self.t0, 2)}
+
+
+def _run_pass(
+    backbone: nn.Module,
+    pre: Preprocessing,
+    jobs: list[_Job],
+    sets: list[Dataset],
+    views: Views,
+    batch_size: int,
+    place: Placement,
+    shard: Callable[[int], Path] | None,
+) -> tuple[L.Trainer, dict]:
+    """Lightning's ``Trainer.predict`` over ``sets`` (one per job, batched as one process would): this process's
+    shard (``rows`` of every job, the ``images`` it decoded and the ``seconds`` it took); over several processes each
+    saves its shard to ``shard(rank)`` and waits for the others."""
+    writer = _ShardWriter(jobs, batch_size, shard)
+    trainer = L.Trainer(
+        accelerator=place.accelerator,
+        devices=place.devices,
+        strategy=place.strategy,
+        num_nodes=place.num_nodes,
+        callbacks=[writer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=sys.stderr.isatty(),  # a bar on a terminal, nothing in a log file
+    )
+    loaders = [
+        DataLoader(_Batches(ds, batch_size, trainer.world_size), batch_size=None, num_workers=place.workers)
+        for ds in sets
+    ]
+    with warnings.catch_warnings():  # each item carries its images' indices; Lightning's are not needed
+        warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+        trainer.predict(
+            _FeatureModule(backbone, pre, jobs, views, place.prefer_onnx), loaders, return_predictions=False
+        )
+    return trainer, writer.part()
+
+
+def _shard_file(cache_file: Path, rank: int) -> Path:
+    return cache_file.with_name(f"{cache_file.stem}.rank{rank}.pt")
 
 
 def _merge(
@@ -193,53 +321,37 @@ def cached_features(
     """Features for ``datasets`` (uint8 images, ``ImageDataset``); those ``views.of`` names also get ``views.count``
     augmented views (``<name>_aug``).
 
-    Process ``place.rank`` of ``place.world`` (DDP) decodes and forwards every ``world``-th batch and writes its shard
-    beside ``cache_file``; after ``place.barrier`` every process merges the shards into the single-process result (the
-    same tensors, views included). ``place.gpu``: run on the GPU (if there is one). With ``cache_file`` the result is
-    saved, and reused when present (so ``--resume`` skips the pass). ``store``: clean features already computed for
-    these files (``check --labels``) are taken from it, and new ones added to it.
+    The pass is Lightning's ``Trainer.predict`` on ``place``: under a DDP strategy each process decodes and forwards
+    every N-th batch (Lightning's distributed sampler deals out whole batches) and writes its shard beside
+    ``cache_file``; every process then merges the shards into the single-process result (the same tensors, views
+    included). With ``cache_file`` the result is saved, and reused when present (so ``--resume`` skips the pass).
+    ``store``: clean features already computed for these files (``check --labels``) are taken from it, and new ones
+    added to it.
     """
     if cache_file is not None and cache_file.is_file():
         log.info("features: reusing %s", cache_file)
         saved, meta = load_cache(cache_file)
         return saved, FeaturePass(**{**meta, "reused": True})
-    rank, world, barrier = place.rank, place.world, place.barrier
-    if world > 1 and (cache_file is None or barrier is None):
-        raise ValueError("a feature pass over several processes needs a cache file and a barrier")
-    engine = None
-    mine: dict[str, dict | None] = {}
+    jobs, sets = [], []
     known_of: dict[str, torch.Tensor | None] = {}
-    t0, images = time.perf_counter(), 0
     for name, ds in datasets.items():
         n_views = views.count if name in views.of else 0
-        known = store.lookup(ds.paths)[0] if store is not None else None
-        known_of[name] = known
+        known_of[name] = known = store.lookup(ds.paths)[0] if store is not None else None
         if known is not None and not n_views:  # nothing to decode
             log.info("features: %s, %d images from the feature store %s", name, len(ds), store.path)
-            mine[name] = None
             continue
-        batches = shard_batches(len(ds), batch_size, rank, world)
-        engine = engine or Engine(
-            backbone,
-            pre.image_size,
-            place.prefer_onnx,
-            place.gpu,
-            threads=max(1, (os.cpu_count() or 1) // world) if world > 1 else 0,
-        )
-        mine[name] = extract(
-            engine, ds, batches, batch_size, pre, name, n_views, views.aug, views.seed, known, place.workers
-        )
-        images += sum(len(b) for b in batches)
-    part = {"rows": mine, "images": images, "seconds": round(time.perf_counter() - t0, 2)}
-    if engine is not None:
-        STAGES.add("features: backbone", engine.seconds)
-    parts = [part]
-    if world > 1:
-        shard = lambda r: cache_file.with_name(f"{cache_file.stem}.rank{r}.pt")
-        shard(rank).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(part, shard(rank))
-        barrier()
-        parts = [part if r == rank else torch.load(shard(r), weights_only=True) for r in range(world)]
+        jobs.append(_Job(name, len(ds), n_views, known))
+        sets.append(ds)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    shard = None if cache_file is None else functools.partial(_shard_file, cache_file)
+    parts = [{"rows": {}, "images": 0, "seconds": 0.0}]
+    if jobs:
+        trainer, part = _run_pass(backbone, pre, jobs, sets, views, batch_size, place, shard)
+        rank, world = trainer.global_rank, trainer.world_size
+        if world > 1:  # every process wrote its shard and waited for the others (ddp_spawn: in its own process)
+            parts = [torch.load(shard(r), weights_only=True, mmap=True) for r in range(world)]
+        else:
+            parts = [part]
     out: dict[str, tuple[torch.Tensor, ...]] = {}
     for name, ds in datasets.items():
         out.update(_merge([p["rows"] for p in parts], name, torch.tensor(ds.targets), known_of[name]))
@@ -260,7 +372,8 @@ def cached_features(
             torch.save({**out, "_feature_pass": json_safe(fp)}, tmp)
             tmp.replace(cache_file)
     if world > 1:
-        barrier()  # every process has read every shard, and the merged cache is written
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every process has read every shard, and the merged cache is written
         if rank == 0:
             for r in range(world):
                 shard(r).unlink(missing_ok=True)

@@ -7,13 +7,13 @@ are the pipeline's (``fruitlens.pipelines.train``).
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import torch
@@ -120,6 +120,11 @@ def use_gpu(cfg: TrainConfig) -> bool:
     return torch.cuda.is_available() and cfg.fit.accelerator in ("auto", "gpu", "cuda")
 
 
+def devices(cfg: TrainConfig) -> int | str:
+    """``fit.devices`` as Lightning takes it: a count, or a word such as "auto"."""
+    return int(cfg.fit.devices) if cfg.fit.devices.isdigit() else cfg.fit.devices
+
+
 def _target_reached(history: list[HistoryRow], cfg: TrainConfig) -> bool:
     key = "val_acc" if cfg.fit.target_monitor == "val" else "train_acc"
     return cfg.fit.target_acc > 0 and any((getattr(r, key) or 0) >= cfg.fit.target_acc for r in history)
@@ -152,12 +157,11 @@ def _trainer(
     if f.target_acc > 0:
         callbacks.append(TargetAccuracy(f.target_acc, "train/acc" if monitor_train else "val/acc"))
     precision = f.precision if f.precision != "auto" else ("16-mixed" if use_gpu(cfg) else "32-true")
-    devices: int | str = int(f.devices) if f.devices.isdigit() else f.devices
     limit = f.limit_batches if f.limit_batches <= 1 else int(f.limit_batches)
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator=f.accelerator,
-        devices=devices,
+        devices=devices(cfg),
         num_nodes=f.num_nodes,
         strategy=f.strategy,
         precision=precision,
@@ -275,29 +279,13 @@ def _module(
 
 
 class FeatureData(L.LightningDataModule):
-    """The head's data, cached backbone features. The feature pass runs in ``setup``: on every process of the run
-    once they all exist (DDP), each on its share of the images, merged before the head trains."""
+    """The head's data: cached backbone features (``feats``, memory-mapped), computed before the head trains."""
 
-    def __init__(
-        self,
-        compute: Callable[[int, int, Callable[[], None]], tuple[dict, FeaturePass]],
-        cfg: TrainConfig,
-        n_classes: int,
-    ) -> None:
+    def __init__(self, feats: dict, feature_pass: FeaturePass, cfg: TrainConfig, n_classes: int) -> None:
         super().__init__()
-        self.compute, self.cfg, self.n_classes = compute, cfg, n_classes
-        self.feats: dict | None = None
-        self.feature_pass: FeaturePass | None = None
-        self.seconds = 0.0
+        self.feats, self.feature_pass, self.cfg, self.n_classes = feats, feature_pass, cfg, n_classes
         self.extra: tuple[torch.Tensor, torch.Tensor] | None = None  # pseudo-labelled photos (--adapt-to)
         self.photo_share = cfg.fit.photo_share  # of the rows, for the labelled photos (--add)
-
-    def setup(self, stage: str) -> None:
-        if self.feats is None:
-            t0 = time.perf_counter()
-            t = self.trainer
-            self.feats, self.feature_pass = self.compute(t.global_rank, t.world_size, t.strategy.barrier)
-            self.seconds = time.perf_counter() - t0
 
     def train_dataloader(self) -> DataLoader:
         feats, f = self.feats, self.cfg.fit
@@ -353,8 +341,8 @@ def _fit_head_on_features(
     workers = loaders.workers(cfg) if gpu else min(1, loaders.workers(cfg))
     photo_ds = loaders.dataset(photos, classes, pre, cfg) if photos is not None and len(photos) else None
 
-    def compute(rank: int, world: int, barrier: Callable[[], None]) -> tuple[dict, FeaturePass]:
-        place = Placement(rank, world, barrier, gpu, workers)
+    def compute() -> tuple[dict, FeaturePass]:
+        place = Placement(f.accelerator, devices(cfg), f.strategy, f.num_nodes, workers)
         feats, fp = cached_features(
             model.backbone,
             pre,
@@ -389,7 +377,9 @@ def _fit_head_on_features(
             )
         return feats, fp
 
-    data = FeatureData(compute, cfg, len(classes))
+    t0 = time.perf_counter()
+    data = FeatureData(*compute(), cfg, len(classes))  # Lightning's Trainer.predict (over DDP processes, sharded)
+    STAGES.add("features", time.perf_counter() - t0)
     module = _module(model.head, cfg, datasets["train"].targets, len(classes), f.lr, channels_last=False)
     trainer, ckpt = _trainer(cfg, run, "head", f.epochs, history, f.target_monitor == "train", progress=False)
     log.info(
@@ -402,8 +392,7 @@ def _fit_head_on_features(
     )
     t0 = time.perf_counter()
     trainer = _run_phase(trainer, ckpt, module, data, run, "head", history)
-    STAGES.add("features", data.seconds)
-    STAGES.add("head", time.perf_counter() - t0 - data.seconds)
+    STAGES.add("head", time.perf_counter() - t0)
     adaptation = None
     if cfg.data.adapt_to:
         with STAGES("adaptation"):
@@ -439,7 +428,11 @@ def _adapt(
         batch_size=batch,
         cache_file=run.cache / "adapt_features.pt",
         store=store,
-        place=Placement(gpu=gpu, workers=min(1, loaders.workers(cfg))),
+        # this process alone (each DDP process pseudo-labels the photos itself), on its own GPU where it has one
+        place=Placement(
+            *(("gpu", [int(os.environ.get("LOCAL_RANK", 0))]) if gpu else ("cpu", 1)),
+            workers=min(1, loaders.workers(cfg)),
+        ),
     )
     photos = feats["adapt"][0]
     result = Adaptation(METHOD, cfg.data.adapt_to, len(paths), skipped, f.adapt_share)
