@@ -140,10 +140,13 @@ def fit_linear(
     def closure() -> torch.Tensor:
         opt.zero_grad()
         total = 0.0
+        # the standardisation folded into the weights: ((x - mean) / std) W^T + b = x (W / std)^T + b - (W / std) mean,
+        # so the rows are read as they are (two passes fewer over them on every evaluation: half the time); per chunk,
+        # as each chunk's backward frees its graph
         for where, chunk in rows.chunks():
-            ce = F.cross_entropy(
-                ((chunk - mean) / std) @ W.T + b, y[where], reduction="none", label_smoothing=label_smoothing
-            )
+            Ws = W / std
+            bs = b - Ws @ mean
+            ce = F.cross_entropy(chunk @ Ws.T + bs, y[where], reduction="none", label_smoothing=label_smoothing)
             loss = (w[where] * ce).sum()
             loss.backward()  # gradients add up over the chunks
             total += loss.item()
