@@ -43,18 +43,31 @@ def is_ddp_child() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0) or 0) > 0
 
 
+def peak_mib() -> float:
+    """The largest resident memory this process has had so far, in MiB (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
 class Stages:
-    """Wall time per stage of a command (check, features, head, export, evaluation ...), in the order they ran.
+    """Wall time per stage of a command (check, features, head, export, evaluation ...), in the order they ran, and
+    the process's peak resident memory when each ended (``peak_mib``: the stage whose figure jumps holds the memory).
     ``STAGES`` is the process's one instance: the train pipeline starts it afresh and writes it to train_info.json."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_mib: dict[str, float] = {}
 
     def reset(self) -> None:
-        self.seconds = {}
+        self.seconds, self.peak_mib = {}, {}
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 2)
+        self.peak_mib[name] = peak_mib()
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:

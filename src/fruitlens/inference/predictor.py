@@ -198,13 +198,14 @@ class Predictor:
     def outputs_many(self, images: Iterable, batch_size: int = 32, workers: int = 2) -> Iterator[list[tuple]]:
         """Batches of ``(image, outputs row | ImageError)`` in input order; a file that does not decode gets its
         ImageError and the rest go on. The next batch is decoded by ``workers`` threads while the current one runs
-        through the model (Pillow and ONNX Runtime release the GIL), so decoding hides behind inference."""
+        through the model (Pillow, PyTorch and ONNX Runtime release the GIL), so decoding and normalising hide behind
+        inference."""
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1 but received {batch_size}")
 
-        def prep(image):
+        def prep(image):  # the model's input for one image: the threads take this work off the model's turn
             try:
-                return self.pixels(image)
+                return self.inputs(self.pixels(image)[None])[0]
             except ImageError as exc:
                 return exc
 
@@ -224,7 +225,7 @@ class Predictor:
                 fill()  # the next batch starts decoding now
                 items = [(image, future.result()) for image, future in batch]
                 ok = [t for _, t in items if not isinstance(t, ImageError)]
-                out = self.outputs_batch(np.stack(ok)) if ok else {}
+                out = self._forward(np.stack(ok)) if ok else {}
                 rows = iter([{k: v[i] for k, v in out.items()} for i in range(len(ok))])
                 yield [(image, t if isinstance(t, ImageError) else next(rows)) for image, t in items]
 

@@ -27,6 +27,7 @@ class TrainInfo:
     machine: str = ""
     gpu: str | None = None
     stages: dict[str, float] = field(default_factory=dict)  # wall seconds per stage, in the order they ran
+    stage_peak_mib: dict[str, float] = field(default_factory=dict)  # the process's peak memory when each stage ended
     command_seconds: float | None = None  # the whole train command, evaluation included
     feature_pass: FeaturePass | None = None  # who computed the feature cache (the cached-feature path)
     adaptation: Adaptation | None = None  # what --adapt-to did
