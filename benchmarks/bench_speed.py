@@ -46,6 +46,20 @@ def train(name: str, args: list[str]) -> dict:
     return row
 
 
+def on_photos(name: str) -> dict:
+    """The run's figure on GroceryStore's photos (train + val) through ``grocery-from-fruits360.json``: the
+    cross-domain figure a faster recipe must not lose."""
+    out, photos = RUNS / name, data_path("grocery")
+    r = run(
+        FRUITLENS + ["evaluate", str(out), str(photos), "--class-map", str(data_path("grocery-from-fruits360.json"))],
+        OUT / f"speed_{name}_photos.log",
+    )
+    if r["rc"] != 0:
+        raise SystemExit(f"{name}: evaluate failed\n{r['output'][-3000:]}")
+    m = json.loads((out / "eval" / photos.name / "report.json").read_text())["metrics"]
+    return {"photos": m["n"], "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
+
+
 def backbone_throughput(size: int = 96, batch: int = 32, seconds: float = 10) -> float:
     """Images/s of the MobileNetV2 backbone alone on ONNX Runtime (the feature pass's engine), this machine."""
     import torch
@@ -113,8 +127,9 @@ def markdown(res: dict) -> str:
         "2 cores; wall time is the whole command (check, split, features, head, calibration, label audit, "
         "export with its parity check, evaluation).",
         "",
-        "| recipe | command | wall s | peak MiB | px | epochs | test accuracy (95% CI) |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe | command | wall s | peak MiB | px | epochs | test accuracy (95% CI) | GroceryStore photos "
+        "(balanced) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in (
         ("fruitlens default", d),
@@ -123,7 +138,8 @@ def markdown(res: dict) -> str:
         ci = r["ci95"] or [float("nan")] * 2
         lines.append(
             f"| {name} | `{r['cmd']}` | {r['seconds']} | {r['peak_mib']} | {r['image_size']} | {r['epochs']} | "
-            f"{_pct(r['accuracy'])} ({100 * ci[0]:.1f}-{100 * ci[1]:.1f}%) |"
+            f"{_pct(r['accuracy'])} ({100 * ci[0]:.1f}-{100 * ci[1]:.1f}%) | "
+            + (f"{_pct(ph['accuracy'])} ({_pct(ph['balanced_accuracy'])}) |" if (ph := r.get("on_photos")) else "- |")
         )
     when = (
         "both runs in this benchmark run"
@@ -134,6 +150,10 @@ def markdown(res: dict) -> str:
     lines += [
         "",
         f"**Speed-up: {p['seconds'] / d['seconds']:.1f}x** (plain wall time / default wall time; {when}).",
+        "",
+        "GroceryStore photos: `fruitlens evaluate RUN ../shared/data/grocery --class-map "
+        "../shared/data/grocery-from-fruits360.json` (train + val, the photos of the kinds Fruits-360 has, "
+        f"{(d.get('on_photos') or {}).get('photos', '?')} photos): what the studio model gives on real photos.",
         "",
         "Time by stage of the default command (train_info.json `stages`; the rest of the wall time is starting "
         "Python and importing torch):",
@@ -199,6 +219,9 @@ def main(which: str = "all") -> None:
             ],
         )
 
+    for name, key in (("f360_default", "default"), ("f360_plain", "plain")):
+        if which in ("all", "train", "photos") or which == key:
+            res[key]["on_photos"] = on_photos(name)
     if which in ("all", "train", "plain", "default"):  # at the default's input size
         res["backbone_px"] = res["default"]["image_size"]
         res["backbone_img_per_s"] = statistics.median(

@@ -2,7 +2,8 @@
 cores). The others run one at a time, each writing its own section: bench_domain.py (studio shots and photos, about
 60 minutes), bench_augment.py, bench_layers.py, bench_concepts.py, bench_priors.py and bench_lpft.py (photo-like
 augmentation, adaptation, features, ImageNet's judgement and fine-tuning for photos, on a subset of Fruits-360),
-bench_photos.py (GroceryStore's photos: test-time flips, views, input size, layers), bench_labels.py (a few labels),
+bench_photos.py (GroceryStore's photos: test-time flips, views, input size, layers) and bench_photos_ft.py (the top
+fine-tuned on cached maps, LP-FT, WiSE-FT), bench_labels.py (a few labels),
 ``bench_train.py layers`` (the last layer against block 17 on GroceryStore's photos, 3 seeds each), bench_trust.py,
 bench_speed.py, bench_audit.py, bench_scale.py and bench_soak.py.
 
@@ -48,6 +49,7 @@ SMOKE = (  # (script, arguments, the smoke runs it reads the runs or figures of)
     ("bench_soak.py", [], ("bench_trust.py",)),
     ("bench_labels.py", [], ()),
     ("bench_photos.py", [], ()),
+    ("bench_photos_ft.py", [], ()),
     ("bench_layers.py", [], ()),
     ("bench_concepts.py", [], ()),
     ("bench_priors.py", [], ()),
