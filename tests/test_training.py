@@ -127,7 +127,7 @@ def test_mid_layer_features_train_a_standardised_head_end_to_end(tmp_path):
     result = train(cfg, tmp_path / "run")
     run = result.run
     feats = torch.load(run.path / "cache" / "features.pt")
-    rows = torch.cat([feats["train"][0], feats["train_aug"][0]])
+    rows = torch.cat([feats["train"][0], feats["train_aug"][0]]).float()  # cached in half precision
     assert rows.shape[1] == 320  # block 17's channels, cached raw
     model = load_model(run.best_ckpt).model
     assert model.feature_layer == "mid"

@@ -167,9 +167,11 @@ class _ShardWriter(BasePredictionWriter):
     A shard holds, per dataset, ``idx`` and ``clean`` (the clean view of each image) and with views ``aug`` with
     ``aug_idx`` (their image) and ``aug_key`` (their place in the single-process order: batch, view, position)."""
 
-    def __init__(self, jobs: list[_Job], batch_size: int, shard: Callable[[int], Path] | None) -> None:
+    def __init__(
+        self, jobs: list[_Job], batch_size: int, shard: Callable[[int], Path] | None, dtype: torch.dtype
+    ) -> None:
         super().__init__("batch")
-        self.jobs, self.batch_size, self.shard = jobs, batch_size, shard
+        self.jobs, self.batch_size, self.shard, self.dtype = jobs, batch_size, shard, dtype
         self.rows: dict[str, dict[str, torch.Tensor] | None] = {}
         self.at: dict[str, int] = {}
         self.seconds: dict[str, float] = {}  # of each dataset: the time up to each of its batches' end
@@ -192,10 +194,11 @@ class _ShardWriter(BasePredictionWriter):
         self.last = now
         if self.rows.get(job.name) is None:
             n = sum(len(r) for r in shard_batches(job.size, self.batch_size, trainer.global_rank, trainer.world_size))
-            out = {"idx": torch.zeros(n, dtype=torch.long), "clean": torch.empty(n, clean.shape[1])}
+            dim, dtype = clean.shape[1], self.dtype
+            out = {"idx": torch.zeros(n, dtype=torch.long), "clean": torch.empty(n, dim, dtype=dtype)}
             if views:
                 out |= {
-                    "aug": torch.empty(n * views, clean.shape[1]),
+                    "aug": torch.empty(n * views, dim, dtype=dtype),
                     "aug_idx": torch.zeros(n * views, dtype=torch.long),
                     "aug_key": torch.zeros(n * views, dtype=torch.long),
                 }
@@ -253,11 +256,12 @@ def _run_pass(
     batch_size: int,
     place: Placement,
     shard: Callable[[int], Path] | None,
+    dtype: torch.dtype,
 ) -> tuple[L.Trainer, dict]:
     """Lightning's ``Trainer.predict`` over ``sets`` (one per job, batched as one process would): this process's
     shard (``rows`` of every job, the ``images`` it decoded and the ``seconds`` it took); over several processes each
     saves its shard to ``shard(rank)`` and waits for the others."""
-    writer = _ShardWriter(jobs, batch_size, shard)
+    writer = _ShardWriter(jobs, batch_size, shard, dtype)
     trainer = L.Trainer(
         accelerator=place.accelerator,
         devices=place.devices,
@@ -317,6 +321,7 @@ def cached_features(
     cache_file: Path | None = None,
     store: FeatureStore | None = None,
     place: Placement = Placement(),
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, tuple[torch.Tensor, ...]], FeaturePass]:
     """Features for ``datasets`` (uint8 images, ``ImageDataset``); those ``views.of`` names also get ``views.count``
     augmented views (``<name>_aug``).
@@ -326,7 +331,7 @@ def cached_features(
     ``cache_file``; every process then merges the shards into the single-process result (the same tensors, views
     included). With ``cache_file`` the result is saved, and reused when present (so ``--resume`` skips the pass).
     ``store``: clean features already computed for these files (``check --labels``) are taken from it, and new ones
-    added to it.
+    added to it. ``dtype``: the cached features' (float16 halves the cache, and the memory that reads it).
     """
     if cache_file is not None and cache_file.is_file():
         log.info("features: reusing %s", cache_file)
@@ -346,7 +351,7 @@ def cached_features(
     shard = None if cache_file is None else functools.partial(_shard_file, cache_file)
     parts = [{"rows": {}, "images": 0, "seconds": 0.0}]
     if jobs:
-        trainer, part = _run_pass(backbone, pre, jobs, sets, views, batch_size, place, shard)
+        trainer, part = _run_pass(backbone, pre, jobs, sets, views, batch_size, place, shard, dtype)
         rank, world = trainer.global_rank, trainer.world_size
         if world > 1:  # every process wrote its shard and waited for the others (ddp_spawn: in its own process)
             parts = [torch.load(shard(r), weights_only=True, mmap=True) for r in range(world)]
@@ -365,7 +370,7 @@ def cached_features(
         if store is not None:
             for name, ds in datasets.items():
                 if known_of[name] is None:
-                    store.add(ds.paths, out[name][0])
+                    store.add(ds.paths, out[name][0].float())
         if cache_file is not None:  # atomic: a run killed while saving leaves no half-written cache
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")

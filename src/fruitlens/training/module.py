@@ -37,8 +37,9 @@ class ClassifierModule(L.LightningModule):
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.batch_input is None:
-            return batch
+        if self.batch_input is None:  # cached features: the cache holds half-precision rows
+            x, *rest = batch
+            return (x.float(), *rest)
         x, y = batch
         return self.batch_input(x, train=self.trainer.training, rank=self.global_rank), y
 
