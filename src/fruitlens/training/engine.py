@@ -25,10 +25,19 @@ class Engine:
     """
 
     def __init__(
-        self, backbone: nn.Module, image_size: int, prefer_onnx: bool = True, gpu: bool = False, threads: int = 0
+        self,
+        backbone: nn.Module,
+        image_size: int,
+        prefer_onnx: bool = True,
+        gpu: bool = False,
+        threads: int = 0,
+        device: torch.device | None = None,
     ) -> None:
+        """``device``: the GPU to run on (Lightning's, for its process); else with ``gpu`` this process's own."""
         self.device = torch.device("cpu")
-        if gpu and torch.cuda.is_available():  # under DDP each process takes its own GPU
+        if device is not None and device.type == "cuda":
+            self.device = device
+        elif gpu and torch.cuda.is_available():  # under DDP each process takes its own GPU
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         self.backbone = backbone.eval()
         self.session = None

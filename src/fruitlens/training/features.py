@@ -136,13 +136,13 @@ class _FeatureModule(L.LightningModule):
         self.engine: Engine | None = None
 
     def on_predict_start(self) -> None:
-        world = self.trainer.world_size
+        world, device = self.trainer.world_size, self.trainer.strategy.root_device
         self.engine = Engine(
             self.frozen[0],
             self.pre.image_size,
             self.prefer_onnx,
-            self.trainer.strategy.root_device.type == "cuda",
             threads=max(1, (os.cpu_count() or 1) // world) if world > 1 else 0,
+            device=device,  # the GPU Lightning gave this process (its batches arrive there)
         )
 
     def predict_step(self, batch: tuple, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor] | None:
@@ -347,7 +347,9 @@ def cached_features(
             continue
         jobs.append(_Job(name, len(ds), n_views, known))
         sets.append(ds)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    # no pass (every feature known): no shards and no barrier; each process writes the cache (atomically), since
+    # one that finds the file written before it looks returns early and would never reach a barrier
+    rank, world = 0, 1
     shard = None if cache_file is None else functools.partial(_shard_file, cache_file)
     parts = [{"rows": {}, "images": 0, "seconds": 0.0}]
     if jobs:
@@ -370,6 +372,8 @@ def cached_features(
         if store is not None:
             for name, ds in datasets.items():
                 if known_of[name] is None:
+                    # the values the run trains on (half precision), kept as float32: a later run reading them
+                    # from the store trains on exactly what this one did
                     store.add(ds.paths, out[name][0].float())
         if cache_file is not None:  # atomic: a run killed while saving leaves no half-written cache
             cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -377,7 +381,7 @@ def cached_features(
             torch.save({**out, "_feature_pass": json_safe(fp)}, tmp)
             tmp.replace(cache_file)
     if world > 1:
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():  # (ddp_spawn: the main process, after its children)
             dist.barrier()  # every process has read every shard, and the merged cache is written
         if rank == 0:
             for r in range(world):

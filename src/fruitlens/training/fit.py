@@ -7,7 +7,6 @@ are the pipeline's (``fruitlens.pipelines.train``).
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import re
 import sys
@@ -433,7 +432,7 @@ def _adapt(
         store=store,
         # this process alone (each DDP process pseudo-labels the photos itself), on its own GPU where it has one
         place=Placement(
-            *(("gpu", [int(os.environ.get("LOCAL_RANK", 0))]) if gpu else ("cpu", 1)),
+            *(("gpu", [trainer.strategy.root_device.index or 0]) if gpu else ("cpu", 1)),
             workers=min(1, loaders.workers(cfg)),
         ),
     )
