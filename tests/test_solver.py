@@ -25,3 +25,25 @@ def test_the_head_reads_standardised_features():
     assert torch.allclose(fit.mean, x.mean(0), atol=1e-5)
     logits = ((x - fit.mean) / fit.std) @ fit.weight.T + fit.bias
     assert torch.allclose(fit(x), logits)
+
+
+def test_the_feature_store_grows_in_chunks_and_reads_back_what_it_was_given(tmp_path, monkeypatch):
+    from fruitlens.models.preprocessing import Preprocessing
+    from fruitlens.training import store as store_module
+    from fruitlens.training.store import FeatureStore
+
+    monkeypatch.setattr(store_module, "CHUNK", 2)  # several chunks for a few rows
+    files = []
+    for i in range(7):
+        files.append(tmp_path / f"{i}.jpg")
+        files[-1].write_bytes(bytes([i]) * (i + 1))
+    pre = Preprocessing(image_size=32)
+    x = torch.arange(7 * 3, dtype=torch.float32).view(7, 3) / 7
+    s = FeatureStore("mobilenet_v2", "imagenet", pre, cache=tmp_path / "cache")
+    s.add([str(f) for f in files[:5]], x[:5].half())  # half precision in, float32 kept
+    s.add([str(f) for f in files[3:]], x[3:])  # two already stored: only the new rows are added
+    again = FeatureStore("mobilenet_v2", "imagenet", pre, cache=tmp_path / "cache")
+    got, missing = again.lookup([str(f) for f in files])
+    assert missing == [] and got.dtype == torch.float32 and len(again.x) == 7
+    torch.testing.assert_close(got[:5], x[:5].half().float())
+    torch.testing.assert_close(got[5:], x[5:])

@@ -374,7 +374,7 @@ def cached_features(
                 if known_of[name] is None:
                     # the values the run trains on (half precision), kept as float32: a later run reading them
                     # from the store trains on exactly what this one did
-                    store.add(ds.paths, out[name][0].float())
+                    store.add(ds.paths, out[name][0])
         if cache_file is not None:  # atomic: a run killed while saving leaves no half-written cache
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")

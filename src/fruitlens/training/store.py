@@ -13,6 +13,8 @@ from fruitlens.models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
+CHUNK = 65_536  # rows copied at a time when the store grows
+
 
 def _weights_key(model: str, weights: str) -> str:
     """What the backbone's weights are, for the store's file name: "imagenet" names the torchvision entry it loads
@@ -55,8 +57,8 @@ class FeatureStore:
         self.index: dict[tuple, int] = {}
         self.x: torch.Tensor | None = None
         if self.path.is_file():
-            try:
-                saved = torch.load(self.path, weights_only=True)
+            try:  # memory-mapped: lookups copy the rows they need, the rest stays pages of the file
+                saved = torch.load(self.path, weights_only=True, mmap=True)
                 self.index = {tuple(k): i for i, k in enumerate(saved["keys"])}
                 self.x = saved["x"]
             except Exception as exc:  # a broken cache is recomputed, never trusted
@@ -81,22 +83,34 @@ class FeatureStore:
         return self.x[torch.tensor(rows, dtype=torch.long)], []
 
     def add(self, paths: list[str], features: torch.Tensor) -> None:
-        keys, new = [], []
-        for p, f in zip(paths, features):
+        """Stores the rows of ``features`` (any float dtype, memory-mapped or not) for the ``paths`` not stored yet,
+        as float32. One copy of the new rows in memory, written in chunks (no list of rows, no second copy); the
+        store is then read back memory-mapped."""
+        keys, rows = [], []
+        for i, p in enumerate(paths):
             try:
                 k = self.key(p)
             except OSError:
                 continue
             if k not in self.index:
                 keys.append(k)
-                new.append(f)
-        if not new:
+                rows.append(i)
+        if not rows:
             return
         start = 0 if self.x is None else len(self.x)
-        self.x = torch.stack(new) if self.x is None else torch.cat([self.x, torch.stack(new)])
+        new = torch.empty(start + len(rows), features.shape[1])
+        for a in range(0, start, CHUNK):  # the stored rows first (pages of the old file)
+            b = min(a + CHUNK, start)
+            new[a:b] = self.x[a:b]
+        where = torch.tensor(rows, dtype=torch.long)
+        for a in range(0, len(rows), CHUNK):
+            new[start + a : start + a + CHUNK] = features[where[a : a + CHUNK]]
         self.index.update({k: start + i for i, k in enumerate(keys)})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         ordered = sorted(self.index, key=self.index.get)
-        torch.save({"keys": [list(k) for k in ordered], "x": self.x}, tmp)
+        torch.save({"keys": [list(k) for k in ordered], "x": new}, tmp)
+        del new
+        self.x = None  # the old file's mapping closed before the new file takes its name (Windows refuses otherwise)
         tmp.replace(self.path)
+        self.x = torch.load(self.path, weights_only=True, mmap=True)["x"]
