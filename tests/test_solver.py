@@ -40,7 +40,8 @@ def test_the_feature_store_grows_in_chunks_and_reads_back_what_it_was_given(tmp_
     pre = Preprocessing(image_size=32)
     x = torch.arange(7 * 3, dtype=torch.float32).view(7, 3) / 7
     s = FeatureStore("mobilenet_v2", "imagenet", pre, cache=tmp_path / "cache")
-    s.add([str(f) for f in files[:5]], x[:5].half())  # half precision in, float32 kept
+    # half precision in, float32 kept; a file listed twice is stored once
+    s.add([str(f) for f in files[:5]] + [str(files[0])], torch.cat([x[:5], x[:1]]).half())
     s.add([str(f) for f in files[3:]], x[3:])  # two already stored: only the new rows are added
     again = FeatureStore("mobilenet_v2", "imagenet", pre, cache=tmp_path / "cache")
     got, missing = again.lookup([str(f) for f in files])

@@ -86,13 +86,15 @@ class FeatureStore:
         """Stores the rows of ``features`` (any float dtype, memory-mapped or not) for the ``paths`` not stored yet,
         as float32. One copy of the new rows in memory, written in chunks (no list of rows, no second copy); the
         store is then read back memory-mapped."""
-        keys, rows = [], []
+        keys, rows, seen = [], [], set()
         for i, p in enumerate(paths):
             try:
                 k = self.key(p)
             except OSError:
                 continue
-            if k not in self.index:
+            # a file listed twice is stored once: else the saved keys and rows would no longer line up
+            if k not in self.index and k not in seen:
+                seen.add(k)
                 keys.append(k)
                 rows.append(i)
         if not rows:
