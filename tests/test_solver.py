@@ -48,3 +48,14 @@ def test_the_feature_store_grows_in_chunks_and_reads_back_what_it_was_given(tmp_
     assert missing == [] and got.dtype == torch.float32 and len(again.x) == 7
     torch.testing.assert_close(got[:5], x[:5].half().float())
     torch.testing.assert_close(got[5:], x[5:])
+    # an add that died after writing rows and before saving their keys: the next add cuts those rows off
+    with open(again.path, "ab") as fh:
+        fh.write(torch.full((2, 3), -1.0).numpy().tobytes())
+    extra = tmp_path / "7.jpg"
+    extra.write_bytes(b"new")
+    again.add([str(extra)], torch.full((1, 3), 9.0))
+    last = FeatureStore("mobilenet_v2", "imagenet", pre, cache=tmp_path / "cache")
+    got, missing = last.lookup([str(f) for f in [*files, extra]])
+    assert missing == [] and len(last.x) == 8
+    torch.testing.assert_close(got[:7], torch.cat([x[:5].half().float(), x[5:]]))
+    torch.testing.assert_close(got[7], torch.full((3,), 9.0))

@@ -368,18 +368,11 @@ def cached_features(
         [p["seconds"] for p in parts],
         sum(t.numel() * t.element_size() for v in out.values() for t in v),
     )
-    if rank == 0:
-        if store is not None:
-            for name, ds in datasets.items():
-                if known_of[name] is None:
-                    # the values the run trains on (half precision), kept as float32: a later run reading them
-                    # from the store trains on exactly what this one did
-                    store.add(ds.paths, out[name][0])
-        if cache_file is not None:  # atomic: a run killed while saving leaves no half-written cache
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-            torch.save({**out, "_feature_pass": json_safe(fp)}, tmp)
-            tmp.replace(cache_file)
+    if rank == 0 and cache_file is not None:  # atomic: a run killed while saving leaves no half-written cache
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+        torch.save({**out, "_feature_pass": json_safe(fp)}, tmp)
+        tmp.replace(cache_file)
     if world > 1:
         if dist.is_available() and dist.is_initialized():  # (ddp_spawn: the main process, after its children)
             dist.barrier()  # every process has read every shard, and the merged cache is written
@@ -387,8 +380,18 @@ def cached_features(
             for r in range(world):
                 shard(r).unlink(missing_ok=True)
     log.info("%s", fp.text())
-    if cache_file is not None:  # from here on the features are pages of the file, not the process's memory
+    if cache_file is not None:
+        # from here on the features are pages of the file, not the process's memory: the pass's buffers (the
+        # writer's, which ``parts`` holds too) are let go before anything else reads them
+        for p in parts:
+            p["rows"].clear()
         out = load_cache(cache_file)[0]
+    if rank == 0 and store is not None:
+        for name, ds in datasets.items():
+            if known_of[name] is None:
+                # the values the run trains on (half precision), kept as float32: a later run reading them from the
+                # store trains on exactly what this one did
+                store.add(ds.paths, out[name][0])
     return out, fp
 
 

@@ -3,9 +3,12 @@ the commands that read the same files (``check --labels`` and a following ``trai
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -13,7 +16,7 @@ from fruitlens.models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
-CHUNK = 65_536  # rows copied at a time when the store grows
+CHUNK = 65_536  # rows written at a time when the store grows
 
 
 def _weights_key(model: str, weights: str) -> str:
@@ -37,32 +40,46 @@ class FeatureStore:
     """Clean-view backbone features per image file, cached under ``~/.cache/fruitlens/features`` (never beside the
     user's images), so that ``check --labels`` and a following ``train`` compute them once.
 
-    One file per (model, feature layer, weights, input size, preprocessing); an entry is keyed by the image's absolute
+    One store per (model, feature layer, weights, input size, preprocessing); an entry is keyed by the image's absolute
     path, size and modification time, so a changed file is computed again, and a manifest of the same files finds
-    them too.
+    them too. On disk a store is two files: ``<name>.f32``, its rows (raw float32, appended to, read memory-mapped)
+    and ``<name>.keys.json``, the key of each row in order (replaced whole, after the rows it names are written:
+    rows past the last key are a write that did not finish, and are cut off by the next one).
     """
 
     def __init__(
         self, model: str, weights: str, pre: Preprocessing, cache: Path | None = None, layer: str = "last"
     ) -> None:
         import hashlib
-        import json
 
         from fruitlens.data.download import cache_root
 
         key = f"{model}|{_weights_key(model, weights)}|{json.dumps(pre.to_dict())}"
         tag = hashlib.sha1(key.encode()).hexdigest()[:12]
         layer = "" if layer == "last" else f"-{layer}"  # the last layer's files keep their names
-        self.path = (cache or cache_root() / "features") / f"{model}{layer}-{pre.image_size}px-{tag}.pt"
+        self.path = (cache or cache_root() / "features") / f"{model}{layer}-{pre.image_size}px-{tag}.f32"
+        self.keys_path = self.path.with_suffix(".keys.json")
         self.index: dict[tuple, int] = {}
         self.x: torch.Tensor | None = None
-        if self.path.is_file():
-            try:  # memory-mapped: lookups copy the rows they need, the rest stays pages of the file
-                saved = torch.load(self.path, weights_only=True, mmap=True)
-                self.index = {tuple(k): i for i, k in enumerate(saved["keys"])}
-                self.x = saved["x"]
-            except Exception as exc:  # a broken cache is recomputed, never trusted
-                log.info("feature store %s unreadable (%s): starting again", self.path, exc)
+        self._read()
+
+    def _read(self) -> None:
+        """The saved keys, and the rows they name memory-mapped (lookups copy the rows they need; the rest stays
+        pages of the file). A broken store is recomputed, never trusted."""
+        self.index, self.x = {}, None
+        if not self.keys_path.is_file():
+            return
+        try:
+            saved = json.loads(self.keys_path.read_text())
+            n, dim = len(saved["keys"]), int(saved["dim"])
+            if n and self.path.stat().st_size < n * dim * 4:
+                raise ValueError(f"{self.path.name} holds fewer rows than its {n:,} keys")
+            self.index = {tuple(k): i for i, k in enumerate(saved["keys"])}
+            if n:
+                self.x = torch.from_file(str(self.path), shared=False, size=n * dim).view(n, dim)
+        except Exception as exc:
+            log.info("feature store %s unreadable (%s): starting again", self.path, exc)
+            self.index, self.x = {}, None
 
     @staticmethod
     def key(path: str | Path) -> tuple:
@@ -84,35 +101,55 @@ class FeatureStore:
 
     def add(self, paths: list[str], features: torch.Tensor) -> None:
         """Stores the rows of ``features`` (any float dtype, memory-mapped or not) for the ``paths`` not stored yet,
-        as float32. One copy of the new rows in memory, written in chunks (no list of rows, no second copy); the
-        store is then read back memory-mapped."""
-        keys, rows, seen = [], [], set()
-        for i, p in enumerate(paths):
-            try:
-                k = self.key(p)
-            except OSError:
-                continue
-            # a file listed twice is stored once: else the saved keys and rows would no longer line up
-            if k not in self.index and k not in seen:
-                seen.add(k)
-                keys.append(k)
-                rows.append(i)
-        if not rows:
-            return
-        start = 0 if self.x is None else len(self.x)
-        new = torch.empty(start + len(rows), features.shape[1])
-        for a in range(0, start, CHUNK):  # the stored rows first (pages of the old file)
-            b = min(a + CHUNK, start)
-            new[a:b] = self.x[a:b]
-        where = torch.tensor(rows, dtype=torch.long)
-        for a in range(0, len(rows), CHUNK):
-            new[start + a : start + a + CHUNK] = features[where[a : a + CHUNK]]
-        self.index.update({k: start + i for i, k in enumerate(keys)})
+        as float32, appended to the rows file ``CHUNK`` rows at a time: the process holds one chunk, not a copy of
+        the store or of the new rows. Other processes adding to the same store wait for this one (a lock on POSIX);
+        what they added meanwhile is read first."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        ordered = sorted(self.index, key=self.index.get)
-        torch.save({"keys": [list(k) for k in ordered], "x": new}, tmp)
-        del new
-        self.x = None  # the old file's mapping closed before the new file takes its name (Windows refuses otherwise)
-        tmp.replace(self.path)
-        self.x = torch.load(self.path, weights_only=True, mmap=True)["x"]
+        with open(self.path, "ab") as fh, _locked(fh):
+            self._read()  # another process may have added rows since this store was opened
+            dim = features.shape[1]
+            if self.x is not None and self.x.shape[1] != dim:
+                raise ValueError(f"feature store {self.path}: rows of {self.x.shape[1]} values, given {dim}")
+            keys, rows, seen = [], [], set()
+            for i, p in enumerate(paths):
+                try:
+                    k = self.key(p)
+                except OSError:
+                    continue
+                # a file listed twice is stored once: else the saved keys and rows would no longer line up
+                if k not in self.index and k not in seen:
+                    seen.add(k)
+                    keys.append(k)
+                    rows.append(i)
+            if not rows:
+                return
+            start = len(self.index)
+            self.x = None  # the mapping closed before the file changes (Windows refuses otherwise)
+            fh.truncate(start * dim * 4)  # rows past the saved keys: an add that did not finish
+            fh.seek(0, os.SEEK_END)
+            where = torch.tensor(rows, dtype=torch.long)
+            for a in range(0, len(rows), CHUNK):
+                fh.write(features[where[a : a + CHUNK]].to(torch.float32).contiguous().numpy().tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+            self.index.update({k: start + i for i, k in enumerate(keys)})
+            ordered = sorted(self.index, key=self.index.get)
+            tmp = self.keys_path.with_name(f"{self.keys_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"dim": dim, "keys": [list(k) for k in ordered]}))
+            tmp.replace(self.keys_path)
+            self._read()
+
+
+@contextlib.contextmanager
+def _locked(fh) -> Iterator[None]:
+    """An exclusive lock on the open file ``fh`` while the block runs (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
