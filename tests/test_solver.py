@@ -32,7 +32,7 @@ def test_the_feature_store_grows_in_chunks_and_reads_back_what_it_was_given(tmp_
     from fruitlens.training import store as store_module
     from fruitlens.training.store import FeatureStore
 
-    monkeypatch.setattr(store_module, "CHUNK", 2)  # several chunks for a few rows
+    monkeypatch.setattr(store_module, "CHUNK_BYTES", 2 * 3 * 4)  # two rows of 3 float32 a chunk: several chunks
     files = []
     for i in range(7):
         files.append(tmp_path / f"{i}.jpg")
@@ -40,6 +40,8 @@ def test_the_feature_store_grows_in_chunks_and_reads_back_what_it_was_given(tmp_
     pre = Preprocessing(image_size=32)
     x = torch.arange(7 * 3, dtype=torch.float32).view(7, 3) / 7
     s = FeatureStore("mobilenet_v2", "imagenet", pre, cache=tmp_path / "cache")
+    s.path.parent.mkdir(parents=True)
+    s.path.with_suffix(".pt").write_bytes(b"an earlier fruitlens's store")  # goes with the first add
     # half precision in, float32 kept; a file listed twice is stored once
     s.add([str(f) for f in files[:5]] + [str(files[0])], torch.cat([x[:5], x[:1]]).half())
     s.add([str(f) for f in files[3:]], x[3:])  # two already stored: only the new rows are added
@@ -59,3 +61,10 @@ def test_the_feature_store_grows_in_chunks_and_reads_back_what_it_was_given(tmp_
     assert missing == [] and len(last.x) == 8
     torch.testing.assert_close(got[:7], torch.cat([x[:5].half().float(), x[5:]]))
     torch.testing.assert_close(got[7], torch.full((3,), 9.0))
+    assert not s.path.with_suffix(".pt").exists()
+    # a store whose keys cannot be read is started again, not trusted
+    last.keys_path.write_text("{not json")
+    broken = FeatureStore("mobilenet_v2", "imagenet", pre, cache=tmp_path / "cache")
+    assert broken.lookup([str(files[0])]) == (None, [0])
+    broken.add([str(files[0])], x[:1])
+    torch.testing.assert_close(FeatureStore("mobilenet_v2", "imagenet", pre, cache=tmp_path / "cache").x, x[:1])

@@ -10,6 +10,7 @@ a ``BasePredictionWriter`` writes each process's shard, and the shards merge int
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import sys
@@ -257,10 +258,11 @@ def _run_pass(
     place: Placement,
     shard: Callable[[int], Path] | None,
     dtype: torch.dtype,
-) -> tuple[L.Trainer, dict]:
-    """Lightning's ``Trainer.predict`` over ``sets`` (one per job, batched as one process would): this process's
-    shard (``rows`` of every job, the ``images`` it decoded and the ``seconds`` it took); over several processes each
-    saves its shard to ``shard(rank)`` and waits for the others."""
+) -> tuple[int, int, dict]:
+    """Lightning's ``Trainer.predict`` over ``sets`` (one per job, batched as one process would): this process's rank,
+    the number of processes, and its shard (``rows`` of every job, the ``images`` it decoded and the ``seconds`` it
+    took); over several processes each saves its shard to ``shard(rank)`` and waits for the others. The trainer is
+    not returned: it (and the module's jobs, the features taken from the feature store) goes when this returns."""
     writer = _ShardWriter(jobs, batch_size, shard, dtype)
     trainer = L.Trainer(
         accelerator=place.accelerator,
@@ -282,7 +284,7 @@ def _run_pass(
         trainer.predict(
             _FeatureModule(backbone, pre, jobs, views, place.prefer_onnx), loaders, return_predictions=False
         )
-    return trainer, writer.part()
+    return trainer.global_rank, trainer.world_size, writer.part()
 
 
 def _shard_file(cache_file: Path, rank: int) -> Path:
@@ -351,10 +353,10 @@ def cached_features(
     # one that finds the file written before it looks returns early and would never reach a barrier
     rank, world = 0, 1
     shard = None if cache_file is None else functools.partial(_shard_file, cache_file)
-    parts = [{"rows": {}, "images": 0, "seconds": 0.0}]
+    part = {"rows": {}, "images": 0, "seconds": 0.0}  # this process's (its rows are the writer's buffers)
+    parts = [part]
     if jobs:
-        trainer, part = _run_pass(backbone, pre, jobs, sets, views, batch_size, place, shard, dtype)
-        rank, world = trainer.global_rank, trainer.world_size
+        rank, world, part = _run_pass(backbone, pre, jobs, sets, views, batch_size, place, shard, dtype)
         if world > 1:  # every process wrote its shard and waited for the others (ddp_spawn: in its own process)
             parts = [torch.load(shard(r), weights_only=True, mmap=True) for r in range(world)]
         else:
@@ -362,6 +364,8 @@ def cached_features(
     out: dict[str, tuple[torch.Tensor, ...]] = {}
     for name, ds in datasets.items():
         out.update(_merge([p["rows"] for p in parts], name, torch.tensor(ds.targets), known_of[name]))
+    stored = {name: known is not None for name, known in known_of.items()}  # (the features themselves go)
+    del known_of
     fp = FeaturePass(
         world,
         [p["images"] for p in parts],
@@ -383,12 +387,14 @@ def cached_features(
     if cache_file is not None:
         # from here on the features are pages of the file, not the process's memory: the pass's buffers (the
         # writer's, which ``parts`` holds too) are let go before anything else reads them
-        for p in parts:
+        for p in (*parts, part):
             p["rows"].clear()
+        del jobs, sets
+        gc.collect()  # Lightning's trainer and module refer to each other: they (and what they hold) go here
         out = load_cache(cache_file)[0]
     if rank == 0 and store is not None:
         for name, ds in datasets.items():
-            if known_of[name] is None:
+            if not stored[name]:
                 # the values the run trains on (half precision), kept as float32: a later run reading them from the
                 # store trains on exactly what this one did
                 store.add(ds.paths, out[name][0])

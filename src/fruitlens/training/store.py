@@ -16,7 +16,7 @@ from fruitlens.models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
-CHUNK = 65_536  # rows written at a time when the store grows
+CHUNK_BYTES = 64 * 2**20  # of float32 rows written at a time when the store grows
 
 
 def _weights_key(model: str, weights: str) -> str:
@@ -61,12 +61,13 @@ class FeatureStore:
         self.keys_path = self.path.with_suffix(".keys.json")
         self.index: dict[tuple, int] = {}
         self.x: torch.Tensor | None = None
+        self.broken = False  # the saved store could not be read: the next add starts a new one
         self._read()
 
     def _read(self) -> None:
         """The saved keys, and the rows they name memory-mapped (lookups copy the rows they need; the rest stays
         pages of the file). A broken store is recomputed, never trusted."""
-        self.index, self.x = {}, None
+        self.index, self.x, self.broken = {}, None, False
         if not self.keys_path.is_file():
             return
         try:
@@ -76,10 +77,11 @@ class FeatureStore:
                 raise ValueError(f"{self.path.name} holds fewer rows than its {n:,} keys")
             self.index = {tuple(k): i for i, k in enumerate(saved["keys"])}
             if n:
-                self.x = torch.from_file(str(self.path), shared=False, size=n * dim).view(n, dim)
+                self.x = torch.from_file(str(self.path), shared=False, size=n * dim, dtype=torch.float32)
+                self.x = self.x.view(n, dim)
         except Exception as exc:
             log.info("feature store %s unreadable (%s): starting again", self.path, exc)
-            self.index, self.x = {}, None
+            self.index, self.x, self.broken = {}, None, True
 
     @staticmethod
     def key(path: str | Path) -> tuple:
@@ -101,11 +103,11 @@ class FeatureStore:
 
     def add(self, paths: list[str], features: torch.Tensor) -> None:
         """Stores the rows of ``features`` (any float dtype, memory-mapped or not) for the ``paths`` not stored yet,
-        as float32, appended to the rows file ``CHUNK`` rows at a time: the process holds one chunk, not a copy of
-        the store or of the new rows. Other processes adding to the same store wait for this one (a lock on POSIX);
+        as float32, appended to the rows file ``CHUNK_BYTES`` at a time: the process holds one chunk, not a copy of
+        the store or of the new rows. Other processes adding to the same store wait for this one (a lock file);
         what they added meanwhile is read first."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as fh, _locked(fh):
+        with _locked(self.path.with_suffix(".lock")):
             self._read()  # another process may have added rows since this store was opened
             dim = features.shape[1]
             if self.x is not None and self.x.shape[1] != dim:
@@ -125,13 +127,19 @@ class FeatureStore:
                 return
             start = len(self.index)
             self.x = None  # the mapping closed before the file changes (Windows refuses otherwise)
-            fh.truncate(start * dim * 4)  # rows past the saved keys: an add that did not finish
-            fh.seek(0, os.SEEK_END)
-            where = torch.tensor(rows, dtype=torch.long)
-            for a in range(0, len(rows), CHUNK):
-                fh.write(features[where[a : a + CHUNK]].to(torch.float32).contiguous().numpy().tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
+            if self.broken or start == 0:
+                # a new file, not the old one cut short: a process still reading the old one keeps its pages; a
+                # store of an earlier fruitlens (one .pt file) goes too
+                self.path.unlink(missing_ok=True)
+                self.path.with_suffix(".pt").unlink(missing_ok=True)
+            where, step = torch.tensor(rows, dtype=torch.long), max(1, CHUNK_BYTES // (4 * dim))
+            with open(self.path, "ab") as fh:
+                fh.truncate(start * dim * 4)  # rows past the saved keys: an add that did not finish
+                fh.seek(0, os.SEEK_END)
+                for a in range(0, len(rows), step):
+                    fh.write(features[where[a : a + step]].to(torch.float32).contiguous().numpy())
+                fh.flush()
+                os.fsync(fh.fileno())
             self.index.update({k: start + i for i, k in enumerate(keys)})
             ordered = sorted(self.index, key=self.index.get)
             tmp = self.keys_path.with_name(f"{self.keys_path.name}.{os.getpid()}.tmp")
@@ -141,15 +149,25 @@ class FeatureStore:
 
 
 @contextlib.contextmanager
-def _locked(fh) -> Iterator[None]:
-    """An exclusive lock on the open file ``fh`` while the block runs (POSIX; elsewhere no lock)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (made if missing) while the block runs: ``fcntl`` on POSIX, ``msvcrt``
+    on Windows."""
+    with open(path, "a+b") as fh:
+        try:
+            import fcntl
+        except ImportError:  # Windows: a lock on the file's first byte (msvcrt retries for 10 s, then raises)
+            import msvcrt
+
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+            return
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
