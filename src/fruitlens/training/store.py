@@ -3,12 +3,11 @@ the commands that read the same files (``check --labels`` and a following ``trai
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -61,13 +60,12 @@ class FeatureStore:
         self.keys_path = self.path.with_suffix(".keys.json")
         self.index: dict[tuple, int] = {}
         self.x: torch.Tensor | None = None
-        self.broken = False  # the saved store could not be read: the next add starts a new one
         self._read()
 
     def _read(self) -> None:
         """The saved keys, and the rows they name memory-mapped (lookups copy the rows they need; the rest stays
         pages of the file). A broken store is recomputed, never trusted."""
-        self.index, self.x, self.broken = {}, None, False
+        self.index, self.x = {}, None
         if not self.keys_path.is_file():
             return
         try:
@@ -81,7 +79,7 @@ class FeatureStore:
                 self.x = self.x.view(n, dim)
         except Exception as exc:
             log.info("feature store %s unreadable (%s): starting again", self.path, exc)
-            self.index, self.x, self.broken = {}, None, True
+            self.index, self.x = {}, None
 
     @staticmethod
     def key(path: str | Path) -> tuple:
@@ -104,10 +102,11 @@ class FeatureStore:
     def add(self, paths: list[str], features: torch.Tensor) -> None:
         """Stores the rows of ``features`` (any float dtype, memory-mapped or not) for the ``paths`` not stored yet,
         as float32, appended to the rows file ``CHUNK_BYTES`` at a time: the process holds one chunk, not a copy of
-        the store or of the new rows. Other processes adding to the same store wait for this one (a lock file);
-        what they added meanwhile is read first."""
+        the store or of the new rows. Other processes adding to the same store wait for this one (a lock file, as
+        the run folder's); what they added meanwhile is read first."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(self.path.with_suffix(".lock")):
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes)
             self._read()  # another process may have added rows since this store was opened
             dim = features.shape[1]
             if self.x is not None and self.x.shape[1] != dim:
@@ -127,7 +126,7 @@ class FeatureStore:
                 return
             start = len(self.index)
             self.x = None  # the mapping closed before the file changes (Windows refuses otherwise)
-            if self.broken or start == 0:
+            if start == 0:  # nothing saved, or a store that could not be read
                 # a new file, not the old one cut short: a process still reading the old one keeps its pages; a
                 # store of an earlier fruitlens (one .pt file) goes too
                 self.path.unlink(missing_ok=True)
@@ -146,28 +145,3 @@ class FeatureStore:
             tmp.write_text(json.dumps({"dim": dim, "keys": [list(k) for k in ordered]}))
             tmp.replace(self.keys_path)
             self._read()
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on the file ``path`` (made if missing) while the block runs: ``fcntl`` on POSIX, ``msvcrt``
-    on Windows."""
-    with open(path, "a+b") as fh:
-        try:
-            import fcntl
-        except ImportError:  # Windows: a lock on the file's first byte (msvcrt retries for 10 s, then raises)
-            import msvcrt
-
-            fh.seek(0)
-            msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)
-            try:
-                yield
-            finally:
-                fh.seek(0)
-                msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
-            return
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
